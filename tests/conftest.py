@@ -49,7 +49,15 @@ def policy_url(log_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def prm_url(log_dir: Path) -> Iterator[str]:
     port = free_port()
-    argv = [sys.executable, "-m", "tts_server.prm_worker", "--backend", "arith", "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tts_server.prm_worker",
+        "--backend",
+        "arith",
+        "--port",
+        str(port),
+    ]
     server = ServerProcess("prm-worker", argv, port, log_dir).start()
     try:
         server.wait_healthy(60)
@@ -61,9 +69,7 @@ def prm_url(log_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def stack(policy_url: str, prm_url: str, log_dir: Path) -> Iterator[Stack]:
     port = free_port()
-    argv = cli(
-        "gateway", "--port", str(port), "--policy-url", policy_url, "--prm-url", prm_url
-    )
+    argv = cli("gateway", "--port", str(port), "--policy-url", policy_url, "--prm-url", prm_url)
     server = ServerProcess("gateway", argv, port, log_dir).start()
     try:
         server.wait_healthy(60)

@@ -25,7 +25,11 @@ PLANS = [
     ("beam_search", 4, 2),
     ("dvts", 4, 2),
 ]
-COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:prompt_tokens_cached_total")
+COUNTERS = (
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:prompt_tokens_cached_total",
+)
 
 
 def vllm_counters(policy_url: str) -> dict[str, float]:
@@ -55,7 +59,9 @@ def check_tts(tts: dict[str, Any], strategy: str, budget: int) -> None:
 
 
 @pytest.mark.parametrize(("strategy", "budget", "width"), PLANS)
-def test_chat_every_strategy_with_openai_client(stack: Stack, strategy: str, budget: int, width: int) -> None:
+def test_chat_every_strategy_with_openai_client(
+    stack: Stack, strategy: str, budget: int, width: int
+) -> None:
     client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
         model=stack.model,
@@ -76,7 +82,9 @@ def test_chat_every_strategy_with_openai_client(stack: Stack, strategy: str, bud
 
 
 @pytest.mark.parametrize(("strategy", "budget", "width"), PLANS)
-def test_completions_every_strategy_body_options(stack: Stack, strategy: str, budget: int, width: int) -> None:
+def test_completions_every_strategy_body_options(
+    stack: Stack, strategy: str, budget: int, width: int
+) -> None:
     client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
     prompt = (
         "Question: Sam has 2 pens and gets 4 more. How many pens does he have?\n"
@@ -102,7 +110,11 @@ def test_usage_equals_vllm_counters(stack: Stack, strategy: str, budget: int, wi
     before = vllm_counters(stack.policy_url)
     response = httpx.post(
         stack.gateway_url + "/v1/chat/completions",
-        json={"model": stack.model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64},
+        json={
+            "model": stack.model,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 64,
+        },
         headers=headers(strategy, budget, width),
         timeout=300,
     )
@@ -132,7 +144,9 @@ async def test_continuation_is_what_one_pass_would_generate(policy_url: str) -> 
             [{"role": "user", "content": "Write two short paragraphs about apples."}]
         )
         usage = PolicyUsage()
-        one_pass = (await client.generate([prompt], SamplingConfig(temperature=0, max_tokens=80), usage))[0][0]
+        one_pass = (
+            await client.generate([prompt], SamplingConfig(temperature=0, max_tokens=80), usage)
+        )[0][0]
         first = (
             await client.generate(
                 [prompt], SamplingConfig(temperature=0, max_tokens=80, stop=("\n\n",)), usage
@@ -158,15 +172,23 @@ async def test_continuation_is_what_one_pass_would_generate(policy_url: str) -> 
         ({"X-TTS-Strategy": "nope"}, {}, "X-TTS-Strategy"),
         ({}, {"tts": {"strategy": "nope"}}, "tts.strategy"),
         ({"X-TTS-Budget": "100000"}, {}, "X-TTS-Budget"),
-        ({"X-TTS-Strategy": "beam_search", "X-TTS-Budget": "6", "X-TTS-Beam-Width": "4"}, {}, "X-TTS-Budget"),
+        (
+            {"X-TTS-Strategy": "beam_search", "X-TTS-Budget": "6", "X-TTS-Beam-Width": "4"},
+            {},
+            "X-TTS-Budget",
+        ),
         ({}, {"stream": True}, "stream"),
         ({}, {"max_tokens": "many"}, "max_tokens"),
         ({}, {"messages": []}, "messages"),
     ],
 )
-def test_bad_requests_get_openai_400(stack: Stack, headers_: dict[str, str], body_extra: dict[str, Any], param: str) -> None:
+def test_bad_requests_get_openai_400(
+    stack: Stack, headers_: dict[str, str], body_extra: dict[str, Any], param: str
+) -> None:
     body = {"model": stack.model, "messages": [{"role": "user", "content": QUESTION}], **body_extra}
-    response = httpx.post(stack.gateway_url + "/v1/chat/completions", json=body, headers=headers_, timeout=30)
+    response = httpx.post(
+        stack.gateway_url + "/v1/chat/completions", json=body, headers=headers_, timeout=30
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param

@@ -38,7 +38,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tts_server.api import create_app
+    from tts_server.api.app import create_app
 
     settings = _settings(
         host=args.host,
@@ -47,7 +47,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         prm_url=args.prm_url,
         policy_model=args.policy_model,
     )
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -104,13 +106,15 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tts_server.evaluate import main_eval
 
-    return main_eval(args)
+    status: int = main_eval(args)
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tts-server",
-        description="Test-time-scaling inference server. Every flag also reads TTS_<NAME> from the environment.",
+        description="Test-time-scaling inference server. "
+        "Every setting also reads TTS_<NAME> from the environment.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -120,15 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--policy-port", type=int, default=None, help="local vLLM port (default 8100)")
     up.add_argument("--prm-port", type=int, default=None, help="PRM worker port (default 8200)")
     up.add_argument("--prm-backend", default=None, help="PRM backend: arith (default) or hf")
-    up.add_argument("--policy-url", default=None, help="use an existing vLLM server instead of starting one")
+    up.add_argument(
+        "--policy-url", default=None, help="use an existing vLLM server instead of starting one"
+    )
     up.add_argument("--policy-model", default=None, help="served model name of the policy")
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
     gw.add_argument("--host", default=None)
     gw.add_argument("--port", type=int, default=None)
-    gw.add_argument("--policy-url", default=None, help="vLLM base URL (default http://127.0.0.1:8100)")
-    gw.add_argument("--prm-url", default=None, help="PRM worker base URL (default http://127.0.0.1:8200)")
+    gw.add_argument(
+        "--policy-url", default=None, help="vLLM base URL (default http://127.0.0.1:8100)"
+    )
+    gw.add_argument(
+        "--prm-url", default=None, help="PRM worker base URL (default http://127.0.0.1:8200)"
+    )
     gw.add_argument("--policy-model", default=None, help="served model name of the policy")
     gw.set_defaults(func=cmd_gateway)
 

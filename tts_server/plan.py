@@ -108,6 +108,6 @@ def resolve_plan(
         requested=requested,
         budget=budget,
         beam_width=beam_width if strategy in SEARCHES else 1,
-        aggregation=aggregation,  # type: ignore[arg-type]
-        selection=selection,  # type: ignore[arg-type]
+        aggregation=aggregation,
+        selection=selection,
     )

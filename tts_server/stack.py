@@ -81,7 +81,9 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-def run_stack(settings: Settings, *, start_policy: bool = True, ready_timeout_s: float = 900.0) -> int:
+def run_stack(
+    settings: Settings, *, start_policy: bool = True, ready_timeout_s: float = 900.0
+) -> int:
     logs = settings.cache_dir / "logs"
     cli = [sys.executable, "-m", "tts_server.cli"]
     children: list[Child] = []
@@ -97,7 +99,14 @@ def run_stack(settings: Settings, *, start_policy: bool = True, ready_timeout_s:
     children.append(
         Child(
             "PRM worker",
-            [*cli, "prm-worker", "--port", str(settings.prm_port), "--backend", settings.prm_backend],
+            [
+                *cli,
+                "prm-worker",
+                "--port",
+                str(settings.prm_port),
+                "--backend",
+                settings.prm_backend,
+            ],
             f"http://127.0.0.1:{settings.prm_port}/health",
             logs / "prm-worker.log",
         )
@@ -119,8 +128,11 @@ def run_stack(settings: Settings, *, start_policy: bool = True, ready_timeout_s:
     signal.signal(signal.SIGINT, _raise_stop)
     try:
         for child in children:
-            print(f"starting {child.name} (log: {child.log_path})", flush=True)
             child.start(env)
+            assert child.process is not None
+            print(
+                f"started {child.name} pid={child.process.pid} (log: {child.log_path})", flush=True
+            )
         for child in children:
             started = time.monotonic()
             if not wait_healthy(child, ready_timeout_s):
@@ -146,7 +158,11 @@ def run_stack(settings: Settings, *, start_policy: bool = True, ready_timeout_s:
         print("stopped", flush=True)
 
 
+SAMPLE_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
+
+
 def _banner(url: str, model: str) -> str:
+    messages = f'[{{"role": "user", "content": "{SAMPLE_QUESTION}"}}]'
     return f"""
 tts-server is ready at {url}
 
@@ -155,7 +171,7 @@ Try it (strategies: greedy, majority, best_of_n, beam_search, dvts):
 curl -s {url}/v1/chat/completions \\
   -H 'Content-Type: application/json' \\
   -H 'X-TTS-Strategy: beam_search' -H 'X-TTS-Budget: 8' \\
-  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Tom has 3 apples and buys 5 more. How many apples does he have?"}}]}}'
+  -d '{{"model": "{model}", "messages": {messages}}}'
 
 Press Ctrl-C to stop.
 """

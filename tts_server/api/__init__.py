@@ -1,5 +1,1 @@
-"""The OpenAI-compatible gateway."""
-
-from tts_server.api.app import create_app
-
-__all__ = ["create_app"]
+"""The OpenAI-compatible gateway: `tts_server.api.app.create_app`."""

@@ -11,13 +11,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from tts_server.prm import HTTPPRMClient, PRMError
 
 from tts_server.api.errors import APIError, install_error_handlers
 from tts_server.api.schemas import ChatCompletionRequest, CompletionRequest, _Common
 from tts_server.engine import Outcome, TokenizingPolicy, TTSEngine
 from tts_server.plan import HEADER_BUDGET, HEADER_STRATEGY, Plan, resolve_plan
 from tts_server.policy import PolicyError, VLLMPolicyClient
-from tts_server.prm import HTTPPRMClient, PRMError
 from tts_server.prompting import ProfileError, RenderedPrompt
 from tts_server.settings import Settings
 from tts_server.types import PRMClient
@@ -122,16 +122,15 @@ def _validate(
     if body.model != settings.policy_model:
         raise APIError(
             404,
-            f"the model {body.model!r} does not exist; this server serves {settings.policy_model!r}",
+            f"the model {body.model!r} does not exist; "
+            f"this server serves {settings.policy_model!r}",
             param="model",
             code="model_not_found",
         )
     if body.stream:
         raise APIError(400, "streaming is not supported yet; send stream=false", param="stream")
     if body.n != 1:
-        raise APIError(
-            400, "n must be 1: use the tts budget to sample more candidates", param="n"
-        )
+        raise APIError(400, "n must be 1: use the tts budget to sample more candidates", param="n")
     if len(body.stop_list()) > MAX_STOP_STRINGS:
         raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
     plan = resolve_plan(request.headers, body.tts, settings)
@@ -139,9 +138,7 @@ def _validate(
     max_tokens = limit or settings.default_max_tokens
     if max_tokens > settings.max_tokens_cap:
         param = "max_completion_tokens" if token_limit and not body.max_tokens else "max_tokens"
-        raise APIError(
-            400, f"{param} must be at most {settings.max_tokens_cap}", param=param
-        )
+        raise APIError(400, f"{param} must be at most {settings.max_tokens_cap}", param=param)
     return plan, max_tokens
 
 
@@ -149,7 +146,9 @@ async def _guard(coro: Any) -> RenderedPrompt:
     try:
         rendered: RenderedPrompt = await coro
     except PolicyError as exc:
-        raise APIError(exc.status, exc.message, param="messages" if exc.status == 400 else None) from exc
+        raise APIError(
+            exc.status, exc.message, param="messages" if exc.status == 400 else None
+        ) from exc
     return rendered
 
 

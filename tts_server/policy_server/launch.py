@@ -33,7 +33,9 @@ def ensure_model(settings: Settings) -> Path:
     """The policy model folder; prepares the embedded SmolLM2 once when none is configured."""
     if settings.policy_model_path is not None:
         if not (settings.policy_model_path / "config.json").exists():
-            raise LaunchError(f"no config.json in the policy model folder {settings.policy_model_path}")
+            raise LaunchError(
+                f"no config.json in the policy model folder {settings.policy_model_path}"
+            )
         return settings.policy_model_path
     target = settings.embedded_model_dir
     if not (target / "config.json").exists():

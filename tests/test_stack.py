@@ -1,0 +1,59 @@
+"""`tts-server up` supervises its children: healthy, then stopped cleanly on SIGTERM, no orphan."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import cli, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_serves_then_stops_children_on_sigterm(policy_url: str, tmp_path: Path) -> None:
+    port, prm_port = free_port(), free_port()
+    argv = cli("up", "--policy-url", policy_url, "--port", str(port), "--prm-port", str(prm_port))
+    env = {**os.environ, "TTS_CACHE_DIR": str(tmp_path)}
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+    )
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Press Ctrl-C to stop" in line:
+                break
+        output = "".join(lines)
+        assert "is ready at" in output, output
+        assert f"curl -s http://127.0.0.1:{port}/v1/chat/completions" in output
+        pids = [int(p) for p in re.findall(r"pid=(\d+)", output)]
+        assert len(pids) == 2  # PRM worker and gateway; the policy is the existing server
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        for pid in pids:
+            assert not _pid_alive(pid), f"child {pid} outlived the supervisor"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
