@@ -1,0 +1,73 @@
+"""`python -m tts_server.prm_worker --backend arith --host 127.0.0.1 --port 8200`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from tts_server.prm_worker.app import create_app
+from tts_server.prm_worker.backends import BACKENDS, BackendError, load_backend
+
+logger = logging.getLogger("tts_server.prm_worker")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tts_server.prm_worker", description="Serve a process reward model."
+    )
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="arith")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument("--model", default=None, help="model folder (hf backend)")
+    parser.add_argument("--device", default=None, help="torch device (hf backend), e.g. cpu")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="solutions per call")
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return parser.parse_args(argv)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that logs one line once it listens."""
+
+    def __init__(self, config: uvicorn.Config, ready_message: str) -> None:
+        super().__init__(config)
+        self.ready_message = ready_message
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            logger.info("%s", self.ready_message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        backend = load_backend(args.backend, model=args.model, device=args.device)
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(
+        backend, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000
+    )
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False
+    )
+    ready = (
+        f"PRM worker ready: backend={backend.name} model={backend.model_name} "
+        f"on http://{args.host}:{args.port}"
+    )
+    _Server(config, ready).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The PRM worker's HTTP app: `POST /v1/score`, `GET /health`, `GET /v1/models`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tts_server.prm_worker.backends.base import PRMBackend, ScoreItem
+from tts_server.prm_worker.batcher import BatcherError, ScoreBatcher
+from tts_server.prm_worker.schemas import (
+    ScoreLimits,
+    ScoreRequest,
+    ScoreResponse,
+    WorkerError,
+    validation_error,
+)
+
+logger = logging.getLogger("tts_server.prm_worker")
+
+
+def create_app(
+    backend: PRMBackend,
+    *,
+    max_batch_size: int = 64,
+    batch_wait_s: float = 0.005,
+    limits: ScoreLimits | None = None,
+    max_queued: int = 8192,
+) -> FastAPI:
+    score_limits = limits or ScoreLimits()
+    batcher = ScoreBatcher(
+        backend, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queued=max_queued
+    )
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await batcher.aclose()
+
+    app = FastAPI(
+        title="tts-server PRM worker",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.backend = backend
+    app.state.batcher = batcher
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "backend": backend.name, "model": backend.model_name}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": backend.model_name, "object": "model", "created": created}
+        return {"object": "list", "data": [{**card, "owned_by": f"prm-worker/{backend.name}"}]}
+
+    @app.post("/v1/score")
+    async def score(request: ScoreRequest) -> ScoreResponse:
+        score_limits.check(request)
+        items: list[ScoreItem] = [(request.question, steps) for steps in request.solutions]
+        try:
+            scored = await batcher.score(items)
+        except BatcherError as exc:
+            raise WorkerError(exc.status, str(exc)) from exc
+        return ScoreResponse(
+            scores=scored.scores,
+            model=backend.model_name,
+            steps_scored=sum(len(steps) for steps in request.solutions),
+            tokens=scored.tokens,
+        )
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_worker_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, WorkerError)
+        return exc.response()
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return validation_error(list(exc.errors())).response()
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return WorkerError(exc.status_code, str(exc.detail)).response()
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled %s in a request", type(exc).__name__)
+        return WorkerError(500, "internal server error").response()
+
+    app.add_exception_handler(WorkerError, on_worker_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,34 @@
+"""PRM backends behind one interface, registered by name."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from tts_server.prm_worker.backends.arith import ArithBackend
+from tts_server.prm_worker.backends.base import BackendError, PRMBackend, ScoreItem
+from tts_server.prm_worker.backends.hf import HFBackend
+
+# hf.py imports torch and transformers only when an HFBackend is built.
+BACKENDS: dict[str, Callable[..., PRMBackend]] = {
+    "arith": ArithBackend,
+    "hf": HFBackend,
+}
+
+
+def load_backend(name: str, **options: Any) -> PRMBackend:
+    """Build the backend registered as `name`; options set to None are left out."""
+    factory = BACKENDS.get(name)
+    if factory is None:
+        known = ", ".join(sorted(BACKENDS))
+        raise BackendError(f"unknown PRM backend {name!r} (known: {known})")
+    given = {key: value for key, value in options.items() if value is not None}
+    try:
+        inspect.signature(factory).bind(**given)
+    except TypeError as exc:
+        raise BackendError(f"bad options for PRM backend {name!r}: {exc}") from exc
+    return factory(**given)
+
+
+__all__ = ["BACKENDS", "BackendError", "PRMBackend", "ScoreItem", "load_backend"]
