@@ -19,14 +19,15 @@ MODEL = "fake-model"
 
 
 def script(prompt: str, sample: int) -> str:
-    """Two steps then an answer; odd samples get the arithmetic wrong."""
+    """The rest of a three-step solution; odd samples get the arithmetic wrong."""
     done = prompt.split("<assistant>")[-1]
-    right = sample % 2 == 0
-    if not done:
-        return "We add the apples.\n\nThen more text.\n\n"
-    if done.count("\n\n") == 1:
-        return ("3 + 5 = 8" if right else "3 + 5 = 9") + "\n\n"
-    return ("The answer is 8." if "= 8" in done else "The answer is 9.") + EOS
+    if "= 8" in done or "= 9" in done:
+        total = "8" if "= 8" in done else "9"
+    else:
+        total = "8" if sample % 2 == 0 else "9"
+    full = f"We add the apples.\n\n3 + 5 = {total}\n\nThe answer is {total}."
+    assert full.startswith(done), "continuations extend the model's own text"
+    return full[len(done) :] + EOS
 
 
 class EquationPRM:

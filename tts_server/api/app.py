@@ -11,13 +11,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from tts_server.prm import HTTPPRMClient, PRMError
 
 from tts_server.api.errors import APIError, install_error_handlers
 from tts_server.api.schemas import ChatCompletionRequest, CompletionRequest, _Common
 from tts_server.engine import Outcome, TokenizingPolicy, TTSEngine
 from tts_server.plan import HEADER_BUDGET, HEADER_STRATEGY, Plan, resolve_plan
 from tts_server.policy import PolicyError, VLLMPolicyClient
+from tts_server.prm import HTTPPRMClient, PRMError
 from tts_server.prompting import ProfileError, RenderedPrompt
 from tts_server.settings import Settings
 from tts_server.types import PRMClient

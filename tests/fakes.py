@@ -1,0 +1,111 @@
+"""In-process fakes of the policy and the PRM, implementing the same protocols as the real clients.
+
+Tokens are characters (`encode`/`decode`), so a prompt decodes back to the text the model saw.
+A `FakePolicy` script returns either a `Generation` (used as is) or the whole text the model
+"wants" to write; the fake then applies the call's stop strings and token limit as vLLM does
+(stop string included in the text, `stop_reason` naming it; `length` when the limit cuts it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tts_server.types import Generation, PolicyUsage, PRMUsage, SamplingConfig
+
+# (prompt token ids, index of the sample in the call: prompt i, sample j -> i * n + j)
+Script = Callable[[list[int], int], "Generation | str"]
+StepScorer = Callable[[Sequence[str]], list[float]]
+
+
+def encode(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def decode(ids: Sequence[int]) -> str:
+    return "".join(chr(i) for i in ids)
+
+
+def gen(text: str, finish_reason: str = "stop", stop_reason: str | None = None) -> Generation:
+    """A generation whose token ids are its characters."""
+    assert finish_reason in ("stop", "length")
+    return Generation(
+        text, encode(text), "stop" if finish_reason == "stop" else "length", stop_reason
+    )
+
+
+def simulate(intended: str, sampling: SamplingConfig) -> Generation:
+    """What vLLM returns when the model would write `intended` and then EOS."""
+    earliest: tuple[int, str] | None = None
+    for stop in sampling.stop:
+        at = intended.find(stop)
+        if at >= 0 and (earliest is None or at + len(stop) < earliest[0]):
+            earliest = (at + len(stop), stop)
+    if earliest is not None and earliest[0] <= sampling.max_tokens:
+        return gen(intended[: earliest[0]], "stop", earliest[1])
+    if len(intended) > sampling.max_tokens:
+        return gen(intended[: sampling.max_tokens], "length")
+    return gen(intended, "stop")
+
+
+@dataclass
+class PolicyCall:
+    prompts: list[list[int]]
+    n: int
+    sampling: SamplingConfig
+
+
+@dataclass
+class FakePolicy:
+    script: Script
+    calls: list[PolicyCall] = field(default_factory=list)
+
+    async def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        usage: PolicyUsage,
+        *,
+        n: int = 1,
+    ) -> list[list[Generation]]:
+        self.calls.append(PolicyCall([list(p) for p in prompts], n, sampling))
+        result: list[list[Generation]] = []
+        for i, prompt in enumerate(prompts):
+            samples = []
+            for j in range(n):
+                out = self.script(list(prompt), i * n + j)
+                samples.append(simulate(out, sampling) if isinstance(out, str) else out)
+            result.append(samples)
+        usage.add(
+            PolicyUsage(
+                prompt_tokens=sum(len(p) for p in prompts) * n,
+                completion_tokens=sum(len(g.token_ids) for s in result for g in s),
+                calls=1,
+            )
+        )
+        return result
+
+
+@dataclass
+class PRMCall:
+    question: str
+    solutions: list[list[str]]
+
+
+@dataclass
+class FakePRM:
+    scorer: StepScorer
+    calls: list[PRMCall] = field(default_factory=list)
+
+    async def score(
+        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+    ) -> list[list[float]]:
+        self.calls.append(PRMCall(question, [list(s) for s in solutions]))
+        usage.calls += 1
+        usage.steps_scored += sum(len(s) for s in solutions)
+        return [self.scorer(steps) for steps in solutions]
+
+
+def per_step(score_of: Callable[[str], float]) -> StepScorer:
+    """A scorer that scores each step on its own text."""
+    return lambda steps: [score_of(step) for step in steps]
