@@ -25,16 +25,13 @@ PLANS = [
     ("beam_search", 4, 2),
     ("dvts", 4, 2),
 ]
-COUNTERS = (
-    "vllm:prompt_tokens_total",
-    "vllm:generation_tokens_total",
-    "vllm:prompt_tokens_cached_total",
-)
+COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+CACHED = "vllm:prompt_tokens_cached_total"
 
 
 def vllm_counters(policy_url: str) -> dict[str, float]:
     text = httpx.get(policy_url + "/metrics", timeout=10).text
-    totals = dict.fromkeys(COUNTERS, 0.0)
+    totals = dict.fromkeys((*COUNTERS, CACHED), 0.0)
     for line in text.splitlines():
         match = re.match(r"^([a-z_:]+)(\{[^}]*\})? ([0-9.e+]+)$", line)
         if match and match.group(1) in totals:
@@ -123,7 +120,6 @@ def test_usage_equals_vllm_counters(stack: Stack, strategy: str, budget: int, wi
     expected = {
         "vllm:prompt_tokens_total": usage["prompt_tokens"],
         "vllm:generation_tokens_total": usage["completion_tokens"],
-        "vllm:prompt_tokens_cached_total": usage["prompt_tokens_details"]["cached_tokens"],
     }
     # vLLM updates its counters just after it answers: poll briefly.
     deadline = time.monotonic() + 5
@@ -134,14 +130,18 @@ def test_usage_equals_vllm_counters(stack: Stack, strategy: str, budget: int, wi
             break
         time.sleep(0.2)
     assert grown == expected
+    # vLLM's usage reports the cache hits of a batched call's last prompt only: a lower bound.
+    assert usage["prompt_tokens_details"]["cached_tokens"] <= after[CACHED] - before[CACHED]
 
 
 async def test_continuation_is_what_one_pass_would_generate(policy_url: str) -> None:
     """Greedy: step 1 then its continuation from token ids == the same text in one call."""
     client = VLLMPolicyClient(policy_url, "SmolLM2-135M-Instruct")
     try:
-        prompt = await client.tokenize_chat(
-            [{"role": "user", "content": "Write two short paragraphs about apples."}]
+        prompt = await client.tokenize_text(
+            "Question: Sam has 2 pens and gets 4 more. How many pens does he have?\n"
+            "Answer: He gets more, so we add.\n\n2 + 4 = 6\n\nThe answer is 6.\n\n\n"
+            f"Question: {QUESTION}\nAnswer:"
         )
         usage = PolicyUsage()
         one_pass = (
@@ -152,7 +152,7 @@ async def test_continuation_is_what_one_pass_would_generate(policy_url: str) -> 
                 [prompt], SamplingConfig(temperature=0, max_tokens=80, stop=("\n\n",)), usage
             )
         )[0][0]
-        assert first.stop_reason == "\n\n", "the model should end a paragraph within 80 tokens"
+        assert first.stop_reason == "\n\n", "the model should end a step within 80 tokens"
         rest = (
             await client.generate(
                 [prompt + first.token_ids],

@@ -1,9 +1,10 @@
 """The policy client: vLLM's OpenAI-compatible HTTP API.
 
 Prompts travel as token ids, so a partial solution is continued with exactly the tokens the model
-produced. Every sample is sent as its own prompt with n=1: vLLM then reports prompt and cached
-tokens per sample, exactly as its own `/metrics` counters count them (with n>1 its `usage`
-counts the prompt once and the cache hits of one sample only).
+produced. Every sample is sent as its own prompt with n=1 in one batched call: vLLM's `usage`
+then counts prompt and completion tokens exactly as its `/metrics` counters do (with n>1 it
+counts the prompt once). Its `cached_tokens` covers only the last prompt of a batched call
+(vLLM 0.32), so the cached count reported here is a lower bound.
 """
 
 from __future__ import annotations
