@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tests.fakes import FakePolicy, FakePRM, decode, encode, gen, per_step
 from tts_server.strategies import STRATEGIES
-from tts_server.strategies.common import expand, split_steps
+from tts_server.strategies.common import expand, solution_candidate, split_steps
 from tts_server.types import Candidate, Generation, PolicyUsage, Problem, SearchConfig
 
 PROBLEM = Problem(question="How many?", prompt_ids=tuple(encode("Q: How many?\nA: ")))
@@ -374,3 +374,11 @@ async def test_finishing_rules(generation: Generation, finished: bool, reason: s
     assert STOP not in child.text
     assert child.text.startswith("Start.\n\n")
     assert parent.steps == ["Start.\n\n"]  # the parent is not modified
+
+
+def test_whole_solution_ends_at_its_first_stated_answer() -> None:
+    text = "We add.\n\n2 + 3 = 5\n\nThe answer is 5.\n\nNow another story about 7 cats."
+    candidate = solution_candidate(gen(text), SearchConfig())
+    assert candidate.text == "We add.\n\n2 + 3 = 5\n\nThe answer is 5.\n\n"
+    assert candidate.answer == "5"
+    assert len(candidate.token_ids) == len(text)  # the cost still counts every token

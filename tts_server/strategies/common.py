@@ -72,9 +72,16 @@ def full_sampling(config: SearchConfig, *, temperature: float | None = None) -> 
 
 def solution_candidate(generation: Generation, config: SearchConfig) -> Candidate:
     """A finished candidate from one whole generated solution."""
-    text = strip_solution_stop(generation, config)
+    steps = split_steps(strip_solution_stop(generation, config), config.step_delimiter)
+    # A solution ends at its first stated answer; what a small model rambles on with after it
+    # is cut (its tokens still count in usage).
+    for k, step in enumerate(steps):
+        if has_final_answer(step):
+            steps = steps[: k + 1]
+            break
+    text = "".join(steps)
     return Candidate(
-        steps=split_steps(text, config.step_delimiter),
+        steps=steps,
         token_ids=list(generation.token_ids),
         finished=True,
         finish_reason=generation.finish_reason,
