@@ -1,0 +1,181 @@
+"""`tts-server eval`: run a dataset through a running gateway and report accuracy and cost."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from tts_server.answers import answers_equal, extract_answer
+from tts_server.datasets import DatasetError, Example, load_dataset
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _correct(answer: str | None, expected: str) -> bool:
+    return answer is not None and answers_equal(answer, expected)
+
+
+async def _one(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    example: Example,
+    strategy: str,
+    budget: int,
+) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": example.question}],
+        "tts": {"strategy": strategy, "budget": budget},
+    }
+    headers = {"X-TTS-Strategy": strategy, "X-TTS-Budget": str(budget)}
+    started = time.perf_counter()
+    record: dict[str, Any] = {"id": example.id, "expected": example.answer}
+    try:
+        response = await client.post(f"{base_url}/v1/chat/completions", json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        return {**record, "error": type(exc).__name__}
+    record["latency_s"] = time.perf_counter() - started
+    if response.status_code != 200:
+        return {**record, "error": f"HTTP {response.status_code}"}
+    data = response.json()
+    tts = data.get("tts", {})
+    answer = tts.get("answer")
+    if answer is None:
+        answer = extract_answer(data["choices"][0]["message"]["content"] or "")
+    candidates = tts.get("candidates_answers")
+    usage = data.get("usage", {})
+    return {
+        **record,
+        "answer": answer,
+        "correct": _correct(answer, example.answer),
+        "any_correct": (
+            any(_correct(a, example.answer) for a in candidates) if candidates is not None else None
+        ),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "strategy": tts.get("strategy"),
+    }
+
+
+async def run_eval(
+    base_url: str,
+    dataset: str,
+    *,
+    strategy: str,
+    budget: int,
+    limit: int | None = None,
+    offset: int = 0,
+    concurrency: int = 2,
+    model: str | None = None,
+    progress: bool = True,
+    timeout_s: float = 900.0,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, Any]:
+    examples = load_dataset(dataset)[offset:]
+    if limit is not None:
+        examples = examples[:limit]
+    base_url = base_url.rstrip("/")
+    async with httpx.AsyncClient(timeout=timeout_s, transport=transport) as client:
+        if model is None:
+            model = (await client.get(f"{base_url}/v1/models")).json()["data"][0]["id"]
+        semaphore = asyncio.Semaphore(concurrency)
+        bar = tqdm(
+            total=len(examples), desc=f"{strategy}@{budget}", disable=not progress, file=sys.stderr
+        )
+        done: list[dict[str, Any]] = []
+
+        async def bounded(example: Example) -> dict[str, Any]:
+            async with semaphore:
+                record = await _one(client, base_url, model, example, strategy, budget)
+            done.append(record)
+            bar.update(1)
+            bar.set_postfix(acc=f"{sum(bool(r.get('correct')) for r in done) / len(done):.1%}")
+            return record
+
+        started = time.perf_counter()
+        records = await asyncio.gather(*(bounded(e) for e in examples))
+        bar.close()
+    ok = [r for r in records if "error" not in r]
+    passes = [r["any_correct"] for r in ok if r["any_correct"] is not None]
+    latencies = [r["latency_s"] for r in ok]
+    n = len(records)
+    return {
+        "dataset": dataset,
+        "strategy": strategy,
+        "budget": budget,
+        "n": n,
+        "offset": offset,
+        "accuracy": sum(bool(r.get("correct")) for r in records) / n if n else 0.0,
+        "pass_at_n": sum(passes) / len(passes) if passes else None,
+        "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in ok) if ok else None,
+        "mean_completion_tokens": (
+            statistics.mean(r["completion_tokens"] for r in ok) if ok else None
+        ),
+        "latency_p50_s": _percentile(latencies, 0.5),
+        "latency_p95_s": _percentile(latencies, 0.95),
+        "errors": n - len(ok),
+        "wall_time_s": time.perf_counter() - started,
+        "records": records,
+    }
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
+    parser.add_argument("--dataset", required=True, help="packaged name or .jsonl path")
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--budget", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+
+
+def main_eval(args: argparse.Namespace) -> int:
+    try:
+        report = asyncio.run(
+            run_eval(
+                args.url,
+                args.dataset,
+                strategy=args.strategy,
+                budget=args.budget,
+                limit=args.limit,
+                offset=args.offset,
+                concurrency=args.concurrency,
+            )
+        )
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(
+            f"error: the gateway at {args.url} is unreachable ({type(exc).__name__})",
+            file=sys.stderr,
+        )
+        return 2
+    pass_at_n = report["pass_at_n"]
+    print(
+        f"{report['dataset']} {report['strategy']}@{report['budget']}: "
+        f"accuracy {report['accuracy']:.1%} over {report['n']}"
+        + (f", pass@{report['budget']} {pass_at_n:.1%}" if pass_at_n is not None else "")
+        + f", {report['errors']} errors, p50 {report['latency_p50_s'] or 0:.1f} s"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"report: {args.out}")
+    return 0
