@@ -55,7 +55,17 @@ def check_vllm_python(settings: Settings) -> None:
         )
 
 
+def cpu_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """bfloat16 where the CPU has native bf16 math, else float32."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return "float32"
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 def vllm_argv(settings: Settings, model_dir: Path, port: int) -> list[str]:
+    dtype = cpu_dtype() if settings.policy_dtype == "auto" else settings.policy_dtype
     return [
         str(settings.vllm_python),
         "-m",
@@ -69,7 +79,7 @@ def vllm_argv(settings: Settings, model_dir: Path, port: int) -> list[str]:
         "--port",
         str(port),
         "--dtype",
-        "bfloat16",
+        dtype,
         "--max-model-len",
         str(settings.max_model_len),
         "--enforce-eager",
