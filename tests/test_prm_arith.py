@@ -176,12 +176,23 @@ def test_backend_scores_a_batch_and_counts_words() -> None:
     backend = load_backend("arith")
     assert isinstance(backend, ArithBackend)
     assert backend.name == "arith"
-    items = [("How many?", ["3 + 4 = 7", "The answer is 7."]), ("Q", ["2 + 2 = 5"])]
+    items = [("3 and 4: how many?", ["3 + 4 = 7", "The answer is 7."]), ("Q", ["2 + 2 = 5"])]
     assert backend.score_batch(items) == [[S.right, S.final_supported], [S.wrong]]
-    assert backend.count_tokens(items[0]) == 2 + 5 + 4
+    assert backend.count_tokens(items[0]) == 5 + 5 + 4
 
 
 def test_custom_scores() -> None:
     scores = ArithScores(wrong=0.0, right=1.0)
     backend = ArithBackend(scores=scores)
     assert backend.score_batch([("q", ["1 + 1 = 2", "1 + 1 = 3"])]) == [[1.0, 0.0]]
+
+
+def test_operands_must_come_from_the_question_or_earlier_results() -> None:
+    question = "Jose has 7 caps and gets two more. How many caps does he have?"
+    # Right sums, but 3 is nowhere in the question: a made-up operand.
+    assert score_steps(["7 + 3 = 10"], S, question) == [S.ungrounded]
+    assert score_steps(["7 + 2 = 9"], S, question) == [S.right]  # "two" is a number word
+    # An earlier result may be used as an operand.
+    assert score_steps(["7 + 2 = 9", "9 * 2 = 18"], S, question) == [S.right, S.right]
+    # Without a question nothing is judged ungrounded.
+    assert score_steps(["7 + 3 = 10"], S) == [S.right]

@@ -360,7 +360,7 @@ def test_real_worker_process(prm_url: str) -> None:
     """The worker as `python -m tts_server.prm_worker --backend arith --port P`."""
     with httpx.Client(base_url=prm_url, timeout=10) as client:
         assert client.get("/health").json()["backend"] == "arith"
-        body = {"question": "q", "solutions": [["2 * 3 = 6", "\\boxed{6}"], ["2 * 3 = 5"]]}
+        body = {"question": "2 and 3?", "solutions": [["2 * 3 = 6", "\\boxed{6}"], ["2 * 3 = 5"]]}
         data = client.post("/v1/score", json=body).json()
         assert data["scores"] == [[S.right, S.final_supported], [S.wrong]]
         bad = client.post("/v1/score", json={"question": "q", "solutions": [[1]]})

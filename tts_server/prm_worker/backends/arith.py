@@ -25,7 +25,10 @@ Scores, per step, looking only at this step and the steps before it:
   `final_after_error` (0.1) if an earlier step had a wrong equation; else `final_supported`
   (0.95) if the answer equals a side of a right equation in this or an earlier step, or another
   number stated in this step; else `final_unsupported` (0.6) (also for non-numeric answers);
-- a step whose equations are all right: `right` (0.9);
+- a step whose equations are all right: `right` (0.9), or `ungrounded` (0.3) when the question is
+  known and some operand of its computations is neither a number of the question (digits or a
+  number word) nor a result shown in an earlier equation: a right sum of numbers the model made
+  up is the typical wrong step of a small model on a word problem;
 - a step with no equation: `neutral` (0.5).
 Tokens reported: whitespace-separated words of the question and the steps.
 """
@@ -87,6 +90,7 @@ class ArithScores:
     final_supported: float = 0.95
     final_unsupported: float = 0.6
     final_after_error: float = 0.1
+    ungrounded: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,8 @@ class StepCheck:
     right: int = 0
     wrong: int = 0
     values: list[Fraction] = field(default_factory=list)
+    # Literal numbers on the computing side of right equations (`3 + 5` in `3 + 5 = 8`).
+    operands: list[Fraction] = field(default_factory=list)
 
 
 def tokenize(text: str) -> list[Token]:
@@ -347,12 +353,14 @@ def _check_run(
         *(_expression(part) for part in parts[1:-1]),
         _expression(last) if tail_ok and last is not None else None,
     ]
-    for left, right in itertools.pairwise(exprs):
+    for (k, left), (_, right) in itertools.pairwise(enumerate(exprs)):
         if left is None or right is None:
             continue
         if _equal(left, right):
             check.right += 1
             check.values += [left.value, right.value]
+            if any(t.kind == "op" for t in parts[k]):
+                check.operands += [parse_number(t.text)[0] for t in parts[k] if t.kind == "num"]
         else:
             check.wrong += 1
 
@@ -414,13 +422,36 @@ def _numbers(text: str) -> set[Fraction]:
     return {parse_number(t.text)[0] for t in tokenize(text) if t.kind == "num"}
 
 
-def score_steps(steps: Sequence[str], scores: ArithScores = ArithScores()) -> list[float]:
+_NUMBER_WORDS = {
+    "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "twenty": 20, "thirty": 30, "forty": 40,
+    "fifty": 50, "hundred": 100, "thousand": 1000, "dozen": 12, "twice": 2, "double": 2,
+    "half": 2, "triple": 3, "thrice": 3, "once": 1, "pair": 2, "week": 7, "hour": 60,
+}  # fmt: skip
+
+
+def question_numbers(question: str) -> set[Fraction]:
+    """The numbers a word problem gives: digits and common number words."""
+    words = re.findall(r"[a-z]+", question.lower())
+    named = {
+        Fraction(_NUMBER_WORDS[w.rstrip("s")]) for w in words if w.rstrip("s") in _NUMBER_WORDS
+    }
+    return _numbers(question) | named | {Fraction(1)}
+
+
+def score_steps(
+    steps: Sequence[str], scores: ArithScores = ArithScores(), question: str | None = None
+) -> list[float]:
     """One score per step; a step's score depends only on it and the steps before it."""
     result: list[float] = []
     shown: set[Fraction] = set()
+    given = question_numbers(question) if question else None
     earlier_wrong = False
     for step in steps:
         check = check_step(step)
+        # Results shown before (or within) this step may be used as operands.
+        known = (given or set()) | shown | set(check.values)
+        grounded = given is None or all(n in known for n in check.operands)
         shown.update(check.values)
         final = find_final_answer(step)
         if check.wrong:
@@ -434,7 +465,7 @@ def score_steps(steps: Sequence[str], scores: ArithScores = ArithScores()) -> li
             else:
                 result.append(scores.final_unsupported)
         elif check.right:
-            result.append(scores.right)
+            result.append(scores.right if grounded else scores.ungrounded)
         else:
             result.append(scores.neutral)
         earlier_wrong = earlier_wrong or check.wrong > 0
@@ -449,4 +480,4 @@ class ArithBackend(PRMBackend):
         self.scores = scores or ArithScores()
 
     def score_batch(self, items: Sequence[ScoreItem]) -> list[list[float]]:
-        return [score_steps(steps, self.scores) for _, steps in items]
+        return [score_steps(steps, self.scores, question) for question, steps in items]
