@@ -13,17 +13,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from tests.fakes import decode, encode
+
 # (prompt text, sample number within the call) -> the text the "model" would write next.
 Script = Callable[[str, int], str]
 EOS = "<eos>"
-
-
-def encode(text: str) -> list[int]:
-    return [ord(c) for c in text]
-
-
-def decode(ids: list[int]) -> str:
-    return "".join(chr(i) for i in ids)
 
 
 def render_chat(messages: list[dict[str, Any]]) -> str:
