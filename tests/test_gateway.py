@@ -57,13 +57,14 @@ def prm() -> EquationPRM:
 
 @pytest.fixture
 async def gateway(
-    fake_vllm: FakeVLLM, prm: EquationPRM, tmp_path: Path
+    fake_vllm: FakeVLLM, prm: EquationPRM, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[httpx.AsyncClient]:
+    call_mode = getattr(request, "param", "per_prompt")
     profile = tmp_path / "plain-chat.json"
     profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     settings = Settings(policy_model=MODEL, prompt_profiles={MODEL: str(profile)})
     upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake_vllm.app()))
-    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
+    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream, call_mode=call_mode)
     app = create_app(settings, policy=policy, prm=prm)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
@@ -95,20 +96,34 @@ async def test_every_strategy_answers_in_openai_shape(
     # Usage is every token the fake upstream served, across all calls of the request.
     assert body["usage"]["prompt_tokens"] == fake_vllm.counters["prompt"]
     assert body["usage"]["completion_tokens"] == fake_vllm.counters["generation"]
-    assert tts["policy_tokens"]["calls"] == len(fake_vllm.calls)
+    assert tts["policy_tokens"]["requests"] == len(fake_vllm.calls)
     if strategy != "majority":
         # The PRM (or greedy at temperature 0 on sample 0) steers to the right sum.
         assert tts["answer"] == "8"
         assert "The answer is 8." in body["choices"][0]["message"]["content"]
 
 
-async def test_beam_search_batches_one_call_per_iteration(
+@pytest.mark.parametrize("gateway", ["batched"], indirect=True)
+async def test_beam_search_batched_mode_makes_one_call_per_iteration(
     gateway: httpx.AsyncClient, fake_vllm: FakeVLLM, prm: EquationPRM
 ) -> None:
     response = await gateway.post("/v1/chat/completions", json=chat("beam_search", 4))
     tts = response.json()["tts"]
     assert len(fake_vllm.calls) == tts["iterations"] == prm.calls
+    assert tts["policy_tokens"]["calls"] == tts["policy_tokens"]["requests"] == tts["iterations"]
     assert all(len(call["prompt"]) == 4 for call in fake_vllm.calls)
+
+
+async def test_beam_search_per_prompt_mode_sends_each_beam_as_its_own_request(
+    gateway: httpx.AsyncClient, fake_vllm: FakeVLLM, prm: EquationPRM
+) -> None:
+    response = await gateway.post("/v1/chat/completions", json=chat("beam_search", 4))
+    tts = response.json()["tts"]
+    assert tts["policy_tokens"]["calls"] == tts["iterations"] == prm.calls
+    assert len(fake_vllm.calls) == tts["policy_tokens"]["requests"]
+    assert all(len(call["prompt"]) == 1 for call in fake_vllm.calls)
+    # The first iteration starts all 4 beams; later ones carry every live beam (<= 4).
+    assert 4 <= len(fake_vllm.calls) <= 4 * tts["iterations"]
 
 
 async def test_completions_endpoint(gateway: httpx.AsyncClient) -> None:

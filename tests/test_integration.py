@@ -102,36 +102,59 @@ def test_completions_every_strategy_body_options(
     assert "Question:" not in completion.choices[0].text
 
 
-@pytest.mark.parametrize(("strategy", "budget", "width"), [PLANS[0], PLANS[2], PLANS[3], PLANS[4]])
-def test_usage_equals_vllm_counters(stack: Stack, strategy: str, budget: int, width: int) -> None:
+SMOLLM2_PARAMETERS = 134_515_008  # flops.shape_from_config of its config.json (tied embeddings)
+
+
+def test_usage_and_flops_reconcile_with_vllm_counters(stack: Stack) -> None:
+    """Summed over requests of every strategy (and auto), our prompt, generated and cached token
+    counts equal the growth of vLLM's own counters exactly; FLOPs follow from them."""
     before = vllm_counters(stack.policy_url)
-    response = httpx.post(
-        stack.gateway_url + "/v1/chat/completions",
-        json={
-            "model": stack.model,
-            "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": 64,
-        },
-        headers=headers(strategy, budget, width),
-        timeout=300,
-    )
-    assert response.status_code == 200, response.text
-    usage = response.json()["usage"]
+    totals = {"prompt": 0, "generation": 0, "cached": 0}
+    for strategy, budget, width in [*PLANS, ("auto", 4, 1)]:
+        response = httpx.post(
+            stack.gateway_url + "/v1/chat/completions",
+            json={
+                "model": stack.model,
+                "messages": [{"role": "user", "content": QUESTION}],
+                "max_tokens": 64,
+            },
+            headers=headers(strategy, budget, width),
+            timeout=300,
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        usage, tts = body["usage"], body["tts"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        assert tts["policy_tokens"]["cached"] == cached
+        totals["prompt"] += usage["prompt_tokens"]
+        totals["generation"] += usage["completion_tokens"]
+        totals["cached"] += cached
+        computed = usage["prompt_tokens"] - cached + usage["completion_tokens"]
+        flops = tts["flops"]
+        assert flops["policy"] == 2 * SMOLLM2_PARAMETERS * computed
+        assert flops["saved_by_prefix_cache"] == 2 * SMOLLM2_PARAMETERS * cached
+        assert flops["prm"] == 0  # the arith checker has no parameters
+        assert flops["total"] == flops["policy"]
+        if strategy == "auto":
+            assert tts["difficulty"]["bin"] in ("easy", "medium", "hard")
+            assert response.headers["x-tts-difficulty"] == tts["difficulty"]["bin"]
+            assert tts["route"]["strategy"] in ("pilot", "best_of_n", "beam_search", "dvts")
+    # The prefix cache does work here: the few-shot prompt is shared by every sample.
+    assert totals["cached"] > 0
     expected = {
-        "vllm:prompt_tokens_total": usage["prompt_tokens"],
-        "vllm:generation_tokens_total": usage["completion_tokens"],
+        "vllm:prompt_tokens_total": totals["prompt"],
+        "vllm:generation_tokens_total": totals["generation"],
+        CACHED: totals["cached"],
     }
     # vLLM updates its counters just after it answers: poll briefly.
     deadline = time.monotonic() + 5
     while True:
         after = vllm_counters(stack.policy_url)
-        grown = {k: after[k] - before[k] for k in COUNTERS}
+        grown = {k: after[k] - before[k] for k in expected}
         if grown == expected or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert grown == expected
-    # vLLM's usage reports the cache hits of a batched call's last prompt only: a lower bound.
-    assert usage["prompt_tokens_details"]["cached_tokens"] <= after[CACHED] - before[CACHED]
 
 
 async def test_continuation_is_what_one_pass_would_generate(policy_url: str) -> None:

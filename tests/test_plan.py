@@ -18,7 +18,7 @@ def plan_error(headers: dict[str, str], options: TTSOptions | None = None) -> AP
 
 def test_defaults_auto_maps_to_documented_strategy() -> None:
     plan = resolve_plan({}, None, SETTINGS)
-    assert (plan.requested, plan.strategy, plan.budget) == ("auto", "best_of_n", 8)
+    assert (plan.requested, plan.strategy, plan.budget) == ("auto", "auto", 8)
 
 
 def test_header_wins_over_body() -> None:

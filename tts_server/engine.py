@@ -1,16 +1,55 @@
-"""Runs one request: render the prompt, run the planned strategy, time it. No HTTP here."""
+"""Runs one request: render the prompt, route it (auto), run the strategy under the request's
+FLOPs ceiling, count what it cost. No HTTP here."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+from tts_server.flops import Flops, FlopsConfigError, FlopsCounter, ModelShape, shape_from_path
+from tts_server.metering import FlopsMeter, MeteredPolicy, MeteredPRM
 from tts_server.plan import Plan
 from tts_server.prompting import RenderedPrompt, load_profile, render_chat
-from tts_server.settings import Settings
+from tts_server.router import (
+    Difficulty,
+    RouterTable,
+    default_table,
+    estimate,
+    load_table,
+    plan_budget,
+)
+from tts_server.settings import DEFAULT_MODEL, Settings
 from tts_server.strategies import STRATEGIES
-from tts_server.types import PolicyClient, PRMClient, Problem, SearchConfig, StrategyResult
+from tts_server.strategies.common import finish
+from tts_server.types import (
+    PolicyClient,
+    PolicyUsage,
+    PRMClient,
+    PRMUsage,
+    Problem,
+    SearchConfig,
+    StrategyResult,
+)
+
+logger = logging.getLogger("tts_server.engine")
+
+
+class FlopsUnknown(Exception):
+    """A FLOPs ceiling was asked for but the models' parameter counts are not known."""
+
+
+@dataclass
+class Route:
+    """What the router decided for an `auto` request."""
+
+    strategy: str
+    budget: int
+    beam_width: int
+    early_exit: bool
 
 
 @dataclass
@@ -18,6 +57,12 @@ class Outcome:
     plan: Plan
     result: StrategyResult
     wall_time_s: float
+    flops: Flops | None = None
+    difficulty: Difficulty | None = None
+    route: Route | None = None
+    # The FLOPs ceiling shrank or skipped a call.
+    flops_limited: bool = False
+    max_flops: int | None = None
 
 
 class TokenizingPolicy(PolicyClient, Protocol):
@@ -33,6 +78,12 @@ class TTSEngine:
         self.settings = settings
         self.policy = policy
         self.prm = prm
+        self._policy_shape: ModelShape | None = None
+        self._prm_shape: ModelShape | None = None
+        self._table: RouterTable | None = None
+        if settings.router_table is not None:
+            # Fail at start on a bad table, not on the first request.
+            self._table = load_table(settings.router_table)
 
     async def render_chat(self, messages: list[dict[str, Any]]) -> RenderedPrompt:
         profile = load_profile(self.settings.profile_for(self.settings.policy_model))
@@ -41,6 +92,63 @@ class TTSEngine:
     async def render_completion(self, prompt: str) -> RenderedPrompt:
         # A completions prompt is the client's raw text: no profile, no template.
         return RenderedPrompt(prompt, await self.policy.tokenize_text(prompt), [])
+
+    # --- what the FLOPs count needs, found once ---
+
+    async def flops_counter(self) -> FlopsCounter:
+        if self._policy_shape is None:
+            self._policy_shape = await self._find_policy_shape()
+        if self._prm_shape is None:
+            self._prm_shape = await self._find_prm_shape()
+        return FlopsCounter(
+            self._policy_shape, self._prm_shape, self.settings.flops_include_attention
+        )
+
+    async def _find_policy_shape(self) -> ModelShape | None:
+        s = self.settings
+        candidates: list[Path] = []
+        if s.policy_config_path is not None:
+            candidates.append(s.policy_config_path)
+        root_of = getattr(self.policy, "model_root", None)
+        root = await root_of() if root_of is not None else None
+        if root:
+            candidates.append(Path(root))
+        if s.policy_model == DEFAULT_MODEL:
+            candidates.append(s.embedded_model_dir)
+        for path in candidates:
+            if path.exists():
+                try:
+                    shape = shape_from_path(path)
+                except FlopsConfigError as exc:
+                    logger.warning("policy FLOPs: %s", exc)
+                    continue
+                if s.policy_params is not None:
+                    shape = dataclasses.replace(shape, parameters=s.policy_params)
+                return shape
+        if s.policy_params is not None:
+            return ModelShape(parameters=s.policy_params)
+        logger.warning("policy parameter count unknown: set TTS_POLICY_PARAMS for FLOPs")
+        return None
+
+    async def _find_prm_shape(self) -> ModelShape | None:
+        if self.settings.prm_params is not None:
+            return ModelShape(parameters=self.settings.prm_params)
+        reported = getattr(self.prm, "parameters", None)
+        value = await reported() if reported is not None else None
+        return ModelShape(parameters=value) if value is not None else None
+
+    async def router_table(self) -> RouterTable:
+        if self._table is None:
+            shape = self._policy_shape or (await self.flops_counter()).policy
+            table = default_table(
+                shape.parameters if shape else None, weak_prm=self.settings.router_weak_prm
+            )
+            if shape is None:
+                return table  # the size may become known later: do not cache the guess
+            self._table = table
+        return self._table
+
+    # --- one request ---
 
     async def run(
         self,
@@ -52,6 +160,7 @@ class TTSEngine:
         top_p: float,
         stops: list[str],
         seed: int | None = None,
+        max_flops: int | None = None,
     ) -> Outcome:
         config = SearchConfig(
             budget=plan.budget,
@@ -67,7 +176,76 @@ class TTSEngine:
             seed=seed,
         )
         problem = Problem(question=rendered.question, prompt_ids=tuple(rendered.prompt_ids))
-        strategy = STRATEGIES[plan.strategy]
+        counter = await self.flops_counter()
+        policy: PolicyClient = self.policy
+        prm: PRMClient = self.prm
+        meter: FlopsMeter | None = None
+        if max_flops is not None:
+            if counter.policy is None or counter.prm is None:
+                raise FlopsUnknown(
+                    "a FLOPs ceiling needs the models' parameter counts "
+                    "(set TTS_POLICY_PARAMS / TTS_PRM_PARAMS on the server)"
+                )
+            meter = FlopsMeter(counter, max_flops)
+            policy, prm = MeteredPolicy(policy, meter), MeteredPRM(prm, meter)
+
         started = time.perf_counter()
-        result = await strategy(problem, config, self.policy, self.prm if plan.needs_prm else None)
-        return Outcome(plan, result, time.perf_counter() - started)
+        difficulty: Difficulty | None = None
+        route: Route | None = None
+        if plan.strategy == "auto":
+            result, difficulty, route = await self._route(problem, config, policy, prm)
+        else:
+            strategy = STRATEGIES[plan.strategy]
+            result = await strategy(problem, config, policy, prm if plan.needs_prm else None)
+        return Outcome(
+            plan,
+            result,
+            time.perf_counter() - started,
+            flops=counter.count(result.policy_usage, result.prm_usage),
+            difficulty=difficulty,
+            route=route,
+            flops_limited=meter.limited if meter else False,
+            max_flops=max_flops,
+        )
+
+    async def _route(
+        self, problem: Problem, config: SearchConfig, policy: PolicyClient, prm: PRMClient
+    ) -> tuple[StrategyResult, Difficulty, Route]:
+        """Pilot, estimate the difficulty, then spend what is left of the budget as routed."""
+        table = await self.router_table()
+        k = min(table.pilot_samples, config.budget)
+        pilot = await STRATEGIES["best_of_n"](
+            problem, dataclasses.replace(config, budget=k), policy, prm
+        )
+        difficulty = estimate(table, pilot.candidates)
+        chosen = table.routes[difficulty.bin]
+        early = (
+            difficulty.agreement >= table.early_exit_agreement
+            and difficulty.mean_score >= table.early_exit_score
+        )
+        n, width = plan_budget(chosen, config.budget, k)
+        if early or n == 0:
+            return pilot, difficulty, Route("pilot", k, 1, early)
+
+        routed = dataclasses.replace(config, budget=n, beam_width=width)
+        needs_prm = chosen.strategy in ("best_of_n", "beam_search", "dvts")
+        main = await STRATEGIES[chosen.strategy](
+            problem, routed, policy, prm if needs_prm else None
+        )
+        policy_usage, prm_usage = PolicyUsage(), PRMUsage()
+        for part in (pilot, main):
+            policy_usage.add(part.policy_usage)
+            prm_usage.calls += part.prm_usage.calls
+            prm_usage.steps_scored += part.prm_usage.steps_scored
+            prm_usage.tokens += part.prm_usage.tokens
+        # The pilot's samples stay candidates: nothing it computed is thrown away.
+        rule = "majority" if chosen.strategy == "majority" else config.selection
+        merged = await finish(
+            [*pilot.candidates, *main.candidates],
+            rule,
+            config,
+            iterations=pilot.iterations + main.iterations,
+            policy_usage=policy_usage,
+            prm_usage=prm_usage,
+        )
+        return merged, difficulty, Route(chosen.strategy, k + n, width, False)

@@ -19,6 +19,9 @@ SELECTIONS: tuple[SelectionRule, ...] = ("naive", "weighted", "majority")
 HEADER_STRATEGY = "X-TTS-Strategy"
 HEADER_BUDGET = "X-TTS-Budget"
 HEADER_BEAM_WIDTH = "X-TTS-Beam-Width"
+HEADER_MAX_FLOPS = "X-TTS-Max-FLOPs"
+HEADER_DIFFICULTY = "X-TTS-Difficulty"
+HEADER_ROUTED = "X-TTS-Routed-Strategy"
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Plan:
 
     @property
     def needs_prm(self) -> bool:
-        return self.strategy in ("best_of_n", "beam_search", "dvts")
+        return self.strategy in ("auto", "best_of_n", "beam_search", "dvts")
 
 
 def _int(value: str, param: str) -> int:
@@ -52,9 +55,7 @@ def resolve_plan(
         headers.get(HEADER_STRATEGY.lower()) or opts.strategy or settings.default_strategy
     ).strip()
     requested = requested.lower().replace("-", "_")
-    if requested == "auto":
-        strategy = settings.auto_strategy
-    elif requested in STRATEGY_NAMES:
+    if requested == "auto" or requested in STRATEGY_NAMES:
         strategy = requested
     else:
         allowed = ", ".join(("auto", *STRATEGY_NAMES))
@@ -111,3 +112,20 @@ def resolve_plan(
         aggregation=aggregation,
         selection=selection,
     )
+
+
+def resolve_max_flops(headers: Mapping[str, str], options: TTSOptions | None) -> int | None:
+    """The request's FLOPs ceiling: the header, else `tts.max_flops`; None means none."""
+    if HEADER_MAX_FLOPS.lower() in headers:
+        raw, param = headers[HEADER_MAX_FLOPS.lower()].strip(), HEADER_MAX_FLOPS
+        try:
+            value = int(float(raw)) if any(c in raw for c in ".eE") else int(raw)
+        except ValueError:
+            raise APIError(400, f"'{param}' must be a number, got {raw!r}", param=param) from None
+    elif options is not None and options.max_flops is not None:
+        value, param = options.max_flops, "tts.max_flops"
+    else:
+        return None
+    if value < 1:
+        raise APIError(400, f"'{param}' must be positive", param=param)
+    return value

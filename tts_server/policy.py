@@ -1,20 +1,29 @@
 """The policy client: vLLM's OpenAI-compatible HTTP API.
 
 Prompts travel as token ids, so a partial solution is continued with exactly the tokens the model
-produced. Every sample is sent as its own prompt with n=1 in one batched call: vLLM's `usage`
-then counts prompt and completion tokens exactly as its `/metrics` counters do (with n>1 it
-counts the prompt once). Its `cached_tokens` covers only the last prompt of a batched call
-(vLLM 0.32), so the cached count reported here is a lower bound.
+produced. Every sample is sent as its own prompt with n=1: vLLM's `usage` then counts prompt and
+completion tokens exactly as its `/metrics` counters do (with n>1 it counts the prompt once).
+
+Two ways to send a step's prompts (`call_mode`):
+- "per_prompt" (default): one request per prompt, all sent at once. vLLM's scheduler batches
+  concurrent requests into the same forward passes, and each response reports its own prefix-cache
+  hits, so cached tokens (and the FLOPs count) are measured exactly.
+- "batched": one request carrying every prompt. vLLM 0.32 then reports the cached tokens of the
+  last prompt only, so the cached count is a lower bound.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
+from tts_server.flops import context_sum
 from tts_server.types import Generation, PolicyUsage, SamplingConfig
+
+CallMode = Literal["per_prompt", "batched"]
 
 
 class PolicyError(Exception):
@@ -35,9 +44,11 @@ class VLLMPolicyClient:
         *,
         timeout: float = 300.0,
         client: httpx.AsyncClient | None = None,
+        call_mode: CallMode = "per_prompt",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.call_mode = call_mode
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=10.0),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
@@ -74,9 +85,49 @@ class VLLMPolicyClient:
         if not prompts or n < 1:
             return [[] for _ in prompts]
         expanded = [list(p) for p in prompts for _ in range(n)]
+        if self.call_mode == "batched":
+            generations = await self._complete(expanded, sampling, usage, seed=None)
+        else:
+            generations = await self._complete_each(expanded, sampling, usage)
+        usage.calls += 1
+        return [generations[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    async def _complete_each(
+        self, prompts: list[list[int]], sampling: SamplingConfig, usage: PolicyUsage
+    ) -> list[Generation]:
+        """One request per prompt, all in flight together; the first failure cancels the rest."""
+        tasks = [
+            asyncio.ensure_future(
+                self._complete(
+                    [prompt],
+                    sampling,
+                    usage,
+                    # Distinct seeds: copies of one prompt must not sample identically.
+                    seed=None if sampling.seed is None else sampling.seed + i,
+                )
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return [g for result in results for g in result]
+
+    async def _complete(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        usage: PolicyUsage,
+        *,
+        seed: int | None,
+    ) -> list[Generation]:
         body: dict[str, Any] = {
             "model": self.model,
-            "prompt": expanded,
+            "prompt": prompts,
             "n": 1,
             "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature,
@@ -87,27 +138,35 @@ class VLLMPolicyClient:
         }
         if sampling.stop:
             body["stop"] = list(sampling.stop)
-        if sampling.seed is not None and len(expanded) == 1:
-            # A shared seed would make duplicate prompts (beam copies) sample identically.
-            body["seed"] = sampling.seed
+        if seed is None and sampling.seed is not None and len(prompts) == 1:
+            seed = sampling.seed
+        if seed is not None:
+            # In a batched call a shared seed would make duplicate prompts sample identically.
+            body["seed"] = seed
         data = await self._post("/v1/completions", body)
         choices = sorted(data.get("choices", []), key=lambda c: int(c["index"]))
-        if len(choices) != len(expanded):
+        if len(choices) != len(prompts):
             raise PolicyError(
-                f"policy server returned {len(choices)} choices for {len(expanded)} prompts"
+                f"policy server returned {len(choices)} choices for {len(prompts)} prompts"
             )
+        generations = [_to_generation(c) for c in choices]
         raw_usage = data.get("usage") or {}
         details = raw_usage.get("prompt_tokens_details") or {}
-        usage.add(
-            PolicyUsage(
-                prompt_tokens=int(raw_usage.get("prompt_tokens", 0)),
-                completion_tokens=int(raw_usage.get("completion_tokens", 0)),
-                cached_tokens=int(details.get("cached_tokens") or 0),
-                calls=1,
-            )
+        cached = int(details.get("cached_tokens") or 0)
+        # Only one prompt's cached count is known (the last, or the only one).
+        cached_by_prompt = [0] * (len(prompts) - 1) + [cached]
+        call = PolicyUsage(
+            prompt_tokens=int(raw_usage.get("prompt_tokens", 0)),
+            completion_tokens=int(raw_usage.get("completion_tokens", 0)),
+            cached_tokens=cached,
+            requests=1,
         )
-        generations = [_to_generation(c) for c in choices]
-        return [generations[i * n : (i + 1) * n] for i in range(len(prompts))]
+        for prompt, generation, hit in zip(prompts, generations, cached_by_prompt, strict=True):
+            end = len(prompt) + len(generation.token_ids)
+            call.context_computed += context_sum(hit, end)
+            call.context_cached += context_sum(0, hit)
+        usage.add(call)
+        return generations
 
     async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The chat template applied once, with the generation prompt, as vLLM renders it."""
@@ -119,6 +178,18 @@ class VLLMPolicyClient:
         body = {"model": self.model, "prompt": text, "add_special_tokens": True}
         data = await self._post("/tokenize", body)
         return [int(t) for t in data["tokens"]]
+
+    async def model_root(self) -> str | None:
+        """Where vLLM loaded the served model from (`root` in /v1/models), if it says."""
+        try:
+            response = await self._client.get(self.base_url + "/v1/models", timeout=5.0)
+            cards = response.json().get("data", [])
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        for card in cards if isinstance(cards, list) else []:
+            if isinstance(card, dict) and card.get("id") == self.model and card.get("root"):
+                return str(card["root"])
+        return None
 
     async def health(self) -> bool:
         try:

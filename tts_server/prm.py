@@ -47,6 +47,16 @@ class HTTPPRMClient:
         usage.tokens += _count(data, "tokens", 0)
         return scores
 
+    async def parameters(self) -> int | None:
+        """The PRM's parameter count as the worker reports it (0 for a checker without weights)."""
+        try:
+            response = await self._client.get(self.base_url + "/v1/models", timeout=5.0)
+            cards = response.json().get("data", [])
+            value = cards[0].get("parameters")
+        except (httpx.HTTPError, ValueError, AttributeError, IndexError, TypeError):
+            return None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     async def health(self) -> bool:
         try:
             response = await self._client.get(self.base_url + "/health", timeout=5.0)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,19 @@ class Settings(BaseSettings):
     policy_timeout_s: float = 300.0
     prm_url: str = "http://127.0.0.1:8200"
     prm_timeout_s: float = 120.0
+    # "per_prompt": a step's prompts go as concurrent requests (vLLM batches them) and each
+    # reports its prefix-cache hits, so FLOPs are exact; "batched": one request per step, cached
+    # tokens then known for its last prompt only (vLLM 0.32).
+    policy_call_mode: Literal["per_prompt", "batched"] = "per_prompt"
+
+    # --- FLOPs count (tts_server/flops.py) ---
+    # Parameter counts; unset: read from the policy's config.json (policy_config_path, else the
+    # folder vLLM reports as the model's root) and from the PRM worker's /v1/models.
+    policy_params: int | None = None
+    policy_config_path: Path | None = None
+    prm_params: int | None = None
+    # Add attention's context term (4 x layers x d_attn x position per token).
+    flops_include_attention: bool = False
 
     # --- local policy server (`tts-server policy`) ---
     policy_port: int = 8100
@@ -47,8 +61,12 @@ class Settings(BaseSettings):
 
     # --- strategy defaults and caps ---
     default_strategy: str = "auto"
-    # What `auto` means until the compute-optimal router exists.
-    auto_strategy: str = "best_of_n"
+
+    # --- router (`auto`) ---
+    # A table written by `tts-server calibrate`; unset: the shipped default by policy size.
+    router_table: Path | None = None
+    # A weak PRM makes search pointless: route everything to best-of-N (Liu et al.).
+    router_weak_prm: bool = False
     default_budget: int = 8
     max_budget: int = 64
     default_beam_width: int = 4

@@ -33,13 +33,22 @@ class PolicyUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # Generate calls (one per strategy step) and the HTTP requests they took.
     calls: int = 0
+    requests: int = 0
+    # Sums of the positions of computed / cached prompt tokens and of generated tokens: what
+    # attention's context term of the FLOPs count needs.
+    context_computed: int = 0
+    context_cached: int = 0
 
     def add(self, other: PolicyUsage) -> None:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.cached_tokens += other.cached_tokens
         self.calls += other.calls
+        self.requests += other.requests
+        self.context_computed += other.context_computed
+        self.context_cached += other.context_cached
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -14,8 +15,17 @@ from fastapi.responses import JSONResponse
 
 from tts_server.api.errors import APIError, install_error_handlers
 from tts_server.api.schemas import ChatCompletionRequest, CompletionRequest, _Common
-from tts_server.engine import Outcome, TokenizingPolicy, TTSEngine
-from tts_server.plan import HEADER_BUDGET, HEADER_STRATEGY, Plan, resolve_plan
+from tts_server.engine import FlopsUnknown, Outcome, TokenizingPolicy, TTSEngine
+from tts_server.plan import (
+    HEADER_BUDGET,
+    HEADER_DIFFICULTY,
+    HEADER_MAX_FLOPS,
+    HEADER_ROUTED,
+    HEADER_STRATEGY,
+    Plan,
+    resolve_max_flops,
+    resolve_plan,
+)
 from tts_server.policy import PolicyError, VLLMPolicyClient
 from tts_server.prm import HTTPPRMClient, PRMError
 from tts_server.prompting import ProfileError, RenderedPrompt
@@ -37,7 +47,10 @@ def create_app(
     owned: list[Any] = []
     if policy is None:
         policy = VLLMPolicyClient(
-            settings.policy_url, settings.policy_model, timeout=settings.policy_timeout_s
+            settings.policy_url,
+            settings.policy_model,
+            timeout=settings.policy_timeout_s,
+            call_mode=settings.policy_call_mode,
         )
         owned.append(policy)
     if prm is None:
@@ -82,8 +95,9 @@ def create_app(
             raise APIError(400, "exactly one prompt per request is supported", param="prompt")
         if not prompt.strip():
             raise APIError(400, "the prompt is empty", param="prompt")
+        max_flops = resolve_max_flops(request.headers, body.tts)
         rendered = await _guard(engine.render_completion(prompt))
-        outcome = await _run(engine, rendered, plan, body, max_tokens, settings)
+        outcome = await _run(engine, rendered, plan, body, max_tokens, settings, max_flops)
         best = outcome.result.best
         choice = {
             "index": 0,
@@ -99,11 +113,12 @@ def create_app(
         messages = body.plain_messages()
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise APIError(400, "messages must contain a non-empty user message", param="messages")
+        max_flops = resolve_max_flops(request.headers, body.tts)
         try:
             rendered = await _guard(engine.render_chat(messages))
         except ProfileError as exc:
             raise APIError(500, f"prompt profile: {exc}", type_="server_error") from exc
-        outcome = await _run(engine, rendered, plan, body, max_tokens, settings)
+        outcome = await _run(engine, rendered, plan, body, max_tokens, settings, max_flops)
         best = outcome.result.best
         choice = {
             "index": 0,
@@ -159,6 +174,7 @@ async def _run(
     body: _Common,
     max_tokens: int,
     settings: Settings,
+    max_flops: int | None,
 ) -> Outcome:
     temperature = body.temperature if body.temperature is not None else settings.default_temperature
     try:
@@ -170,7 +186,10 @@ async def _run(
             top_p=body.top_p if body.top_p is not None else 1.0,
             stops=body.stop_list(),
             seed=body.seed,
+            max_flops=max_flops,
         )
+    except FlopsUnknown as exc:
+        raise APIError(400, str(exc), param=HEADER_MAX_FLOPS) from exc
     except PolicyError as exc:
         raise APIError(exc.status, exc.message) from exc
     except PRMError as exc:
@@ -216,14 +235,24 @@ def _respond(
                 "completion": usage.completion_tokens,
                 "cached": usage.cached_tokens,
                 "calls": usage.calls,
+                "requests": usage.requests,
             },
             "prm": {
                 "calls": result.prm_usage.calls,
                 "steps_scored": result.prm_usage.steps_scored,
                 "tokens": result.prm_usage.tokens,
             },
+            "flops": outcome.flops.as_dict() if outcome.flops else None,
+            "max_flops": outcome.max_flops,
+            "flops_limited": outcome.flops_limited,
+            "difficulty": outcome.difficulty.as_dict() if outcome.difficulty else None,
+            "route": dataclasses.asdict(outcome.route) if outcome.route else None,
             "wall_time_s": round(outcome.wall_time_s, 4),
         },
     }
     headers = {HEADER_STRATEGY: plan.strategy, HEADER_BUDGET: str(plan.budget)}
+    if outcome.difficulty is not None:
+        headers[HEADER_DIFFICULTY] = outcome.difficulty.bin
+    if outcome.route is not None:
+        headers[HEADER_ROUTED] = outcome.route.strategy
     return JSONResponse(body, headers=headers)

@@ -17,6 +17,7 @@ class TTSOptions(BaseModel):
     beam_width: int | None = None
     aggregation: Literal["last", "min", "prod", "mean"] | None = None
     selection: Literal["naive", "weighted", "majority"] | None = None
+    max_flops: int | None = Field(default=None, ge=1)
 
 
 class _Common(BaseModel):

@@ -62,7 +62,12 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": backend.model_name, "object": "model", "created": created}
+        card = {
+            "id": backend.model_name,
+            "object": "model",
+            "created": created,
+            "parameters": backend.parameters,
+        }
         return {"object": "list", "data": [{**card, "owned_by": f"prm-worker/{backend.name}"}]}
 
     @app.post("/v1/score")

@@ -154,8 +154,9 @@ def extend(
     if generation.stop_reason is not None and generation.stop_reason in config.solution_stops:
         reason = "stop"
     elif generation.finish_reason == "length":
-        # Cut by the call's shared limit before its own cap: the step stays open.
-        if len(generation.token_ids) >= cap:
+        # Cut by the call's shared limit before its own cap: the step stays open. No token at
+        # all means no room was left (a FLOPs ceiling): the candidate ends.
+        if len(generation.token_ids) >= cap or not generation.token_ids:
             reason = "length"
     elif generation.stop_reason is None:
         reason = "stop"  # EOS

@@ -21,6 +21,8 @@ class PRMBackend(ABC):
 
     name: str
     model_name: str
+    # Parameters doing multiply-adds per token (the FLOPs count's N); 0 for a rule-based checker.
+    parameters: int = 0
 
     @abstractmethod
     def score_batch(self, items: Sequence[ScoreItem]) -> list[list[float]]:

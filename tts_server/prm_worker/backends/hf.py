@@ -61,6 +61,7 @@ class HFBackend(PRMBackend):
         self._tokenizer = tokenizer
         self._tag_id: int = tag_id
         self._model: Any = network.to(device).eval()
+        self.parameters = _flops_parameters(self._model)
         try:  # fail at start, not on the first request, if the model has no 2-class head
             self.score_batch([("What is 1 + 1?", ["1 + 1 = 2.", "The answer is 2."])])
         except RuntimeError as exc:
@@ -120,3 +121,13 @@ def step_logits(outputs: Any) -> Any:
     if logits.dim() != 3 or logits.shape[-1] != 2:
         raise RuntimeError(f"expected logits [batch, seq, 2], got {tuple(logits.shape)}")
     return logits
+
+
+def _flops_parameters(model: Any) -> int:
+    """All weights but the input embedding table (a lookup, no multiply-adds) unless it is tied
+    to an output head, where it computes."""
+    total = sum(int(p.numel()) for p in model.parameters())
+    embeddings = model.get_input_embeddings()
+    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = outputs is not None and outputs.weight is embeddings.weight
+    return total if tied else total - int(embeddings.weight.numel())

@@ -1,0 +1,191 @@
+"""The compute-optimal router: which strategy, N and beam width a question gets.
+
+At serving time a cheap pilot (k whole samples, scored by the PRM) estimates the question's
+difficulty, Snell et al.'s "model-predicted difficulty": the pilot's mean final score and its
+answer agreement make one confidence in [0, 1], and thresholds place it in a bin. The bins are
+absolute and mean what Liu et al.'s mean: easy = pass@1 of 50-100%, medium 10-50%, hard below
+10%; `tts-server calibrate` fits the thresholds and the route per bin on a dataset. A route names
+a strategy and the share of the client's budget it spends (the pilot's samples count in the
+budget and stay candidates). "pilot" answers from the pilot alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tts_server.types import Candidate
+
+BINS = ("easy", "medium", "hard")
+ROUTE_STRATEGIES = ("pilot", "greedy", "majority", "best_of_n", "beam_search", "dvts")
+# pass@1 bounds of the bins (Liu et al.): a calibration problem's true bin.
+PASS_AT_1_EASY = 0.5
+PASS_AT_1_MEDIUM = 0.1
+
+
+class RouterTableError(ValueError):
+    """A router table that cannot be used (bad JSON, unknown strategy, bad numbers)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    strategy: str
+    beam_width: int = 1
+    # Share of the client's budget spent in all (pilot included), at least the pilot's samples.
+    budget_share: float = 1.0
+
+
+@dataclass(frozen=True)
+class RouterTable:
+    pilot_samples: int = 4
+    # confidence >= easy_min: easy; >= medium_min: medium; else hard.
+    easy_min: float = 0.75
+    medium_min: float = 0.45
+    # Answer at once when the pilot agrees this much with a mean final score this high.
+    early_exit_agreement: float = 1.0
+    early_exit_score: float = 0.9
+    routes: dict[str, Route] = field(default_factory=dict)
+    source: str = "default"
+
+    def bin_of(self, confidence: float) -> str:
+        if confidence >= self.easy_min:
+            return "easy"
+        if confidence >= self.medium_min:
+            return "medium"
+        return "hard"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["routes"] = {name: asdict(route) for name, route in self.routes.items()}
+        return data
+
+
+def default_table(policy_parameters: int | None, *, weak_prm: bool = False) -> RouterTable:
+    """Liu et al.'s findings: under 7B, best-of-N on easy and beam search on medium and hard;
+    7-72B, DVTS on easy and medium and beam search on hard; 72B and up, or with a weak PRM,
+    best-of-N everywhere. An unknown size is treated as small."""
+    size = policy_parameters or 0
+    bon, beam, dvts = Route("best_of_n"), Route("beam_search", 4), Route("dvts", 4)
+    if weak_prm or size >= 72_000_000_000:
+        routes, source = dict.fromkeys(BINS, bon), "default: best-of-N (72B+ or weak PRM)"
+    elif size >= 7_000_000_000:
+        routes, source = {"easy": dvts, "medium": dvts, "hard": beam}, "default: 7-72B"
+    else:
+        routes, source = {"easy": bon, "medium": beam, "hard": beam}, "default: under 7B"
+    return RouterTable(routes=routes, source=source)
+
+
+def load_table(path: Path) -> RouterTable:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RouterTableError(f"cannot read the router table {path.name}: {exc}") from exc
+    return parse_table(data)
+
+
+def parse_table(data: Any) -> RouterTable:
+    if not isinstance(data, dict):
+        raise RouterTableError("a router table is a JSON object")
+    raw_routes = data.get("routes")
+    if not isinstance(raw_routes, dict) or set(raw_routes) != set(BINS):
+        raise RouterTableError(f"routes must name exactly the bins {', '.join(BINS)}")
+    routes: dict[str, Route] = {}
+    for name, raw in raw_routes.items():
+        if not isinstance(raw, dict) or raw.get("strategy") not in ROUTE_STRATEGIES:
+            raise RouterTableError(
+                f"route {name!r}: strategy must be one of {', '.join(ROUTE_STRATEGIES)}"
+            )
+        route = Route(
+            strategy=str(raw["strategy"]),
+            beam_width=int(raw.get("beam_width", 1)),
+            budget_share=float(raw.get("budget_share", 1.0)),
+        )
+        if route.beam_width < 1 or not 0.0 < route.budget_share <= 1.0:
+            raise RouterTableError(f"route {name!r}: beam_width >= 1, 0 < budget_share <= 1")
+        routes[name] = route
+    try:
+        table = RouterTable(
+            pilot_samples=int(data.get("pilot_samples", 4)),
+            easy_min=float(data.get("easy_min", 0.75)),
+            medium_min=float(data.get("medium_min", 0.45)),
+            early_exit_agreement=float(data.get("early_exit_agreement", 1.0)),
+            early_exit_score=float(data.get("early_exit_score", 0.9)),
+            routes=routes,
+            source=str(data.get("source", "file")),
+        )
+    except (TypeError, ValueError) as exc:
+        raise RouterTableError(f"bad number in the router table: {exc}") from exc
+    if table.pilot_samples < 1 or not table.medium_min <= table.easy_min:
+        raise RouterTableError("pilot_samples >= 1 and medium_min <= easy_min")
+    return table
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The pilot's verdict on a question."""
+
+    bin: str
+    confidence: float
+    mean_score: float
+    agreement: float
+    samples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bin": self.bin,
+            "confidence": round(self.confidence, 4),
+            "mean_score": round(self.mean_score, 4),
+            "agreement": round(self.agreement, 4),
+            "pilot_samples": self.samples,
+        }
+
+
+def pilot_features(candidates: Sequence[Candidate], votes: dict[str, float]) -> tuple[float, float]:
+    """(mean final score, agreement): agreement is the share of pilot samples whose answer is the
+    most frequent one; unanswered samples agree with nothing."""
+    if not candidates:
+        return 0.0, 0.0
+    mean_score = sum(c.score or 0.0 for c in candidates) / len(candidates)
+    counts = Counter(c.answer for c in candidates if c.answer is not None)
+    agreement = max(counts.values(), default=0) / len(candidates)
+    return mean_score, agreement
+
+
+def confidence_of(mean_score: float, agreement: float) -> float:
+    return 0.5 * mean_score + 0.5 * agreement
+
+
+def estimate(table: RouterTable, candidates: Sequence[Candidate]) -> Difficulty:
+    mean_score, agreement = pilot_features(candidates, {})
+    confidence = confidence_of(mean_score, agreement)
+    return Difficulty(table.bin_of(confidence), confidence, mean_score, agreement, len(candidates))
+
+
+def true_bin(pass_at_1: float) -> str:
+    if pass_at_1 >= PASS_AT_1_EASY:
+        return "easy"
+    if pass_at_1 >= PASS_AT_1_MEDIUM:
+        return "medium"
+    return "hard"
+
+
+def plan_budget(route: Route, client_budget: int, pilot: int) -> tuple[int, int]:
+    """(N, beam width) of the routed strategy after the pilot, inside the client's budget.
+
+    N = 0 means the pilot answers. A search gets the largest multiple of its beam width that
+    fits (at least one beam width); beam widths above what is left shrink to it.
+    """
+    total = max(pilot, round(client_budget * route.budget_share))
+    left = total - pilot
+    if route.strategy == "pilot" or left < 1:
+        return 0, 1
+    if route.strategy in ("beam_search", "dvts"):
+        width = min(route.beam_width, left)
+        return left - left % width, width
+    if route.strategy == "greedy":
+        return 1, 1
+    return left, 1
