@@ -200,3 +200,31 @@ async def test_unreachable_policy_is_a_502(tmp_path: Path, prm: EquationPRM) -> 
 async def test_models_lists_the_policy(gateway: httpx.AsyncClient) -> None:
     data = (await gateway.get("/v1/models")).json()
     assert [m["id"] for m in data["data"]] == [MODEL]
+
+
+@pytest.mark.parametrize(
+    ("headers", "body_tts", "param"),
+    [
+        ({"X-TTS-Max-FLOPs": "lots"}, {}, "X-TTS-Max-FLOPs"),
+        ({"X-TTS-Max-FLOPs": "-5"}, {}, "X-TTS-Max-FLOPs"),
+        ({}, {"max_flops": 0}, "tts.max_flops"),
+        # The fake's parameter count is unknown: a ceiling cannot be kept, so it is refused.
+        ({"X-TTS-Max-FLOPs": "1e12"}, {}, "X-TTS-Max-FLOPs"),
+    ],
+)
+async def test_bad_or_unkeepable_flops_ceiling_is_a_400(
+    gateway: httpx.AsyncClient, headers: dict[str, str], body_tts: dict[str, object], param: str
+) -> None:
+    body = chat("best_of_n")
+    body["tts"] = {**body["tts"], **body_tts}  # type: ignore[dict-item]
+    response = await gateway.post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+async def test_flops_are_null_when_parameter_counts_are_unknown(
+    gateway: httpx.AsyncClient,
+) -> None:
+    response = await gateway.post("/v1/chat/completions", json=chat("best_of_n"))
+    assert response.status_code == 200
+    assert response.json()["tts"]["flops"] is None

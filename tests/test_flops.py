@@ -1,0 +1,163 @@
+"""FLOPs per answer: parameter counts from configs, the formula, and the never-exceeded ceiling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fakes import FakePolicy, FakePRM, encode, per_step
+from tts_server.flops import FlopsCounter, ModelShape, context_sum, shape_from_config
+from tts_server.metering import FlopsMeter, MeteredPolicy, MeteredPRM
+from tts_server.strategies import STRATEGIES
+from tts_server.types import PolicyUsage, PRMUsage, Problem, SearchConfig
+
+SMOLLM2 = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+}
+
+
+def test_smollm2_parameter_count() -> None:
+    shape = shape_from_config(SMOLLM2)
+    # 30 layers x 3,540,096 + final norm 576 + the tied 49152 x 576 matrix, counted once.
+    assert shape.parameters == 134_515_008
+    assert (shape.layers, shape.attention_width) == (30, 576)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_count_matches_transformers_weights(family: str, tied: bool) -> None:
+    """Our formula against the real weights of a tiny model: every weight but the input table."""
+    transformers = pytest.importorskip("transformers")
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "tie_word_embeddings": tied,
+    }
+    cls = transformers.Qwen2Config if family == "qwen2" else transformers.LlamaConfig
+    model = transformers.AutoModelForCausalLM.from_config(cls(**config))
+    weights = sum(p.numel() for p in model.parameters())
+    expected = weights if tied else weights - model.get_input_embeddings().weight.numel()
+    assert shape_from_config(json.loads(model.config.to_json_string())).parameters == expected
+
+
+def test_policy_flops_formula_and_cache_savings() -> None:
+    counter = FlopsCounter(ModelShape(1000, layers=2, attention_width=8), ModelShape(50))
+    usage = PolicyUsage(prompt_tokens=100, completion_tokens=20, cached_tokens=64)
+    flops = counter.count(usage, PRMUsage(tokens=30))
+    assert flops is not None
+    assert flops.policy == 2 * 1000 * (100 - 64 + 20)
+    assert flops.saved_by_cache == 2 * 1000 * 64
+    assert flops.prm == 2 * 50 * 30
+    assert flops.total == flops.policy + flops.prm
+
+
+def test_attention_term_is_added_only_when_asked() -> None:
+    shape = ModelShape(1000, layers=2, attention_width=8)
+    usage = PolicyUsage(prompt_tokens=10, completion_tokens=5, context_computed=context_sum(0, 15))
+    plain = FlopsCounter(shape, ModelShape(0)).count(usage, PRMUsage())
+    full = FlopsCounter(shape, ModelShape(0), include_attention=True).count(usage, PRMUsage())
+    assert plain is not None and full is not None
+    assert full.policy - plain.policy == 4 * 2 * 8 * sum(range(15))
+    assert full.attention_included and not plain.attention_included
+
+
+def test_unknown_parameters_give_no_count() -> None:
+    assert FlopsCounter(None, ModelShape(0)).count(PolicyUsage(), PRMUsage()) is None
+
+
+def test_shape_from_folder(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    from tts_server.flops import shape_from_path
+
+    assert shape_from_path(tmp_path).parameters == 134_515_008
+
+
+# --- the ceiling: never exceeded, whatever the plan ---
+
+PROBLEM = Problem(question="How many apples?", prompt_ids=tuple(encode("Q: How many apples?\nA:")))
+
+
+def rambling(prompt: list[int], sample: int) -> str:
+    return f"Step one {sample}.\n\n2 + 3 = 5\n\nMore words here.\n\nThe answer is {sample % 3}."
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    strategy=st.sampled_from(["greedy", "majority", "best_of_n", "beam_search", "dvts"]),
+    width=st.sampled_from([1, 2, 4]),
+    multiple=st.integers(1, 4),
+    max_tokens=st.integers(8, 300),
+    ceiling=st.integers(1, 3_000_000),
+    prm_params=st.sampled_from([0, 10, 1000]),
+    attention=st.booleans(),
+)
+def test_flops_ceiling_is_never_exceeded(
+    strategy: str,
+    width: int,
+    multiple: int,
+    max_tokens: int,
+    ceiling: int,
+    prm_params: int,
+    attention: bool,
+) -> None:
+    counter = FlopsCounter(
+        ModelShape(1000, layers=2, attention_width=4), ModelShape(prm_params), attention
+    )
+    meter = FlopsMeter(counter, ceiling)
+    prm = FakePRM(per_step(lambda step: 0.9 if "= 5" in step else 0.4))
+
+    # The fake PRM reports tokens like a real worker: bytes of what it read.
+    original = prm.score
+
+    async def scoring(question, solutions, usage):  # type: ignore[no-untyped-def]
+        usage.tokens += sum(len(question) + sum(len(s) for s in steps) for steps in solutions)
+        return await original(question, solutions, usage)
+
+    prm.score = scoring  # type: ignore[method-assign]
+    config = SearchConfig(
+        budget=width * multiple,
+        beam_width=width,
+        max_tokens=max_tokens,
+        max_step_tokens=min(40, max_tokens),
+        max_iterations=10,
+    )
+    policy = MeteredPolicy(FakePolicy(rambling), meter)
+    metered_prm = MeteredPRM(prm, meter)
+    result = asyncio.run(STRATEGIES[strategy](PROBLEM, config, policy, metered_prm))
+    spent = counter.count(result.policy_usage, result.prm_usage)
+    assert spent is not None
+    assert spent.total <= ceiling
+    assert spent.total == meter.spent
+
+
+def test_a_binding_ceiling_shrinks_the_request() -> None:
+    counter = FlopsCounter(ModelShape(1000), ModelShape(0))
+    config = SearchConfig(budget=8, max_tokens=200)
+    free = asyncio.run(STRATEGIES["majority"](PROBLEM, config, FakePolicy(rambling), None))
+    unlimited = counter.count(free.policy_usage, free.prm_usage)
+    assert unlimited is not None
+    meter = FlopsMeter(counter, unlimited.total // 2)
+    capped = asyncio.run(
+        STRATEGIES["majority"](PROBLEM, config, MeteredPolicy(FakePolicy(rambling), meter), None)
+    )
+    spent = counter.count(capped.policy_usage, capped.prm_usage)
+    assert spent is not None and spent.total <= unlimited.total // 2
+    assert meter.limited

@@ -1,0 +1,170 @@
+"""The router: tables, difficulty bins, budgets, and `auto` end to end over fakes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import FakePolicy, FakePRM, encode, per_step
+from tts_server.engine import TTSEngine
+from tts_server.plan import Plan
+from tts_server.prompting import RenderedPrompt
+from tts_server.router import (
+    Route,
+    RouterTable,
+    RouterTableError,
+    default_table,
+    estimate,
+    load_table,
+    parse_table,
+    plan_budget,
+    true_bin,
+)
+from tts_server.settings import Settings
+from tts_server.types import Candidate
+
+
+def test_default_table_follows_policy_size() -> None:
+    small = default_table(135_000_000)
+    assert [small.routes[b].strategy for b in ("easy", "medium", "hard")] == [
+        "best_of_n",
+        "beam_search",
+        "beam_search",
+    ]
+    mid = default_table(14_000_000_000)
+    assert [mid.routes[b].strategy for b in ("easy", "medium", "hard")] == [
+        "dvts",
+        "dvts",
+        "beam_search",
+    ]
+    assert {r.strategy for r in default_table(72_000_000_000).routes.values()} == {"best_of_n"}
+    assert {r.strategy for r in default_table(1, weak_prm=True).routes.values()} == {"best_of_n"}
+
+
+@pytest.mark.parametrize(
+    ("route", "budget", "pilot", "expected"),
+    [
+        (Route("best_of_n"), 8, 4, (4, 1)),
+        (Route("beam_search", 4), 8, 2, (4, 4)),
+        (Route("beam_search", 4), 16, 4, (12, 4)),
+        (Route("dvts", 4), 8, 4, (4, 4)),
+        (Route("dvts", 4), 6, 4, (2, 2)),
+        (Route("pilot"), 8, 4, (0, 1)),
+        (Route("best_of_n"), 4, 4, (0, 1)),
+        (Route("best_of_n", budget_share=0.5), 16, 4, (4, 1)),
+    ],
+)
+def test_plan_budget_stays_inside_the_clients_budget(
+    route: Route, budget: int, pilot: int, expected: tuple[int, int]
+) -> None:
+    n, width = plan_budget(route, budget, pilot)
+    assert (n, width) == expected
+    assert pilot + n <= max(budget, pilot)
+    if n:
+        assert n % width == 0
+
+
+def candidate(answer: str | None, score: float) -> Candidate:
+    return Candidate(steps=["x"], finished=True, answer=answer, score=score)
+
+
+def test_difficulty_bins_from_score_and_agreement() -> None:
+    table = RouterTable(easy_min=0.75, medium_min=0.45, routes=default_table(None).routes)
+    agree = estimate(table, [candidate("5", 0.9)] * 4)
+    assert (agree.bin, agree.agreement, round(agree.mean_score, 2)) == ("easy", 1.0, 0.9)
+    split = estimate(table, [candidate("1", 0.7), candidate("2", 0.7), candidate(None, 0.7)])
+    assert split.bin == "medium" and split.agreement == pytest.approx(1 / 3)
+    lost = estimate(table, [candidate(None, 0.1), candidate("2", 0.2)])
+    assert lost.bin == "hard"
+
+
+def test_true_bins_are_liu_et_al() -> None:
+    assert [true_bin(p) for p in (1.0, 0.5, 0.49, 0.1, 0.09, 0.0)] == [
+        "easy",
+        "easy",
+        "medium",
+        "medium",
+        "hard",
+        "hard",
+    ]
+
+
+def test_table_round_trips_and_rejects_nonsense(tmp_path: Path) -> None:
+    table = default_table(135_000_000)
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(table.to_json()))
+    assert load_table(path) == table
+    bad = table.to_json()
+    bad["routes"]["easy"]["strategy"] = "telepathy"
+    with pytest.raises(RouterTableError, match="strategy"):
+        parse_table(bad)
+    with pytest.raises(RouterTableError, match="bins"):
+        parse_table({**table.to_json(), "routes": {}})
+    path.write_text("{not json")
+    with pytest.raises(RouterTableError):
+        load_table(path)
+
+
+# --- auto through the engine, with fakes ---
+
+PROMPT = "Q: How many?\nA:"
+
+
+def agreeing(prompt: list[int], sample: int) -> str:
+    return "2 + 3 = 5\n\nThe answer is 5."
+
+
+def disagreeing(prompt: list[int], sample: int) -> str:
+    done = "".join(chr(t) for t in prompt)[len(PROMPT) :]
+    if done:  # a continuation: finish the step the search started
+        return "The answer is 7."
+    return f"{sample} + 1 = {sample + 1}\n\nThe answer is {sample + 1}."
+
+
+class TokenizingFake(FakePolicy):
+    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode(PROMPT)
+
+    async def tokenize_text(self, text: str) -> list[int]:
+        return encode(text)
+
+
+def plan(budget: int) -> Plan:
+    return Plan("auto", "auto", budget, 1, "last", "weighted")
+
+
+async def run_auto(policy: TokenizingFake, prm: FakePRM, budget: int = 8) -> object:
+    settings = Settings(policy_params=1000, prm_params=0, policy_model="fake")
+    engine = TTSEngine(settings, policy, prm)
+    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
+    return await engine.run(
+        rendered, plan(budget), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
+    )
+
+
+async def test_auto_exits_early_when_the_pilot_agrees() -> None:
+    policy = TokenizingFake(agreeing)
+    outcome = await run_auto(policy, FakePRM(per_step(lambda s: 0.95)))
+    assert outcome.route is not None and outcome.difficulty is not None  # type: ignore[attr-defined]
+    assert outcome.route.early_exit and outcome.route.strategy == "pilot"  # type: ignore[attr-defined]
+    assert outcome.difficulty.bin == "easy"  # type: ignore[attr-defined]
+    assert len(policy.calls) == 1  # only the pilot ran
+    assert outcome.result.answer == "5"  # type: ignore[attr-defined]
+    assert outcome.flops.policy > 0  # type: ignore[attr-defined]
+
+
+async def test_auto_routes_a_hard_question_and_keeps_the_pilot() -> None:
+    policy = TokenizingFake(disagreeing)
+    outcome = await run_auto(policy, FakePRM(per_step(lambda s: 0.2)))
+    route, difficulty = outcome.route, outcome.difficulty  # type: ignore[attr-defined]
+    assert difficulty.bin == "hard" and not route.early_exit
+    assert route.strategy == "beam_search"  # the default table for a small policy
+    assert route.budget == 8  # pilot 4 + one beam of width 4
+    result = outcome.result  # type: ignore[attr-defined]
+    # The pilot's 4 whole solutions are still candidates, beside the search's.
+    pilot_answers = {c.answer for c in result.candidates[:4]}
+    assert pilot_answers == {"1", "2", "3", "4"}
+    assert len(result.candidates) > 4
+    assert result.policy_usage.calls == len(policy.calls)
