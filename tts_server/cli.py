@@ -1,4 +1,4 @@
-"""`tts-server`: up | gateway | prm-worker | policy | prepare-model | eval."""
+"""`tts-server`: up | gateway | prm-worker | policy | prepare-model | eval | calibrate | plot."""
 
 from __future__ import annotations
 
@@ -110,6 +110,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tts_server.calibrate import main_calibrate
+
+    return main_calibrate(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from tts_server.plots import main_plot
+
+    return main_plot(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tts-server",
@@ -166,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - evaluate is part of the package
         pass
     ev.set_defaults(func=cmd_eval)
+
+    from tts_server.calibrate import add_calibrate_arguments
+    from tts_server.plots import add_plot_arguments
+
+    cal = sub.add_parser(
+        "calibrate", help="fit the router's bins and routes on a dataset through a running gateway"
+    )
+    add_calibrate_arguments(cal)
+    cal.set_defaults(func=cmd_calibrate)
+
+    plo = sub.add_parser("plot", help="accuracy against FLOPs per answer from eval reports")
+    add_plot_arguments(plo)
+    plo.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -59,6 +59,8 @@ async def _one(
         answer = extract_answer(data["choices"][0]["message"]["content"] or "")
     candidates = tts.get("candidates_answers")
     usage = data.get("usage", {})
+    flops = tts.get("flops") or {}
+    difficulty = tts.get("difficulty") or {}
     return {
         **record,
         "answer": answer,
@@ -68,7 +70,15 @@ async def _one(
         ),
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "completion_tokens": usage.get("completion_tokens", 0),
+        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
         "strategy": tts.get("strategy"),
+        "flops": flops.get("total"),
+        "flops_policy": flops.get("policy"),
+        "flops_prm": flops.get("prm"),
+        "difficulty": difficulty.get("bin"),
+        "routed": (tts.get("route") or {}).get("strategy"),
+        "candidates_answers": candidates,
+        "candidate_scores": tts.get("candidate_scores"),
     }
 
 
@@ -130,7 +140,32 @@ async def run_eval(
         "latency_p95_s": _percentile(latencies, 0.95),
         "errors": n - len(ok),
         "wall_time_s": time.perf_counter() - started,
+        **flops_summary(ok),
+        "by_difficulty": {
+            name: {"n": len(group), **flops_summary(group)}
+            for name, group in _by(ok, "difficulty").items()
+        },
         "records": records,
+    }
+
+
+def _by(records: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record.get(key) is not None:
+            groups.setdefault(str(record[key]), []).append(record)
+    return groups
+
+
+def flops_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy and mean FLOPs per answer and per correct answer (None when FLOPs unknown)."""
+    counted = [r for r in records if r.get("flops") is not None]
+    correct = sum(bool(r.get("correct")) for r in records)
+    total = sum(int(r["flops"]) for r in counted)
+    return {
+        "accuracy_answered": correct / len(records) if records else None,
+        "mean_flops": total / len(counted) if counted else None,
+        "flops_per_correct": total / correct if counted and correct else None,
     }
 
 

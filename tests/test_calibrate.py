@@ -1,0 +1,117 @@
+"""`tts-server calibrate` (fit and resume) and `tts-server plot`, over a scripted gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tts_server.calibrate import PILOT, collect, fit
+from tts_server.datasets import Example
+from tts_server.plots import plot
+from tts_server.router import parse_table
+
+EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
+
+
+def scripted_gateway(calls: list[dict[str, Any]]) -> httpx.MockTransport:
+    """Even problems are easy (the pilot agrees and is right), odd ones hard (only beam search
+    finds the answer). FLOPs: pilot 100, best_of_n 100, beam_search 400."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        body = json.loads(request.content)
+        calls.append({"headers": dict(request.headers), "body": body})
+        i = int(body["messages"][0]["content"].split()[2])
+        strategy, budget = request.headers["x-tts-strategy"], int(request.headers["x-tts-budget"])
+        right, wrong = str(i + 1), "0"
+        if strategy == "best_of_n" and budget == 4 and not calls[-1].get("routed"):
+            answers = [right] * 4 if i % 2 == 0 else [wrong, "99", None, "98"]
+            scores = [0.9] * 4 if i % 2 == 0 else [0.2] * 4
+            answer, flops = answers[0], 100
+        elif strategy == "beam_search":
+            answers, scores, answer, flops = [right], [0.8], right, 400
+        else:
+            answer = right if i % 2 == 0 else wrong
+            answers, scores, flops = [answer], [0.5], 100
+        tts = {
+            "answer": answer,
+            "candidates_answers": answers,
+            "candidate_scores": scores,
+            "flops": {"total": flops},
+        }
+        return httpx.Response(200, json={"tts": tts})
+
+    return httpx.MockTransport(handler)
+
+
+def test_collect_fit_and_resume(tmp_path: Path) -> None:
+    calls: list[dict[str, Any]] = []
+    records_path = tmp_path / "records.jsonl"
+    options = [("best_of_n", 4), ("beam_search", 4)]
+    records = asyncio.run(
+        collect(
+            "http://gw",
+            EXAMPLES,
+            options,
+            4,
+            records_path,
+            progress=False,
+            transport=scripted_gateway(calls),
+        )
+    )
+    assert len(records) == len(calls) == 12 * 3
+    beam_calls = [c for c in calls if c["headers"]["x-tts-strategy"] == "beam_search"]
+    assert all(c["headers"]["x-tts-beam-width"] == "4" for c in beam_calls)
+
+    # Interrupted runs resume: drop the last 5 lines, and only those 5 are redone.
+    lines = records_path.read_text().splitlines()
+    records_path.write_text("\n".join(lines[:-5]) + "\n")
+    calls.clear()
+    again = asyncio.run(
+        collect(
+            "http://gw",
+            EXAMPLES,
+            options,
+            4,
+            records_path,
+            progress=False,
+            transport=scripted_gateway(calls),
+        )
+    )
+    assert len(calls) == 5
+    assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(
+        json.dumps(r, sort_keys=True) for r in records
+    )
+
+    table, report = fit(again, pilot=4)
+    # Easy problems: the pilot alone is right and cheapest; hard ones need beam search.
+    assert table.routes["easy"].strategy == "pilot"
+    assert table.routes["hard"].strategy == "beam_search"
+    assert report["bin_agreement"] == 1.0
+    assert report["cv_auto_accuracy"] == 1.0
+    # Auto spends 100 on easy and 500 on hard problems: 300 on average, vs 500 for always-beam.
+    assert report["cv_auto_mean_flops"] == pytest.approx(300)
+    assert parse_table(table.to_json()) == table
+    pilot_record = next(r for r in again if r["option"] == PILOT and r["id"] == "p1")
+    assert pilot_record["pass_at_1"] == 0.0 and pilot_record["agreement"] == 0.25
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    reports = [
+        {"dataset": "d", "strategy": s, "budget": b, "n": 10, "accuracy": a, "mean_flops": f}
+        for s, b, a, f in [
+            ("best_of_n", 4, 0.2, 1e11),
+            ("best_of_n", 8, 0.25, 2e11),
+            ("beam_search", 8, 0.3, 4e11),
+            ("auto", 8, 0.3, 1.5e11),
+        ]
+    ]
+    out = plot(reports, tmp_path / "plot.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000

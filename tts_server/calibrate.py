@@ -1,0 +1,327 @@
+"""`tts-server calibrate`: fit the router's difficulty bins and routes on a dataset, live.
+
+For every problem it runs, through the gateway: the pilot (best-of-N with the pilot's k samples:
+its candidates' answers and scores give the difficulty features, and the share of them that is
+correct is the problem's pass@1), then each routed strategy with what a client budget B leaves
+after the pilot (B - k). Every result is one JSON line in the records file, so an interrupted run
+resumes where it stopped. Then:
+
+1. thresholds on the pilot confidence are chosen so that the estimated bins agree best with the
+   true pass@1 bins (easy >= 50%, medium >= 10%, hard below);
+2. per bin, the route is the most accurate option (the pilot alone, or a strategy after it), the
+   cheaper one on ties; k-fold cross-validation reports how well that choice generalises;
+3. the table is written as JSON for `TTS_ROUTER_TABLE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from tts_server.answers import answers_equal
+from tts_server.datasets import DatasetError, Example, load_dataset
+from tts_server.router import (
+    BINS,
+    Route,
+    RouterTable,
+    confidence_of,
+    true_bin,
+)
+
+SEARCH_WIDTH = 4
+PILOT = "pilot"
+
+
+def _key(example_id: str, option: str) -> str:
+    return f"{example_id}|{option}"
+
+
+def _correct(answer: str | None, expected: str) -> bool:
+    return answer is not None and answers_equal(answer, expected)
+
+
+async def _request(
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    question: str,
+    strategy: str,
+    budget: int,
+) -> dict[str, Any]:
+    headers = {"X-TTS-Strategy": strategy, "X-TTS-Budget": str(budget)}
+    if strategy in ("beam_search", "dvts"):
+        headers["X-TTS-Beam-Width"] = str(min(SEARCH_WIDTH, budget))
+    body = {"model": model, "messages": [{"role": "user", "content": question}]}
+    response = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+    tts: dict[str, Any] = response.json()["tts"]
+    return tts
+
+
+def _record(example: Example, option: str, tts: dict[str, Any]) -> dict[str, Any]:
+    flops = tts.get("flops") or {}
+    answers = tts.get("candidates_answers") or []
+    record: dict[str, Any] = {
+        "id": example.id,
+        "option": option,
+        "correct": _correct(tts.get("answer"), example.answer),
+        "flops": flops.get("total"),
+    }
+    if option == PILOT:
+        scores = [s or 0.0 for s in tts.get("candidate_scores") or []]
+        counts: dict[str, int] = {}
+        for answer in answers:
+            if answer is not None:
+                counts[answer] = counts.get(answer, 0) + 1
+        n = max(1, len(answers))
+        record["mean_score"] = sum(scores) / max(1, len(scores))
+        record["agreement"] = max(counts.values(), default=0) / n
+        record["pass_at_1"] = sum(_correct(a, example.answer) for a in answers) / n
+    return record
+
+
+def _read_records(path: Path) -> dict[str, dict[str, Any]]:
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[_key(record["id"], record["option"])] = record
+    return done
+
+
+async def collect(
+    url: str,
+    examples: list[Example],
+    options: list[tuple[str, int]],
+    pilot: int,
+    records_path: Path,
+    *,
+    concurrency: int = 2,
+    progress: bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[dict[str, Any]]:
+    """Run what is missing from the records file; return every record."""
+    done = _read_records(records_path)
+    jobs = [(e, PILOT, "best_of_n", pilot) for e in examples]
+    jobs += [(e, f"{s}@{b}", s, b) for e in examples for s, b in options]
+    todo = [j for j in jobs if _key(j[0].id, j[1]) not in done]
+    records_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(todo),
+        desc="calibrate",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=900.0, transport=transport) as client:
+        model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+        with records_path.open("a") as out:
+
+            async def run(job: tuple[Example, str, str, int]) -> None:
+                example, option, strategy, budget = job
+                async with semaphore:
+                    tts = await _request(client, url, model, example.question, strategy, budget)
+                record = _record(example, option, tts)
+                out.write(json.dumps(record) + "\n")
+                out.flush()  # a record on disk is a record never redone
+                done[_key(example.id, option)] = record
+                bar.update(1)
+
+            await asyncio.gather(*(run(j) for j in todo))
+    bar.close()
+    return [done[_key(e.id, o)] for e, o, _, _ in jobs]
+
+
+def fit_thresholds(pilots: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """(easy_min, medium_min, share of problems whose estimated bin is their true bin)."""
+    grid = [i / 20 for i in range(21)]
+    best = (0.75, 0.45, -1.0)
+    for easy in grid:
+        for medium in (m for m in grid if m <= easy):
+            table = RouterTable(easy_min=easy, medium_min=medium)
+            hits = sum(
+                table.bin_of(confidence_of(p["mean_score"], p["agreement"]))
+                == true_bin(p["pass_at_1"])
+                for p in pilots
+            )
+            agreement = hits / len(pilots) if pilots else 0.0
+            if agreement > best[2]:
+                best = (easy, medium, agreement)
+    return best
+
+
+def _choose(
+    ids: list[str], by_id: dict[str, dict[str, dict[str, Any]]], options: list[str]
+) -> tuple[str, float, float]:
+    """The most accurate option over `ids` (cheaper on ties): (option, accuracy, mean FLOPs)."""
+    best: tuple[str, float, float] | None = None
+    for option in options:
+        rows = [_auto_cost(by_id[i], option) for i in ids]
+        accuracy = sum(c for c, _ in rows) / len(rows)
+        flops = sum(f for _, f in rows) / len(rows)
+        if best is None or (accuracy, -flops) > (best[1], -best[2]):
+            best = (option, accuracy, flops)
+    assert best is not None
+    return best
+
+
+def _auto_cost(records: dict[str, dict[str, Any]], option: str) -> tuple[bool, float]:
+    """What `auto` would get and spend on a problem if it took `option` after the pilot."""
+    pilot = records[PILOT]
+    pilot_flops = float(pilot["flops"] or 0)
+    if option == PILOT:
+        return bool(pilot["correct"]), pilot_flops
+    routed = records[option]
+    return bool(routed["correct"]), pilot_flops + float(routed["flops"] or 0)
+
+
+def fit(
+    records: list[dict[str, Any]],
+    *,
+    pilot: int,
+    folds: int = 5,
+    seed: int = 0,
+    source: str = "calibrated",
+) -> tuple[RouterTable, dict[str, Any]]:
+    by_id: dict[str, dict[str, dict[str, Any]]] = {}
+    for record in records:
+        by_id.setdefault(record["id"], {})[record["option"]] = record
+    options = sorted({r["option"] for r in records})
+    pilots = [rows[PILOT] for rows in by_id.values()]
+    easy_min, medium_min, bin_agreement = fit_thresholds(pilots)
+    table = RouterTable(easy_min=easy_min, medium_min=medium_min)
+
+    def bin_of(problem: str) -> str:
+        p = by_id[problem][PILOT]
+        return table.bin_of(confidence_of(p["mean_score"], p["agreement"]))
+
+    def choose_routes(ids: list[str]) -> dict[str, str]:
+        routes: dict[str, str] = {}
+        for name in BINS:
+            members = [i for i in ids if bin_of(i) == name] or ids  # empty bin: all problems
+            routes[name] = _choose(members, by_id, options)[0]
+        return routes
+
+    problems = sorted(by_id)
+    shuffled = problems[:]
+    random.Random(seed).shuffle(shuffled)
+    held_correct, held_flops = 0, 0.0
+    k = max(2, min(folds, len(problems)))
+    for fold in range(k):
+        test = shuffled[fold::k]
+        train = [p for p in shuffled if p not in set(test)]
+        routes = choose_routes(train or test)
+        for problem in test:
+            correct, flops = _auto_cost(by_id[problem], routes[bin_of(problem)])
+            held_correct += correct
+            held_flops += flops
+    routes = choose_routes(problems)
+    table = RouterTable(
+        pilot_samples=pilot,
+        easy_min=easy_min,
+        medium_min=medium_min,
+        routes={name: _route(option) for name, option in routes.items()},
+        source=source,
+    )
+    per_option = {
+        option: {
+            "accuracy": sum(bool(by_id[p][option]["correct"]) for p in problems) / len(problems),
+            "mean_flops": sum(float(by_id[p][option]["flops"] or 0) for p in problems)
+            / len(problems),
+        }
+        for option in options
+    }
+    report = {
+        "problems": len(problems),
+        "bin_agreement": bin_agreement,
+        "bins": {name: sum(bin_of(p) == name for p in problems) for name in BINS},
+        "routes": routes,
+        "cv_folds": k,
+        "cv_auto_accuracy": held_correct / len(problems),
+        "cv_auto_mean_flops": held_flops / len(problems),
+        "options": per_option,
+    }
+    return table, report
+
+
+def _route(option: str) -> Route:
+    if option == PILOT:
+        return Route("pilot")
+    strategy = option.split("@")[0]
+    width = SEARCH_WIDTH if strategy in ("beam_search", "dvts") else 1
+    return Route(strategy, width)
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
+    parser.add_argument("--dataset", required=True, help="packaged name or .jsonl path")
+    parser.add_argument(
+        "--strategies", default="best_of_n,beam_search,dvts,majority", help="comma-separated"
+    )
+    parser.add_argument(
+        "--budgets", default="8", help="client budgets B (comma-separated); routes run B - pilot"
+    )
+    parser.add_argument("--pilot", type=int, default=4, help="pilot samples k")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--records", type=Path, default=Path("reports/calibration-records.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("reports/router-table.json"))
+
+
+def main_calibrate(args: argparse.Namespace) -> int:
+    try:
+        examples = load_dataset(args.dataset)[args.offset :]
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    options = []
+    for budget in budgets:
+        left = budget - args.pilot
+        for strategy in strategies:
+            if left < 1:
+                continue
+            if strategy in ("beam_search", "dvts"):
+                left_search = left - left % min(SEARCH_WIDTH, left)
+                options.append((strategy, left_search))
+            else:
+                options.append((strategy, left))
+    try:
+        records = asyncio.run(
+            collect(
+                args.url,
+                examples,
+                sorted(set(options)),
+                args.pilot,
+                args.records,
+                concurrency=args.concurrency,
+            )
+        )
+    except (httpx.HTTPError, RuntimeError) as exc:
+        print(f"error: {exc} (finished problems are kept in {args.records})", file=sys.stderr)
+        return 2
+    table, report = fit(
+        records,
+        pilot=args.pilot,
+        source=f"calibrated on {args.dataset}[{args.offset}:{args.offset + len(examples)}]",
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**table.to_json(), "calibration": report}, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"router table: {args.out} (serve it with TTS_ROUTER_TABLE={args.out})")
+    return 0

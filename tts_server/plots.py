@@ -1,0 +1,75 @@
+"""`tts-server plot`: accuracy against FLOPs per answer (log scale) from `eval` reports.
+
+One curve per fixed strategy across its budgets, `auto` as points: the compute-optimal picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def load_reports(paths: list[Path]) -> list[dict[str, Any]]:
+    reports = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        if data.get("mean_flops") is None:
+            print(f"skipping {path.name}: no FLOPs in the report", file=sys.stderr)
+            continue
+        reports.append(data)
+    return reports
+
+
+def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    by_strategy: dict[str, list[dict[str, Any]]] = {}
+    for report in reports:
+        by_strategy.setdefault(report["strategy"], []).append(report)
+    for strategy, group in sorted(by_strategy.items()):
+        group.sort(key=lambda r: r["mean_flops"])
+        xs = [r["mean_flops"] for r in group]
+        ys = [100 * r["accuracy"] for r in group]
+        if strategy == "auto":
+            axes.scatter(xs, ys, marker="*", s=180, color="black", zorder=5, label="auto")
+        else:
+            axes.plot(xs, ys, marker="o", label=strategy)
+        for r, x, y in zip(group, xs, ys, strict=True):
+            axes.annotate(
+                f"N={r['budget']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
+    axes.set_xscale("log")
+    axes.set_xlabel("mean FLOPs per answer (log scale)")
+    axes.set_ylabel("accuracy (%)")
+    datasets = sorted({r["dataset"] for r in reports})
+    sizes = sorted({r["n"] for r in reports})
+    axes.set_title(title or f"{', '.join(datasets)} ({'/'.join(map(str, sizes))} problems)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    plt.close(figure)
+    return out
+
+
+def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reports", nargs="+", type=Path, help="JSON reports of `tts-server eval`")
+    parser.add_argument("--out", type=Path, default=Path("reports/accuracy-vs-flops.png"))
+    parser.add_argument("--title", default=None)
+
+
+def main_plot(args: argparse.Namespace) -> int:
+    reports = load_reports(args.reports)
+    if not reports:
+        print("error: no report with FLOPs to plot", file=sys.stderr)
+        return 2
+    print(plot(reports, args.out, args.title))
+    return 0
