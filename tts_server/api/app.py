@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from tts_server import metrics
 from tts_server.api.errors import APIError, install_error_handlers
 from tts_server.api.schemas import ChatCompletionRequest, CompletionRequest, _Common
 from tts_server.engine import FlopsUnknown, Outcome, TokenizingPolicy, TTSEngine
@@ -22,6 +23,7 @@ from tts_server.plan import (
     HEADER_MAX_FLOPS,
     HEADER_ROUTED,
     HEADER_STRATEGY,
+    STRATEGY_NAMES,
     Plan,
     resolve_max_flops,
     resolve_plan,
@@ -35,6 +37,8 @@ from tts_server.types import PRMClient
 logger = logging.getLogger("tts_server.gateway")
 
 MAX_STOP_STRINGS = 4
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+STRATEGY_LABELS = frozenset(("auto", *STRATEGY_NAMES))
 
 
 def create_app(
@@ -69,9 +73,32 @@ def create_app(
     app.state.engine = engine
     install_error_handlers(app)
 
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Any:
+        endpoint = request.url.path
+        if endpoint not in ENDPOINTS:
+            return await call_next(request)
+        metrics.IN_FLIGHT.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            metrics.IN_FLIGHT.dec()
+        # The echoed strategy on success; otherwise the asked one if valid (bounded labels).
+        strategy = response.headers.get(HEADER_STRATEGY) or request.headers.get(HEADER_STRATEGY)
+        strategy = strategy if strategy in STRATEGY_LABELS else "unknown"
+        metrics.REQUESTS.labels(
+            endpoint, strategy, metrics.status_class(response.status_code)
+        ).inc()
+        return response
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -105,6 +132,7 @@ def create_app(
             "logprobs": None,
             "finish_reason": _finish(best.finish_reason),
         }
+        metrics.observe_answer(outcome, "/v1/completions", settings.policy_model)
         return _respond("cmpl", "text_completion", choice, outcome, settings)
 
     @app.post("/v1/chat/completions")
@@ -126,6 +154,7 @@ def create_app(
             "logprobs": None,
             "finish_reason": _finish(best.finish_reason),
         }
+        metrics.observe_answer(outcome, "/v1/chat/completions", settings.policy_model)
         return _respond("chatcmpl", "chat.completion", choice, outcome, settings)
 
     return app

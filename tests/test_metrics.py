@@ -1,0 +1,119 @@
+"""The gateway's /metrics: FLOPs histograms agree with what clients were told; bounded labels."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fake_vllm import FakeVLLM
+from tests.test_gateway import MODEL, EquationPRM, script
+from tts_server.api.app import create_app
+from tts_server.policy import VLLMPolicyClient
+from tts_server.settings import Settings
+
+CANARY_PROMPT = "canary-prompt-7f3a9 Tom has 3 apples and buys 5. How many?"
+CANARY_KEY = "sk-canary-key-51c2e"
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    profile = tmp_path / "plain-chat.json"
+    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
+    settings = Settings(
+        policy_model=MODEL,
+        prompt_profiles={MODEL: str(profile)},
+        policy_params=1_000_000,
+        prm_params=0,
+    )
+    fake = FakeVLLM(script=script, model=MODEL)
+    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake.app()))
+    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
+    app = create_app(settings, policy=policy, prm=EquationPRM())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        yield client
+    await upstream.aclose()
+
+
+async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = (await client.get("/metrics")).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+async def test_flops_histogram_sums_equal_what_clients_received(
+    gateway: httpx.AsyncClient,
+) -> None:
+    before = await scrape(gateway)
+    told = 0
+    strategies = ["greedy", "majority", "best_of_n", "beam_search", "dvts", "auto"]
+    for strategy in strategies:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": CANARY_PROMPT}],
+            "tts": {"strategy": strategy, "budget": 4, "beam_width": 2},
+        }
+        headers = {"Authorization": f"Bearer {CANARY_KEY}", "X-Request-Id": "req-canary-1"}
+        response = await gateway.post("/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        told += response.json()["tts"]["flops"]["total"]
+    after = await scrape(gateway)
+    assert told > 0
+    grown = total(after, "tts_answer_flops_sum") - total(before, "tts_answer_flops_sum")
+    assert grown == told
+    answered = total(after, "tts_answer_flops_count") - total(before, "tts_answer_flops_count")
+    assert answered == len(strategies)
+    ok = [
+        (key, value)
+        for key, value in after.items()
+        if key[0] == "tts_requests_total"
+        and ("endpoint", "/v1/chat/completions") in key[1]
+        and ("status", "2xx") in key[1]
+    ]
+    assert sum(v - before.get(k, 0.0) for k, v in ok) == len(strategies)
+    assert {dict(k[1])["strategy"] for k, _ in ok} <= {*strategies, "unknown"}
+    assert total(after, "tts_requests_in_flight") == 0
+    decisions = "tts_router_decisions_total"
+    assert total(after, decisions) - total(before, decisions) == 1
+
+
+async def test_errors_are_counted_by_status_class_with_bounded_labels(
+    gateway: httpx.AsyncClient,
+) -> None:
+    before = await scrape(gateway)
+    headers = {"X-TTS-Strategy": "no-such-thing-" + CANARY_KEY}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": CANARY_PROMPT}]}
+    response = await gateway.post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 400
+    after = await scrape(gateway)
+    key = (
+        "tts_requests_total",
+        (("endpoint", "/v1/chat/completions"), ("status", "4xx"), ("strategy", "unknown")),
+    )
+    assert after[key] - before.get(key, 0.0) == 1
+
+
+async def test_no_prompt_key_or_request_id_in_metrics(gateway: httpx.AsyncClient) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": CANARY_PROMPT}],
+        "tts": {"strategy": "best_of_n", "budget": 2},
+    }
+    headers = {"Authorization": f"Bearer {CANARY_KEY}", "X-Request-Id": "req-canary-1"}
+    assert (await gateway.post("/v1/chat/completions", json=body, headers=headers)).is_success
+    text = (await gateway.get("/metrics")).text
+    assert "tts_answer_flops_bucket" in text
+    for canary in ("canary-prompt-7f3a9", CANARY_KEY, "req-canary-1"):
+        assert canary not in text

@@ -1,0 +1,138 @@
+"""Every Prometheus metric the gateway exports, in one place.
+
+Labels are bounded: endpoint, strategy (incl. `auto`), routed strategy, difficulty bin
+(`none` for fixed strategies), policy model (one per gateway), status class. Never a prompt, a
+user or a request id. With several uvicorn workers, set PROMETHEUS_MULTIPROC_DIR (an empty folder)
+and `/metrics` aggregates the workers' files.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from tts_server.engine import Outcome
+
+# 1e9 .. 1e17 FLOPs, a bucket per half decade: a 135M model's short answer to a 70B search.
+FLOPS_BUCKETS = tuple(10 ** (9 + k / 2) for k in range(17))
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
+COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter(
+    "tts_requests",
+    "Requests answered, by endpoint, requested strategy and status class.",
+    ["endpoint", "strategy", "status"],
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "tts_requests_in_flight",
+    "Requests being served.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+LATENCY = Histogram(
+    "tts_request_duration_seconds",
+    "End-to-end latency of answered requests.",
+    ["endpoint", "strategy"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+_ANSWER_LABELS = ["strategy", "model", "difficulty"]
+FLOPS_POLICY = Histogram(
+    "tts_answer_policy_flops",
+    "Policy FLOPs per answer (2 x parameters x tokens computed).",
+    _ANSWER_LABELS,
+    buckets=FLOPS_BUCKETS,
+    registry=REGISTRY,
+)
+FLOPS_PRM = Histogram(
+    "tts_answer_prm_flops",
+    "PRM FLOPs per answer.",
+    _ANSWER_LABELS,
+    buckets=FLOPS_BUCKETS,
+    registry=REGISTRY,
+)
+FLOPS_TOTAL = Histogram(
+    "tts_answer_flops",
+    "Total FLOPs per answer (policy + PRM).",
+    _ANSWER_LABELS,
+    buckets=FLOPS_BUCKETS,
+    registry=REGISTRY,
+)
+FLOPS_SAVED = Counter(
+    "tts_prefix_cache_saved_flops",
+    "Policy FLOPs the prefix cache saved.",
+    ["strategy", "model"],
+    registry=REGISTRY,
+)
+CANDIDATES = Histogram(
+    "tts_answer_candidates",
+    "Candidates considered per answer.",
+    ["strategy"],
+    buckets=COUNT_BUCKETS,
+    registry=REGISTRY,
+)
+ITERATIONS = Histogram(
+    "tts_answer_search_iterations",
+    "Search iterations per answer.",
+    ["strategy"],
+    buckets=COUNT_BUCKETS,
+    registry=REGISTRY,
+)
+CONFIDENCE = Histogram(
+    "tts_answer_selection_confidence",
+    "Share of the vote won by the chosen answer.",
+    ["strategy"],
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+    registry=REGISTRY,
+)
+ROUTED = Counter(
+    "tts_router_decisions",
+    "What the router chose for `auto` requests, by difficulty bin.",
+    ["routed_strategy", "difficulty"],
+    registry=REGISTRY,
+)
+
+
+def observe_answer(outcome: Outcome, endpoint: str, model: str) -> None:
+    strategy = outcome.plan.strategy
+    difficulty = outcome.difficulty.bin if outcome.difficulty else "none"
+    LATENCY.labels(endpoint, strategy).observe(outcome.wall_time_s)
+    labels = (strategy, model, difficulty)
+    if outcome.flops is not None:
+        FLOPS_POLICY.labels(*labels).observe(outcome.flops.policy)
+        FLOPS_PRM.labels(*labels).observe(outcome.flops.prm)
+        FLOPS_TOTAL.labels(*labels).observe(outcome.flops.total)
+        FLOPS_SAVED.labels(strategy, model).inc(outcome.flops.saved_by_cache)
+    result = outcome.result
+    CANDIDATES.labels(strategy).observe(len(result.candidates))
+    ITERATIONS.labels(strategy).observe(result.iterations)
+    votes = sum(result.votes.values())
+    if result.answer is not None and votes > 0:
+        CONFIDENCE.labels(strategy).observe(result.votes.get(result.answer, 0.0) / votes)
+    if outcome.route is not None:
+        ROUTED.labels(outcome.route.strategy, difficulty).inc()
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: this process's registry, or every worker's in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
