@@ -99,7 +99,8 @@ def test_completions_every_strategy_body_options(
     assert isinstance(completion.choices[0].text, str)
     tts = (completion.model_extra or {})["tts"]
     check_tts(tts, strategy, budget)
-    assert "Question:" not in completion.choices[0].text
+    # The stop string ends the text and is cut (the model may still write " Question:").
+    assert "\nQuestion:" not in completion.choices[0].text
 
 
 SMOLLM2_PARAMETERS = 134_515_008  # flops.shape_from_config of its config.json (tied embeddings)
