@@ -117,3 +117,27 @@ async def test_no_prompt_key_or_request_id_in_metrics(gateway: httpx.AsyncClient
     assert "tts_answer_flops_bucket" in text
     for canary in ("canary-prompt-7f3a9", CANARY_KEY, "req-canary-1"):
         assert canary not in text
+
+
+async def test_stage_seconds_add_up_and_are_exported(gateway: httpx.AsyncClient) -> None:
+    before = await scrape(gateway)
+    stages_seen: dict[str, set[str]] = {}
+    for strategy in ("greedy", "beam_search", "auto"):
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tom has 3 apples and buys 5. How many?"}],
+            "tts": {"strategy": strategy, "budget": 4, "beam_width": 2},
+        }
+        tts = (await gateway.post("/v1/chat/completions", json=body)).json()["tts"]
+        stages = tts["stage_seconds"]
+        stages_seen[strategy] = set(stages)
+        assert all(v >= 0 for v in stages.values())
+        # generation + PRM scoring + selection is the wall time (pilot overlaps the first two).
+        parts = stages["generation"] + stages["prm_scoring"] + stages["selection"]
+        assert abs(parts - tts["wall_time_s"]) < 0.01
+    assert stages_seen["greedy"] == {"generation", "prm_scoring", "selection"}
+    assert stages_seen["auto"] == {"pilot", "generation", "prm_scoring", "selection"}
+    after = await scrape(gateway)
+    for stage in ("pilot", "generation", "prm_scoring", "selection"):
+        key = ("tts_stage_duration_seconds_count", (("stage", stage), ("strategy", "auto")))
+        assert after.get(key, 0) - before.get(key, 0) == 1, stage

@@ -128,6 +128,7 @@ async def test_empty_solutions_never_reach_the_backend() -> None:
             "scores": [],
             "model": "counting-prm",
             "steps_scored": 0,
+            "steps_cached": 0,
             "tokens": 0,
         }
         assert backend.calls == []
@@ -365,3 +366,80 @@ def test_real_worker_process(prm_url: str) -> None:
         assert data["scores"] == [[S.right, S.final_supported], [S.wrong]]
         bad = client.post("/v1/score", json={"question": "q", "solutions": [[1]]})
         assert_openai_error(bad, 400, "solutions.0.0")
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of an unlabelled sample in Prometheus exposition text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def test_repeated_solutions_are_served_from_the_cache_and_counted() -> None:
+    backend = CountingBackend()
+    app = create_app(backend, cache_size=8)
+    question = "cache canary question 7f3a"
+    first = [["a = 1", "so 2"], ["b"]]
+    async with serve(app) as client:
+        before = (await client.get("/metrics")).text
+        one = await client.post("/v1/score", json={"question": question, "solutions": first})
+        # One solution seen before, one new: only the new one reaches the backend.
+        second = [["b"], ["c", "d", "e"]]
+        two = await client.post("/v1/score", json={"question": question, "solutions": second})
+        after = (await client.get("/metrics")).text
+    assert backend.calls == [2, 1]
+    assert one.json()["steps_cached"] == 0
+    assert two.json()["scores"] == expected(question, second)
+    assert two.json()["steps_cached"] == 1 and two.json()["steps_scored"] == 4
+    assert (
+        metric_value(after, "prm_steps_cached_total")
+        - metric_value(before, "prm_steps_cached_total")
+        == 1
+    )
+    assert (
+        metric_value(after, "prm_steps_scored_total")
+        - metric_value(before, "prm_steps_scored_total")
+        == 6
+    )
+    assert (
+        metric_value(after, "prm_batch_size_count") - metric_value(before, "prm_batch_size_count")
+        == 2
+    )
+    assert metric_value(after, "prm_queue_wait_seconds_count") > metric_value(
+        before, "prm_queue_wait_seconds_count"
+    )
+    assert 'prm_requests_total{status="2xx"}' in after
+    assert question not in after and "so 2" not in after
+
+
+async def test_cache_is_bounded_and_can_be_off() -> None:
+    backend = CountingBackend()
+    async with serve(create_app(backend, cache_size=2)) as client:
+        for name in ("a", "b", "c", "a"):  # "a" was evicted by "c"
+            await client.post("/v1/score", json={"question": "q", "solutions": [[name]]})
+    assert backend.calls == [1, 1, 1, 1]
+    off = CountingBackend()
+    async with serve(create_app(off, cache_size=0)) as client:
+        for _ in range(2):
+            await client.post("/v1/score", json={"question": "q", "solutions": [["a"]]})
+    assert off.calls == [1, 1]
+
+
+def test_real_worker_process_exports_metrics(prm_url: str) -> None:
+    with httpx.Client(base_url=prm_url, timeout=10) as client:
+        body = {"question": "metrics canary 91b2", "solutions": [["2 * 3 = 6"]]}
+        assert client.post("/v1/score", json=body).status_code == 200
+        text = client.get("/metrics").text
+    for name in (
+        "prm_batch_size_bucket",
+        "prm_queue_wait_seconds_bucket",
+        "prm_scoring_duration_seconds_bucket",
+        "prm_steps_scored_total",
+        "prm_steps_cached_total",
+        "prm_queued_solutions",
+        "prm_queue_capacity_solutions",
+        'prm_worker_info{backend="arith",model="arith-checker"} 1.0',
+    ):
+        assert name in text, name
+    assert "metrics canary" not in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,11 +27,13 @@ from tts_server.settings import DEFAULT_MODEL, Settings
 from tts_server.strategies import STRATEGIES
 from tts_server.strategies.common import finish
 from tts_server.types import (
+    Generation,
     PolicyClient,
     PolicyUsage,
     PRMClient,
     PRMUsage,
     Problem,
+    SamplingConfig,
     SearchConfig,
     StrategyResult,
 )
@@ -63,6 +66,52 @@ class Outcome:
     # The FLOPs ceiling shrank or skipped a call.
     flops_limited: bool = False
     max_flops: int | None = None
+    # Seconds per stage: pilot (auto only), generation, prm_scoring, and selection = the rest of
+    # the wall time (selection, aggregation and bookkeeping between calls).
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class StageClock:
+    """Wall time spent inside the policy's and the PRM's calls of one request."""
+
+    def __init__(self) -> None:
+        self.generation = 0.0
+        self.prm_scoring = 0.0
+
+
+class TimedPolicy:
+    def __init__(self, inner: PolicyClient, clock: StageClock) -> None:
+        self.inner = inner
+        self.clock = clock
+
+    async def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        usage: PolicyUsage,
+        *,
+        n: int = 1,
+    ) -> list[list[Generation]]:
+        started = time.perf_counter()
+        try:
+            return await self.inner.generate(prompts, sampling, usage, n=n)
+        finally:
+            self.clock.generation += time.perf_counter() - started
+
+
+class TimedPRM:
+    def __init__(self, inner: PRMClient, clock: StageClock) -> None:
+        self.inner = inner
+        self.clock = clock
+
+    async def score(
+        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+    ) -> list[list[float]]:
+        started = time.perf_counter()
+        try:
+            return await self.inner.score(question, solutions, usage)
+        finally:
+            self.clock.prm_scoring += time.perf_counter() - started
 
 
 class TokenizingPolicy(PolicyClient, Protocol):
@@ -188,19 +237,27 @@ class TTSEngine:
                 )
             meter = FlopsMeter(counter, max_flops)
             policy, prm = MeteredPolicy(policy, meter), MeteredPRM(prm, meter)
+        clock = StageClock()
+        policy, prm = TimedPolicy(policy, clock), TimedPRM(prm, clock)
 
         started = time.perf_counter()
         difficulty: Difficulty | None = None
         route: Route | None = None
+        stages: dict[str, float] = {}
         if plan.strategy == "auto":
-            result, difficulty, route = await self._route(problem, config, policy, prm)
+            result, difficulty, route = await self._route(problem, config, policy, prm, stages)
         else:
             strategy = STRATEGIES[plan.strategy]
             result = await strategy(problem, config, policy, prm if plan.needs_prm else None)
+        wall = time.perf_counter() - started
+        stages["generation"] = clock.generation
+        stages["prm_scoring"] = clock.prm_scoring
+        stages["selection"] = max(0.0, wall - clock.generation - clock.prm_scoring)
         return Outcome(
             plan,
             result,
-            time.perf_counter() - started,
+            wall,
+            stages=stages,
             flops=counter.count(result.policy_usage, result.prm_usage),
             difficulty=difficulty,
             route=route,
@@ -209,14 +266,21 @@ class TTSEngine:
         )
 
     async def _route(
-        self, problem: Problem, config: SearchConfig, policy: PolicyClient, prm: PRMClient
+        self,
+        problem: Problem,
+        config: SearchConfig,
+        policy: PolicyClient,
+        prm: PRMClient,
+        stages: dict[str, float],
     ) -> tuple[StrategyResult, Difficulty, Route]:
         """Pilot, estimate the difficulty, then spend what is left of the budget as routed."""
         table = await self.router_table()
         k = min(table.pilot_samples, config.budget)
+        started = time.perf_counter()
         pilot = await STRATEGIES["best_of_n"](
             problem, dataclasses.replace(config, budget=k), policy, prm
         )
+        stages["pilot"] = time.perf_counter() - started
         difficulty = estimate(table, pilot.candidates)
         chosen = table.routes[difficulty.bin]
         early = (
@@ -235,9 +299,7 @@ class TTSEngine:
         policy_usage, prm_usage = PolicyUsage(), PRMUsage()
         for part in (pilot, main):
             policy_usage.add(part.policy_usage)
-            prm_usage.calls += part.prm_usage.calls
-            prm_usage.steps_scored += part.prm_usage.steps_scored
-            prm_usage.tokens += part.prm_usage.tokens
+            prm_usage.add(part.prm_usage)
         # The pilot's samples stay candidates: nothing it computed is thrown away.
         rule = "majority" if chosen.strategy == "majority" else config.selection
         merged = await finish(

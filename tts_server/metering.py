@@ -111,9 +111,7 @@ class MeteredPRM:
                 return [[0.0] * len(steps) for steps in solutions]
         call = PRMUsage()
         result = await self.inner.score(question, solutions, call)
-        usage.calls += call.calls
-        usage.steps_scored += call.steps_scored
-        usage.tokens += call.tokens
+        usage.add(call)
         self.meter.spent += self.meter.counter.prm_flops(call)
         return result
 

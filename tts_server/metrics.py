@@ -48,6 +48,14 @@ LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+STAGE_LATENCY = Histogram(
+    "tts_stage_duration_seconds",
+    "Seconds per request spent in a stage: pilot (auto), generation (policy calls), prm_scoring "
+    "(PRM calls), selection (the rest: selection, aggregation, bookkeeping).",
+    ["stage", "strategy"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 _ANSWER_LABELS = ["strategy", "model", "difficulty"]
 FLOPS_POLICY = Histogram(
     "tts_answer_policy_flops",
@@ -109,6 +117,8 @@ def observe_answer(outcome: Outcome, endpoint: str, model: str) -> None:
     strategy = outcome.plan.strategy
     difficulty = outcome.difficulty.bin if outcome.difficulty else "none"
     LATENCY.labels(endpoint, strategy).observe(outcome.wall_time_s)
+    for stage, seconds in outcome.stages.items():
+        STAGE_LATENCY.labels(stage, strategy).observe(seconds)
     labels = (strategy, model, difficulty)
     if outcome.flops is not None:
         FLOPS_POLICY.labels(*labels).observe(outcome.flops.policy)

@@ -44,6 +44,7 @@ class HTTPPRMClient:
         scores = _parse_scores(data, solutions)
         usage.calls += 1
         usage.steps_scored += _count(data, "steps_scored", sum(len(s) for s in solutions))
+        usage.steps_cached += _count(data, "steps_cached", 0)
         usage.tokens += _count(data, "tokens", 0)
         return scores
 

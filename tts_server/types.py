@@ -55,7 +55,14 @@ class PolicyUsage:
 class PRMUsage:
     calls: int = 0
     steps_scored: int = 0
+    steps_cached: int = 0  # of steps_scored, answered from the worker's cache
     tokens: int = 0
+
+    def add(self, other: PRMUsage) -> None:
+        self.calls += other.calls
+        self.steps_scored += other.steps_scored
+        self.steps_cached += other.steps_cached
+        self.tokens += other.tokens
 
 
 @dataclass(frozen=True)

@@ -269,6 +269,7 @@ def _respond(
             "prm": {
                 "calls": result.prm_usage.calls,
                 "steps_scored": result.prm_usage.steps_scored,
+                "steps_cached": result.prm_usage.steps_cached,
                 "tokens": result.prm_usage.tokens,
             },
             "flops": outcome.flops.as_dict() if outcome.flops else None,
@@ -277,6 +278,7 @@ def _respond(
             "difficulty": outcome.difficulty.as_dict() if outcome.difficulty else None,
             "route": dataclasses.asdict(outcome.route) if outcome.route else None,
             "wall_time_s": round(outcome.wall_time_s, 4),
+            "stage_seconds": {k: round(v, 4) for k, v in outcome.stages.items()},
         },
     }
     headers = {HEADER_STRATEGY: plan.strategy, HEADER_BUDGET: str(plan.budget)}

@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill"
     )
+    parser.add_argument(
+        "--cache-size", type=int, default=4096, help="solutions kept in the score cache (0: off)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return parser.parse_args(argv)
 
@@ -56,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_app(
-        backend, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000
+        backend,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
+        cache_size=args.cache_size,
     )
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=False

@@ -10,9 +10,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tts_server.prm_worker import metrics
 from tts_server.prm_worker.backends.base import PRMBackend, ScoreItem
 from tts_server.prm_worker.batcher import BatcherError, ScoreBatcher
 from tts_server.prm_worker.schemas import (
@@ -33,11 +34,17 @@ def create_app(
     batch_wait_s: float = 0.005,
     limits: ScoreLimits | None = None,
     max_queued: int = 8192,
+    cache_size: int = 4096,
 ) -> FastAPI:
     score_limits = limits or ScoreLimits()
     batcher = ScoreBatcher(
-        backend, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queued=max_queued
+        backend,
+        max_batch_size=max_batch_size,
+        batch_wait_s=batch_wait_s,
+        max_queued=max_queued,
+        cache_size=cache_size,
     )
+    metrics.INFO.labels(backend.name, backend.model_name).set(1)
     created = int(time.time())
 
     @asynccontextmanager
@@ -55,6 +62,18 @@ def create_app(
     app.state.backend = backend
     app.state.batcher = batcher
     _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        if request.url.path == "/v1/score":
+            metrics.REQUESTS.labels(f"{response.status_code // 100}xx").inc()
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -82,6 +101,7 @@ def create_app(
             scores=scored.scores,
             model=backend.model_name,
             steps_scored=sum(len(steps) for steps in request.solutions),
+            steps_cached=scored.steps_cached,
             tokens=scored.tokens,
         )
 

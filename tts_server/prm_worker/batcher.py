@@ -4,17 +4,24 @@ Requests queue up; one worker task takes the oldest request, waits at most `batc
 from that request's arrival) for more until `max_batch_size` solutions are queued, and runs the
 backend once, in a thread, on all of them. Each request gets its own slice back; a backend error
 fails only the requests of that batch. Requests arriving while a batch runs form the next one.
+
+Solutions already scored (same question, same steps) are answered from an LRU cache: search
+strategies and retried requests send the same solutions again, and a PRM is deterministic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import math
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tts_server.prm_worker import metrics
 from tts_server.prm_worker.backends.base import PRMBackend, ScoreItem
 
 logger = logging.getLogger("tts_server.prm_worker")
@@ -42,6 +49,39 @@ class Closed(BatcherError):
 class Scored:
     scores: list[list[float]]
     tokens: int
+    steps_cached: int = 0
+
+
+class ScoreCache:
+    """Scores of whole solutions by a digest of (question, steps); oldest use evicted first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, capacity)
+        self._entries: OrderedDict[bytes, list[float]] = OrderedDict()
+
+    @staticmethod
+    def key(item: ScoreItem) -> bytes:
+        question, steps = item
+        text = json.dumps([question, list(steps)], ensure_ascii=False)
+        return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+    def get(self, key: bytes) -> list[float] | None:
+        scores = self._entries.get(key)
+        if scores is not None:
+            self._entries.move_to_end(key)
+        return scores
+
+    def put(self, key: bytes, scores: list[float]) -> None:
+        if self.capacity == 0:
+            return
+        self._entries[key] = scores
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        metrics.CACHE_ENTRIES.set(len(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass(eq=False)
@@ -59,6 +99,7 @@ class ScoreBatcher:
         max_batch_size: int = 64,
         batch_wait_s: float = 0.005,
         max_queued: int = 8192,
+        cache_size: int = 4096,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -67,6 +108,8 @@ class ScoreBatcher:
         self.batch_wait_s = max(0.0, batch_wait_s)
         self.max_queued = max_queued
         self.backend_calls = 0
+        self.cache = ScoreCache(cache_size)
+        metrics.QUEUE_CAPACITY.set(max_queued)
         self._pending: deque[_Job] = deque()
         self._queued = 0  # solutions in `_pending`
         self._wakeup = asyncio.Event()
@@ -75,10 +118,20 @@ class ScoreBatcher:
 
     async def score(self, items: Sequence[ScoreItem]) -> Scored:
         """Scores for every item; solutions without steps get [] and never reach the backend."""
-        work = [i for i, (_, steps) in enumerate(items) if steps]
         scores: list[list[float]] = [[] for _ in items]
+        keys = {i: self.cache.key(item) for i, item in enumerate(items) if item[1]}
+        work: list[int] = []
+        steps_cached = 0
+        for i, key in keys.items():
+            cached = self.cache.get(key)
+            if cached is None:
+                work.append(i)
+            else:
+                scores[i] = list(cached)
+                steps_cached += len(cached)
+        metrics.STEPS_CACHED.inc(steps_cached)
         if not work:
-            return Scored(scores, 0)
+            return Scored(scores, 0, steps_cached)
         if self._closed:
             raise Closed("the PRM worker is shutting down")
         if self._queued and self._queued + len(work) > self.max_queued:
@@ -89,11 +142,13 @@ class ScoreBatcher:
         job.enqueued = loop.time()
         self._pending.append(job)
         self._queued += len(job.items)
+        metrics.QUEUED.set(self._queued)
         self._wakeup.set()
         result = await job.future
         for i, row in zip(work, result.scores, strict=True):
             scores[i] = row
-        return Scored(scores, result.tokens)
+            self.cache.put(keys[i], list(row))
+        return Scored(scores, result.tokens, steps_cached)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -103,6 +158,7 @@ class ScoreBatcher:
         self._fail(list(self._pending), Closed("the PRM worker is shutting down"))
         self._pending.clear()
         self._queued = 0
+        metrics.QUEUED.set(0)
 
     def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
@@ -133,6 +189,7 @@ class ScoreBatcher:
         """The oldest live requests, up to `max_batch_size` solutions (at least one request)."""
         batch: list[_Job] = []
         size = 0
+        now = asyncio.get_running_loop().time()
         while self._pending:
             job = self._pending[0]
             if batch and not job.future.done() and size + len(job.items) > self.max_batch_size:
@@ -142,11 +199,15 @@ class ScoreBatcher:
             if not job.future.done():  # done = its client went away
                 batch.append(job)
                 size += len(job.items)
+                metrics.QUEUE_WAIT.observe(max(0.0, now - job.enqueued))
+        metrics.QUEUED.set(self._queued)
         return batch
 
     async def _execute(self, batch: list[_Job]) -> None:
         items = [item for job in batch for item in job.items]
         self.backend_calls += 1
+        metrics.BATCH_SIZE.observe(len(items))
+        started = time.perf_counter()
         try:
             scores, tokens = await asyncio.to_thread(self._call_backend, items)
         except asyncio.CancelledError:
@@ -158,6 +219,10 @@ class ScoreBatcher:
             logger.debug("PRM backend failure", exc_info=True)
             self._fail(batch, BackendFailure("the PRM backend failed to score this batch"))
             return
+        finally:
+            metrics.SCORING.observe(time.perf_counter() - started)
+        metrics.STEPS_SCORED.inc(sum(len(row) for row in scores))
+        metrics.TOKENS.inc(sum(tokens))
         offset = 0
         for job in batch:
             end = offset + len(job.items)

@@ -22,6 +22,8 @@ class ScoreResponse(BaseModel):
     scores: list[list[float]]
     model: str
     steps_scored: int
+    # Of steps_scored, those answered from the score cache (no backend compute, no tokens).
+    steps_cached: int = 0
     tokens: int
 
 
