@@ -11,6 +11,7 @@ import pytest
 from tests.servers import free_port
 from tts_server.prm import HTTPPRMClient, PRMError
 from tts_server.prm_worker.backends.arith import ArithBackend
+from tts_server.reliability import RetryPolicy
 from tts_server.types import PRMClient, PRMUsage
 
 QUESTION = "Tom has 3 apples and buys 4 more, then doubles them. How many?"
@@ -95,7 +96,7 @@ async def test_sends_the_documented_body() -> None:
 async def test_unreachable_worker_is_a_prm_error() -> None:
     client = HTTPPRMClient(f"http://127.0.0.1:{free_port()}", timeout=5)
     usage = PRMUsage()
-    with pytest.raises(PRMError, match=r"cannot reach .*/v1/score"):
+    with pytest.raises(PRMError, match=r"unreachable"):
         await client.score("q", [["a"]], usage)
     assert not await client.health()
     assert usage == PRMUsage()
@@ -107,8 +108,9 @@ async def test_timeout_is_a_prm_error() -> None:
         raise httpx.ReadTimeout("timed out", request=request)
 
     client = mock_client(httpx.MockTransport(slow))
-    with pytest.raises(PRMError, match="no answer from"):
+    with pytest.raises(PRMError, match="no answer within") as info:
         await client.score("q", [["a"]], PRMUsage())
+    assert info.value.status == 504
     await client.aclose()
 
 
@@ -161,3 +163,53 @@ async def test_invalid_json_is_a_prm_error() -> None:
     with pytest.raises(PRMError, match="invalid JSON"):
         await client.score("q", [["a"]], PRMUsage())
     await client.aclose()
+
+
+OK_BODY = {"scores": [[0.5]], "model": "m", "steps_scored": 1, "tokens": 3}
+
+
+@pytest.mark.parametrize(
+    ("failures", "attempts", "succeeds"),
+    [
+        (["connect", "connect"], 3, True),  # two retries, then the answer
+        (["503", "502"], 3, True),
+        (["503", "503", "503"], 3, False),  # retries are bounded
+        (["400"], 1, False),  # the request is wrong: never retried
+        (["timeout"], 1, False),  # the first attempt may still be running: not retried
+    ],
+)
+async def test_retries_connection_errors_and_502_503_only(
+    failures: list[str], attempts: int, succeeds: bool
+) -> None:
+    seen: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        if len(seen) <= len(failures):
+            kind = failures[len(seen) - 1]
+            if kind == "connect":
+                raise httpx.ConnectError("refused", request=request)
+            if kind == "timeout":
+                raise httpx.ReadTimeout("slow", request=request)
+            return httpx.Response(int(kind), json={"error": {"message": "no"}})
+        return httpx.Response(200, json=OK_BODY)
+
+    client = HTTPPRMClient(
+        "http://prm",
+        client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        retry=RetryPolicy(retries=2, backoff_s=0.01, backoff_cap_s=0.02),
+    )
+    if succeeds:
+        assert await client.score("q", [["a"]], PRMUsage()) == [[0.5]]
+    else:
+        with pytest.raises(PRMError):
+            await client.score("q", [["a"]], PRMUsage())
+    assert len(seen) == attempts
+    await client.aclose()
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    policy = RetryPolicy(retries=5, backoff_s=0.1, backoff_cap_s=0.3)
+    delays = [policy.delay(attempt) for attempt in range(6) for _ in range(50)]
+    assert all(0 <= d <= 0.3 for d in delays)
+    assert len({round(d, 6) for d in delays}) > 10  # jittered, not a fixed schedule

@@ -3,10 +3,11 @@ FLOPs ceiling, count what it cost. No HTTP here."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +34,7 @@ from tts_server.types import (
     PRMClient,
     PRMUsage,
     Problem,
+    Progress,
     SamplingConfig,
     SearchConfig,
     StrategyResult,
@@ -43,6 +45,10 @@ logger = logging.getLogger("tts_server.engine")
 
 class FlopsUnknown(Exception):
     """A FLOPs ceiling was asked for but the models' parameter counts are not known."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before any candidate finished."""
 
 
 @dataclass
@@ -69,14 +75,20 @@ class Outcome:
     # Seconds per stage: pilot (auto only), generation, prm_scoring, and selection = the rest of
     # the wall time (selection, aggregation and bookkeeping between calls).
     stages: dict[str, float] = dataclasses.field(default_factory=dict)
+    # The deadline passed: the answer is the best of the candidates finished by then.
+    partial: bool = False
+    # Why the answer was not computed as asked (e.g. the PRM is down: majority vote instead).
+    degraded: str | None = None
 
 
 class StageClock:
-    """Wall time spent inside the policy's and the PRM's calls of one request."""
+    """Wall time and usage of one request's policy and PRM calls, whatever strategy made them."""
 
     def __init__(self) -> None:
         self.generation = 0.0
         self.prm_scoring = 0.0
+        self.policy_usage = PolicyUsage()
+        self.prm_usage = PRMUsage()
 
 
 class TimedPolicy:
@@ -93,9 +105,12 @@ class TimedPolicy:
         n: int = 1,
     ) -> list[list[Generation]]:
         started = time.perf_counter()
+        call = PolicyUsage()
         try:
-            return await self.inner.generate(prompts, sampling, usage, n=n)
+            return await self.inner.generate(prompts, sampling, call, n=n)
         finally:
+            usage.add(call)
+            self.clock.policy_usage.add(call)
             self.clock.generation += time.perf_counter() - started
 
 
@@ -108,9 +123,12 @@ class TimedPRM:
         self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
     ) -> list[list[float]]:
         started = time.perf_counter()
+        call = PRMUsage()
         try:
-            return await self.inner.score(question, solutions, usage)
+            return await self.inner.score(question, solutions, call)
         finally:
+            usage.add(call)
+            self.clock.prm_usage.add(call)
             self.clock.prm_scoring += time.perf_counter() - started
 
 
@@ -210,7 +228,14 @@ class TTSEngine:
         stops: list[str],
         seed: int | None = None,
         max_flops: int | None = None,
+        deadline_s: float | None = None,
+        degraded: str | None = None,
     ) -> Outcome:
+        """Run `plan`; past `deadline_s`, answer with the best finished candidate (partial) or
+        raise DeadlineExceeded. `degraded` (the PRM is down) runs majority vote instead."""
+        if degraded is not None:
+            plan = dataclasses.replace(plan, strategy="majority")
+        progress = Progress()
         config = SearchConfig(
             budget=plan.budget,
             beam_width=plan.beam_width,
@@ -223,6 +248,7 @@ class TTSEngine:
             max_iterations=self.settings.max_iterations,
             solution_stops=tuple(dict.fromkeys([*rendered.solution_stops, *stops])),
             seed=seed,
+            progress=progress,
         )
         problem = Problem(question=rendered.question, prompt_ids=tuple(rendered.prompt_ids))
         counter = await self.flops_counter()
@@ -244,11 +270,22 @@ class TTSEngine:
         difficulty: Difficulty | None = None
         route: Route | None = None
         stages: dict[str, float] = {}
+        partial = False
+        decision: list[tuple[Difficulty, Route]] = []
+        work: Awaitable[StrategyResult]
         if plan.strategy == "auto":
-            result, difficulty, route = await self._route(problem, config, policy, prm, stages)
+            work = self._route(problem, config, policy, prm, stages, decision)
         else:
             strategy = STRATEGIES[plan.strategy]
-            result = await strategy(problem, config, policy, prm if plan.needs_prm else None)
+            work = strategy(problem, config, policy, prm if plan.needs_prm else None)
+        try:
+            result = await asyncio.wait_for(work, deadline_s)
+        except TimeoutError:
+            # wait_for cancelled the strategy: its upstream calls are closed by now.
+            result = await self._best_so_far(progress, config, clock)
+            partial = True
+        if decision:
+            difficulty, route = decision[0]
         wall = time.perf_counter() - started
         stages["generation"] = clock.generation
         stages["prm_scoring"] = clock.prm_scoring
@@ -263,6 +300,25 @@ class TTSEngine:
             route=route,
             flops_limited=meter.limited if meter else False,
             max_flops=max_flops,
+            partial=partial,
+            degraded=degraded,
+        )
+
+    @staticmethod
+    async def _best_so_far(
+        progress: Progress, config: SearchConfig, clock: StageClock
+    ) -> StrategyResult:
+        done = [c for c in dict.fromkeys(progress.finished) if c.text.strip()]
+        if not done:
+            raise DeadlineExceeded("the request's deadline passed before any answer was finished")
+        scored = all(c.score is not None for c in done)
+        return await finish(
+            done,
+            config.selection if scored else "majority",
+            config,
+            iterations=0,
+            policy_usage=clock.policy_usage,
+            prm_usage=clock.prm_usage,
         )
 
     async def _route(
@@ -272,7 +328,8 @@ class TTSEngine:
         policy: PolicyClient,
         prm: PRMClient,
         stages: dict[str, float],
-    ) -> tuple[StrategyResult, Difficulty, Route]:
+        decision: list[tuple[Difficulty, Route]],
+    ) -> StrategyResult:
         """Pilot, estimate the difficulty, then spend what is left of the budget as routed."""
         table = await self.router_table()
         k = min(table.pilot_samples, config.budget)
@@ -289,7 +346,9 @@ class TTSEngine:
         )
         n, width = plan_budget(chosen, config.budget, k)
         if early or n == 0:
-            return pilot, difficulty, Route("pilot", k, 1, early)
+            decision.append((difficulty, Route("pilot", k, 1, early)))
+            return pilot
+        decision.append((difficulty, Route(chosen.strategy, k + n, width, False)))
 
         routed = dataclasses.replace(config, budget=n, beam_width=width)
         needs_prm = chosen.strategy in ("best_of_n", "beam_search", "dvts")
@@ -310,4 +369,4 @@ class TTSEngine:
             policy_usage=policy_usage,
             prm_usage=prm_usage,
         )
-        return merged, difficulty, Route(chosen.strategy, k + n, width, False)
+        return merged

@@ -22,6 +22,7 @@ HEADER_BEAM_WIDTH = "X-TTS-Beam-Width"
 HEADER_MAX_FLOPS = "X-TTS-Max-FLOPs"
 HEADER_DIFFICULTY = "X-TTS-Difficulty"
 HEADER_ROUTED = "X-TTS-Routed-Strategy"
+HEADER_DEADLINE = "X-TTS-Deadline-S"
 
 
 @dataclass(frozen=True)
@@ -129,3 +130,20 @@ def resolve_max_flops(headers: Mapping[str, str], options: TTSOptions | None) ->
     if value < 1:
         raise APIError(400, f"'{param}' must be positive", param=param)
     return value
+
+
+def resolve_deadline(headers: Mapping[str, str], options: TTSOptions | None, cap_s: float) -> float:
+    """Seconds the request may run: the header, else `tts.deadline_s`, at most the server's cap."""
+    if HEADER_DEADLINE.lower() in headers:
+        raw, param = headers[HEADER_DEADLINE.lower()].strip(), HEADER_DEADLINE
+        try:
+            value = float(raw)
+        except ValueError:
+            raise APIError(400, f"'{param}' must be a number, got {raw!r}", param=param) from None
+    elif options is not None and options.deadline_s is not None:
+        value, param = options.deadline_s, "tts.deadline_s"
+    else:
+        return cap_s
+    if not value > 0:
+        raise APIError(400, f"'{param}' must be positive", param=param)
+    return min(value, cap_s)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import httpx
 
 from tts_server.flops import context_sum
+from tts_server.reliability import RetryPolicy, send_with_retries
 from tts_server.types import Generation, PolicyUsage, SamplingConfig
 
 CallMode = Literal["per_prompt", "batched"]
@@ -45,8 +46,10 @@ class VLLMPolicyClient:
         timeout: float = 300.0,
         client: httpx.AsyncClient | None = None,
         call_mode: CallMode = "per_prompt",
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
         self.model = model
         self.call_mode = call_mode
         self._client = client or httpx.AsyncClient(
@@ -59,7 +62,9 @@ class VLLMPolicyClient:
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = await self._client.post(self.base_url + path, json=body)
+            response = await send_with_retries(
+                lambda: self._client.post(self.base_url + path, json=body), self.retry
+            )
         except httpx.TimeoutException as exc:
             raise PolicyError("the policy server timed out", status=504) from exc
         except httpx.HTTPError as exc:

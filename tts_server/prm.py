@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from tts_server.reliability import RetryPolicy, send_with_retries
 from tts_server.types import PRMUsage
 
 
@@ -22,9 +23,15 @@ class PRMError(Exception):
 
 class HTTPPRMClient:
     def __init__(
-        self, base_url: str, *, timeout: float = 60.0, client: httpx.AsyncClient | None = None
+        self,
+        base_url: str,
+        *,
+        timeout: float = 60.0,
+        client: httpx.AsyncClient | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
         self.timeout = timeout
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=10.0),
@@ -68,20 +75,22 @@ class HTTPPRMClient:
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         url = self.base_url + path
         try:
-            response = await self._client.post(url, json=body)
+            response = await send_with_retries(
+                lambda: self._client.post(url, json=body), self.retry
+            )
         except httpx.TimeoutException as exc:
-            raise PRMError(f"no answer from {url} within {self.timeout:g} s") from exc
+            raise PRMError(f"no answer within {self.timeout:g} s", status=504) from exc
         except httpx.HTTPError as exc:
-            raise PRMError(f"cannot reach {url} ({type(exc).__name__})") from exc
+            raise PRMError(f"unreachable ({type(exc).__name__})") from exc
         if response.status_code != 200:
             status = response.status_code
-            raise PRMError(f"HTTP {status} from {url}: {_error_message(response)}", status=status)
+            raise PRMError(f"HTTP {status}: {_error_message(response)}", status=status)
         try:
             data = response.json()
         except ValueError as exc:
-            raise PRMError(f"{url} answered with invalid JSON", status=200) from exc
+            raise PRMError("answered with invalid JSON", status=200) from exc
         if not isinstance(data, dict):
-            raise PRMError(f"{url} answered with a JSON {type(data).__name__}, not an object")
+            raise PRMError(f"answered with a JSON {type(data).__name__}, not an object")
         return data
 
 

@@ -21,6 +21,35 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "info"
 
+    # --- protection (see README "Reliability and security") ---
+    # SHA-256 hex digests of accepted API keys, comma-separated (`tts-server hash-key KEY`);
+    # empty: no authentication.
+    api_key_hashes: str = ""
+    # /metrics needs a key too (when keys are set).
+    metrics_require_key: bool = False
+    max_body_bytes: int = 1_048_576
+    max_prompt_tokens: int = 1536
+    max_messages: int = 64
+    max_stop_strings: int = 4
+    max_stop_length: int = 128
+    max_in_flight: int = 16
+    max_queue: int = 64
+    queue_timeout_s: float = 30.0
+    # Whole-request deadline: past it, the best finished answer so far (marked partial) or 504.
+    request_timeout_s: float = 600.0
+    # Readiness probes of vLLM and the PRM worker.
+    probe_interval_s: float = 2.0
+    # With the PRM worker down, answer PRM strategies by majority vote (stated in `tts`)
+    # instead of failing fast with 503.
+    degrade_to_majority: bool = False
+    # On SIGTERM: refuse new requests with 503, let in-flight ones finish up to this long.
+    drain_timeout_s: float = 30.0
+    upstream_retries: int = 2
+    retry_backoff_s: float = 0.2
+    retry_backoff_cap_s: float = 2.0
+    # Prompts and completions in logs (debug level); off unless asked.
+    log_prompts: bool = False
+
     # --- upstreams ---
     policy_url: str = "http://127.0.0.1:8100"
     # The model name served by vLLM; also what /v1/models lists and clients must name.
@@ -88,6 +117,10 @@ class Settings(BaseSettings):
     @property
     def embedded_model_dir(self) -> Path:
         return self.cache_dir / "models" / DEFAULT_MODEL
+
+    @property
+    def key_hashes(self) -> list[str]:
+        return [h.strip() for h in self.api_key_hashes.split(",") if h.strip()]
 
     def profile_for(self, model: str) -> str:
         return self.prompt_profiles.get(model, self.default_prompt_profile)

@@ -128,6 +128,18 @@ class SearchConfig:
     # Strings that end a whole solution (e.g. the next few-shot "Question:"); removed from text.
     solution_stops: tuple[str, ...] = ()
     seed: int | None = None
+    # Collects candidates as they finish, so a deadline can answer with the best so far.
+    progress: Progress | None = field(default=None, compare=False, repr=False)
+
+
+class Progress:
+    """Finished candidates of one request, in the order they finished (scores fill in later)."""
+
+    def __init__(self) -> None:
+        self.finished: list[Candidate] = []
+
+    def add(self, candidate: Candidate) -> None:
+        self.finished.append(candidate)
 
 
 @dataclass

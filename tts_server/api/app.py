@@ -2,43 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from tts_server import metrics
-from tts_server.api.errors import APIError, install_error_handlers
+from tts_server.api.errors import APIError, ClientGone, install_error_handlers
+from tts_server.api.guard import Guard
 from tts_server.api.schemas import ChatCompletionRequest, CompletionRequest, _Common
-from tts_server.engine import FlopsUnknown, Outcome, TokenizingPolicy, TTSEngine
+from tts_server.engine import (
+    DeadlineExceeded,
+    FlopsUnknown,
+    Outcome,
+    TokenizingPolicy,
+    TTSEngine,
+)
 from tts_server.plan import (
     HEADER_BUDGET,
     HEADER_DIFFICULTY,
     HEADER_MAX_FLOPS,
     HEADER_ROUTED,
     HEADER_STRATEGY,
-    STRATEGY_NAMES,
     Plan,
+    resolve_deadline,
     resolve_max_flops,
     resolve_plan,
 )
 from tts_server.policy import PolicyError, VLLMPolicyClient
 from tts_server.prm import HTTPPRMClient, PRMError
 from tts_server.prompting import ProfileError, RenderedPrompt
+from tts_server.reliability import Admission, KeyChecker, Readiness
 from tts_server.settings import Settings
 from tts_server.types import PRMClient
 
 logger = logging.getLogger("tts_server.gateway")
 
-MAX_STOP_STRINGS = 4
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
-STRATEGY_LABELS = frozenset(("auto", *STRATEGY_NAMES))
+# How often a running request checks that its client is still there.
+DISCONNECT_POLL_S = 0.2
 
 
 def create_app(
@@ -61,39 +69,49 @@ def create_app(
         prm = HTTPPRMClient(settings.prm_url, timeout=settings.prm_timeout_s)
         owned.append(prm)
     engine = TTSEngine(settings, policy, prm)
+    readiness = Readiness(_health_of(policy), _health_of(prm), interval_s=settings.probe_interval_s)
+    admission = Admission(settings.max_in_flight, settings.max_queue, settings.queue_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await readiness.probe_once()
+        readiness.start()
         yield
+        await readiness.stop()
         for client in owned:
             await client.aclose()
 
     app = FastAPI(title="tts-server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.readiness = readiness
+    app.state.admission = admission
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Any:
-        endpoint = request.url.path
-        if endpoint not in ENDPOINTS:
-            return await call_next(request)
-        metrics.IN_FLIGHT.inc()
-        try:
-            response = await call_next(request)
-        finally:
-            metrics.IN_FLIGHT.dec()
-        # The echoed strategy on success; otherwise the asked one if valid (bounded labels).
-        strategy = response.headers.get(HEADER_STRATEGY) or request.headers.get(HEADER_STRATEGY)
-        strategy = strategy if strategy in STRATEGY_LABELS else "unknown"
-        metrics.REQUESTS.labels(
-            endpoint, strategy, metrics.status_class(response.status_code)
-        ).inc()
-        return response
+    app.add_middleware(
+        Guard,
+        keys=KeyChecker(settings.key_hashes),
+        admission=admission,
+        readiness=readiness,
+        max_body_bytes=settings.max_body_bytes,
+        metrics_require_key=settings.metrics_require_key,
+    )
 
     @app.get("/health")
+    @app.get("/health/live")
     async def health() -> dict[str, str]:
+        """Liveness: the process answers. Upstream trouble never fails it (no restart loops)."""
         return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: both upstreams answered the last probe and the server is not draining."""
+        body = {
+            "status": "ready" if readiness.ready else "not ready",
+            "policy": "up" if readiness.policy_ok else "down",
+            "prm": "up" if readiness.prm_ok else "down",
+            "draining": readiness.draining,
+        }
+        return JSONResponse(body, status_code=200 if readiness.ready else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -123,8 +141,14 @@ def create_app(
         if not prompt.strip():
             raise APIError(400, "the prompt is empty", param="prompt")
         max_flops = resolve_max_flops(request.headers, body.tts)
+        deadline = resolve_deadline(request.headers, body.tts, settings.request_timeout_s)
+        degraded = _check_upstreams(plan, readiness, settings)
         rendered = await _guard(engine.render_completion(prompt))
-        outcome = await _run(engine, rendered, plan, body, max_tokens, settings, max_flops)
+        _check_prompt_length(rendered, settings, "prompt")
+        outcome = await _until_disconnect(
+            request,
+            _run(engine, rendered, plan, body, max_tokens, settings, max_flops, deadline, degraded),
+        )
         best = outcome.result.best
         choice = {
             "index": 0,
@@ -142,11 +166,17 @@ def create_app(
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise APIError(400, "messages must contain a non-empty user message", param="messages")
         max_flops = resolve_max_flops(request.headers, body.tts)
+        deadline = resolve_deadline(request.headers, body.tts, settings.request_timeout_s)
+        degraded = _check_upstreams(plan, readiness, settings)
         try:
             rendered = await _guard(engine.render_chat(messages))
         except ProfileError as exc:
             raise APIError(500, f"prompt profile: {exc}", type_="server_error") from exc
-        outcome = await _run(engine, rendered, plan, body, max_tokens, settings, max_flops)
+        _check_prompt_length(rendered, settings, "messages")
+        outcome = await _until_disconnect(
+            request,
+            _run(engine, rendered, plan, body, max_tokens, settings, max_flops, deadline, degraded),
+        )
         best = outcome.result.best
         choice = {
             "index": 0,
@@ -175,8 +205,15 @@ def _validate(
         raise APIError(400, "streaming is not supported yet; send stream=false", param="stream")
     if body.n != 1:
         raise APIError(400, "n must be 1: use the tts budget to sample more candidates", param="n")
-    if len(body.stop_list()) > MAX_STOP_STRINGS:
-        raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+    stops = body.stop_list()
+    if len(stops) > settings.max_stop_strings:
+        raise APIError(400, f"at most {settings.max_stop_strings} stop strings", param="stop")
+    if any(len(stop) > settings.max_stop_length for stop in stops):
+        raise APIError(
+            400, f"stop strings must be at most {settings.max_stop_length} characters", param="stop"
+        )
+    if isinstance(body, ChatCompletionRequest) and len(body.messages) > settings.max_messages:
+        raise APIError(400, f"at most {settings.max_messages} messages", param="messages")
     plan = resolve_plan(request.headers, body.tts, settings)
     limit = token_limit if token_limit is not None else body.max_tokens
     max_tokens = limit or settings.default_max_tokens
@@ -204,6 +241,8 @@ async def _run(
     max_tokens: int,
     settings: Settings,
     max_flops: int | None,
+    deadline_s: float,
+    degraded: str | None,
 ) -> Outcome:
     temperature = body.temperature if body.temperature is not None else settings.default_temperature
     try:
@@ -216,13 +255,75 @@ async def _run(
             stops=body.stop_list(),
             seed=body.seed,
             max_flops=max_flops,
+            deadline_s=deadline_s,
+            degraded=degraded,
         )
     except FlopsUnknown as exc:
         raise APIError(400, str(exc), param=HEADER_MAX_FLOPS) from exc
+    except DeadlineExceeded as exc:
+        raise APIError(504, f"{exc} ({deadline_s:g} s)", code="deadline_exceeded") from exc
     except PolicyError as exc:
         raise APIError(exc.status, exc.message) from exc
     except PRMError as exc:
-        raise APIError(502, f"PRM worker: {exc}") from exc
+        status = 504 if exc.status == 504 else 502
+        raise APIError(status, f"PRM worker: {exc}") from exc
+
+
+def _health_of(client: object) -> Callable[[], Awaitable[bool]]:
+    """The client's health probe; clients without one (test doubles) count as healthy."""
+    probe = getattr(client, "health", None)
+    if probe is not None:
+        return cast(Callable[[], Awaitable[bool]], probe)
+
+    async def healthy() -> bool:
+        return True
+
+    return healthy
+
+
+def _check_upstreams(plan: Plan, readiness: Readiness, settings: Settings) -> str | None:
+    """Fail fast while an upstream is down; with the PRM down, maybe degrade to majority vote."""
+    if not readiness.policy_ok:
+        raise APIError(503, "the policy server is unavailable; retry later", code="upstream_down")
+    if plan.needs_prm and not readiness.prm_ok:
+        if settings.degrade_to_majority:
+            return "the PRM worker is unavailable: answered by majority vote"
+        raise APIError(
+            503,
+            f"the PRM worker is unavailable, and strategy {plan.strategy!r} needs it; "
+            "retry later or ask for 'majority'",
+            code="upstream_down",
+        )
+    return None
+
+
+def _check_prompt_length(rendered: RenderedPrompt, settings: Settings, param: str) -> None:
+    if len(rendered.prompt_ids) > settings.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the prompt is {len(rendered.prompt_ids)} tokens after templating; "
+            f"at most {settings.max_prompt_tokens} are allowed",
+            param=param,
+            code="prompt_too_long",
+        )
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Outcome]) -> Outcome:
+    """Run `work`, cancelling it (and so every upstream call) when the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise ClientGone
+    finally:
+        if not task.done():  # this handler itself was cancelled
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def _finish(reason: str | None) -> str:
@@ -277,6 +378,8 @@ def _respond(
             "flops_limited": outcome.flops_limited,
             "difficulty": outcome.difficulty.as_dict() if outcome.difficulty else None,
             "route": dataclasses.asdict(outcome.route) if outcome.route else None,
+            "partial": outcome.partial,
+            "degraded": outcome.degraded,
             "wall_time_s": round(outcome.wall_time_s, 4),
             "stage_seconds": {k: round(v, 4) for k, v in outcome.stages.items()},
         },

@@ -24,6 +24,10 @@ _TYPES = {
 }
 
 
+class ClientGone(Exception):
+    """The client closed the connection; the work was cancelled."""
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -90,11 +94,16 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         return error_response(APIError(exc.status_code, str(exc.detail)))
 
+    async def on_client_gone(_: Request, exc: Exception) -> JSONResponse:
+        # Nobody reads this; the status is for the metrics.
+        return error_response(APIError(499, "the client closed the request", type_="client_closed"))
+
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         # Log the type only: the message could carry prompt text.
         logger.error("unhandled %s in request", type(exc).__name__)
         return error_response(APIError(500, "internal server error", type_="server_error"))
 
+    app.add_exception_handler(ClientGone, on_client_gone)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

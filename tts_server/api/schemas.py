@@ -18,6 +18,7 @@ class TTSOptions(BaseModel):
     aggregation: Literal["last", "min", "prod", "mean"] | None = None
     selection: Literal["naive", "weighted", "majority"] | None = None
     max_flops: int | None = Field(default=None, ge=1)
+    deadline_s: float | None = Field(default=None, gt=0)
 
 
 class _Common(BaseModel):

@@ -80,13 +80,16 @@ def solution_candidate(generation: Generation, config: SearchConfig) -> Candidat
             steps = steps[: k + 1]
             break
     text = "".join(steps)
-    return Candidate(
+    candidate = Candidate(
         steps=steps,
         token_ids=list(generation.token_ids),
         finished=True,
         finish_reason=generation.finish_reason,
         answer=extract_answer(text),
     )
+    if config.progress is not None:
+        config.progress.add(candidate)
+    return candidate
 
 
 def clone(candidate: Candidate) -> Candidate:
@@ -172,6 +175,8 @@ def extend(
     if reason is not None:
         child.finished, child.finish_reason = True, reason
         child.answer = extract_answer(child.text)
+        if config.progress is not None:
+            config.progress.add(child)
     return child
 
 
