@@ -38,9 +38,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tts_server.api.app import create_app
+    from tts_server.api.serve import serve
 
     settings = _settings(
         host=args.host,
@@ -52,14 +51,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # Access logs carry no prompt text, but keep them off by default like vLLM's flag.
-        access_log=False,
-    )
+    serve(create_app(settings), settings)
     return 0
 
 
@@ -122,6 +114,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from tts_server.plots import main_plot
 
     return main_plot(args)
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from tts_server.reliability import hash_key
+
+    key = args.key if args.key is not None else sys.stdin.readline().strip()
+    if not key:
+        print("error: give a key as an argument or on standard input", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -213,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="draw the main dashboard panels to a PNG from Prometheus")
     add_report_arguments(rep)
     rep.set_defaults(func=cmd_report)
+
+    hk = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for TTS_API_KEY_HASHES")
+    hk.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
+    hk.set_defaults(func=cmd_hash_key)
 
     dash = sub.add_parser("dashboards", help="write the Grafana dashboards as JSON")
     dash.add_argument("--out", type=Path, default=Path("deploy/grafana/dashboards"))

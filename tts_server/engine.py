@@ -308,7 +308,8 @@ class TTSEngine:
     async def _best_so_far(
         progress: Progress, config: SearchConfig, clock: StageClock
     ) -> StrategyResult:
-        done = [c for c in dict.fromkeys(progress.finished) if c.text.strip()]
+        unique = {id(c): c for c in progress.finished}.values()  # a candidate may be added twice
+        done = [c for c in unique if c.text.strip()]
         if not done:
             raise DeadlineExceeded("the request's deadline passed before any answer was finished")
         scored = all(c.score is not None for c in done)

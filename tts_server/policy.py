@@ -101,18 +101,20 @@ class VLLMPolicyClient:
         self, prompts: list[list[int]], sampling: SamplingConfig, usage: PolicyUsage
     ) -> list[Generation]:
         """One request per prompt, all in flight together; the first failure cancels the rest."""
-        tasks = [
-            asyncio.ensure_future(
-                self._complete(
-                    [prompt],
-                    sampling,
-                    usage,
-                    # Distinct seeds: copies of one prompt must not sample identically.
-                    seed=None if sampling.seed is None else sampling.seed + i,
-                )
+
+        async def one(i: int, prompt: list[int]) -> list[Generation]:
+            generations = await self._complete(
+                [prompt],
+                sampling,
+                usage,
+                # Distinct seeds: copies of one prompt must not sample identically.
+                seed=None if sampling.seed is None else sampling.seed + i,
             )
-            for i, prompt in enumerate(prompts)
-        ]
+            if sampling.on_sample is not None:
+                sampling.on_sample(i, generations[0])
+            return generations
+
+        tasks = [asyncio.ensure_future(one(i, prompt)) for i, prompt in enumerate(prompts)]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:

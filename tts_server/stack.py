@@ -29,6 +29,7 @@ class Child:
     health_url: str
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    stop_timeout_s: float = STOP_TIMEOUT_S
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ class Child:
             return
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(STOP_TIMEOUT_S)
+            self.process.wait(self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             # Its own session: killing the group also ends vLLM's engine-core children.
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -117,6 +118,8 @@ def run_stack(
             [*cli, "gateway", "--host", settings.host, "--port", str(settings.port)],
             f"http://{settings.host}:{settings.port}/health",
             logs / "gateway.log",
+            # It drains its requests first (upstreams still up: it is stopped first).
+            stop_timeout_s=settings.drain_timeout_s + STOP_TIMEOUT_S,
         )
     )
     env = dict(os.environ)
@@ -166,7 +169,7 @@ def _banner(url: str, model: str) -> str:
     return f"""
 tts-server is ready at {url}
 
-Try it (strategies: greedy, majority, best_of_n, beam_search, dvts):
+Try it (strategies: auto, greedy, majority, best_of_n, beam_search, dvts):
 
 curl -s {url}/v1/chat/completions \\
   -H 'Content-Type: application/json' \\

@@ -6,7 +6,7 @@ the PRM worker, the fakes in tests implement the same protocols.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -72,6 +72,11 @@ class SamplingConfig:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Called with (index in the call's flattened samples, generation) as each sample arrives,
+    # where the client can tell (so a deadline can use samples finished before the call ends).
+    on_sample: Callable[[int, Generation], None] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 class PolicyClient(Protocol):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from tts_server.strategies.common import (
     finish,
-    full_sampling,
     require_prm,
     score,
-    solution_candidate,
+    whole_solutions,
 )
 from tts_server.types import (
     PolicyClient,
@@ -25,10 +24,7 @@ async def best_of_n(
 ) -> StrategyResult:
     verifier = require_prm(prm, "best_of_n")
     policy_usage, prm_usage = PolicyUsage(), PRMUsage()
-    [generations] = await policy.generate(
-        [problem.prompt_ids], full_sampling(config), policy_usage, n=config.budget
-    )
-    candidates = [solution_candidate(g, config) for g in generations]
+    candidates = await whole_solutions(policy, problem, config, policy_usage, n=config.budget)
     await score(verifier, problem, candidates, config, prm_usage)
     return await finish(
         candidates,

@@ -92,6 +92,29 @@ def solution_candidate(generation: Generation, config: SearchConfig) -> Candidat
     return candidate
 
 
+async def whole_solutions(
+    policy: PolicyClient,
+    problem: Problem,
+    config: SearchConfig,
+    usage: PolicyUsage,
+    *,
+    n: int,
+    temperature: float | None = None,
+) -> list[Candidate]:
+    """`n` whole solutions in one call; each becomes a candidate as soon as it arrives, so a
+    deadline that cuts the call short still has the ones that finished."""
+    arrived: dict[int, Candidate] = {}
+
+    def on_sample(index: int, generation: Generation) -> None:
+        arrived[index] = solution_candidate(generation, config)
+
+    sampling = full_sampling(config, temperature=temperature)
+    if config.progress is not None:
+        sampling = dataclasses.replace(sampling, on_sample=on_sample)
+    [generations] = await policy.generate([problem.prompt_ids], sampling, usage, n=n)
+    return [arrived.get(j) or solution_candidate(g, config) for j, g in enumerate(generations)]
+
+
 def clone(candidate: Candidate) -> Candidate:
     return dataclasses.replace(
         candidate,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tts_server.strategies.common import finish, full_sampling, solution_candidate
+from tts_server.strategies.common import finish, whole_solutions
 from tts_server.types import (
     PolicyClient,
     PolicyUsage,
@@ -18,10 +18,7 @@ async def majority(
     problem: Problem, config: SearchConfig, policy: PolicyClient, prm: PRMClient | None
 ) -> StrategyResult:
     policy_usage = PolicyUsage()
-    [generations] = await policy.generate(
-        [problem.prompt_ids], full_sampling(config), policy_usage, n=config.budget
-    )
-    candidates = [solution_candidate(g, config) for g in generations]
+    candidates = await whole_solutions(policy, problem, config, policy_usage, n=config.budget)
     return await finish(
         candidates,
         "majority",

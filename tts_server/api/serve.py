@@ -1,0 +1,63 @@
+"""Serve the gateway with uvicorn, draining on SIGTERM.
+
+On the first SIGTERM/SIGINT the gateway turns not-ready and answers new requests with 503 while
+the ones in flight finish (up to `drain_timeout_s`); then uvicorn shuts down and the process
+exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from tts_server.reliability import Admission, Readiness
+from tts_server.settings import Settings
+
+logger = logging.getLogger("tts_server.gateway")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.readiness: Readiness = app.state.readiness
+        self.admission: Admission = app.state.admission
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_started is None:
+            self.drain_started = time.monotonic()
+            self.readiness.draining = True
+            logger.info(
+                "draining: %d requests running, %d queued (at most %g s)",
+                self.admission.running,
+                self.admission.queued,
+                self.drain_timeout_s,
+            )
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None:
+            idle = self.admission.running == 0 and self.admission.queued == 0
+            if idle or time.monotonic() - self.drain_started > self.drain_timeout_s:
+                logger.info("drained; shutting down")
+                return True
+        return await super().on_tick(counter)
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # Access logs carry no prompt text, but keep them off by default like vLLM's flag.
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    DrainingServer(config, app, settings.drain_timeout_s).run()
