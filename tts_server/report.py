@@ -105,6 +105,7 @@ def render(
             counts[panel.title] = len(series)
             for s in series[:12]:  # a readable legend
                 ax.plot([_utc(t) for t in s.times], s.values, label=s.label, linewidth=1.4)
+            ax.set_xlim(_utc(start), _utc(end))
             ax.set_title(f"{dashboard.title}: {panel.title}", fontsize=10)
             ax.set_ylabel(_unit_label(panel.unit), fontsize=8)
             ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))  # type: ignore[no-untyped-call]

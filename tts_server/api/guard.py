@@ -164,6 +164,8 @@ class Guard:
         if path not in COUNTED:
             return
         # The echoed strategy on success; otherwise the asked one if valid (bounded labels).
-        strategy = echoed or headers.get(HEADER_STRATEGY.lower())
-        strategy = strategy if strategy in STRATEGY_LABELS else "unknown"
+        asked = echoed or headers.get(HEADER_STRATEGY.lower())
+        strategy = asked if asked in STRATEGY_LABELS else "unknown"
+        if path == "/v1/models":
+            strategy = "none"  # no strategy involved
         metrics.REQUESTS.labels(path, strategy, metrics.status_class(status)).inc()
