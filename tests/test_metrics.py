@@ -141,3 +141,66 @@ async def test_stage_seconds_add_up_and_are_exported(gateway: httpx.AsyncClient)
     for stage in ("pilot", "generation", "prm_scoring", "selection"):
         key = ("tts_stage_duration_seconds_count", (("stage", stage), ("strategy", "auto")))
         assert after.get(key, 0) - before.get(key, 0) == 1, stage
+
+
+def test_two_uvicorn_workers_export_one_aggregated_view(tmp_path: Path) -> None:
+    """`gateway --workers 2`: whichever worker answers /metrics, it counts both workers' work."""
+    from tests.faults import ThreadServer
+    from tests.servers import ServerProcess, cli, free_port
+    from tts_server.prm_worker import create_app as create_prm_app
+    from tts_server.prm_worker.backends.arith import ArithBackend
+
+    profile = tmp_path / "plain-chat.json"
+    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
+    fake = FakeVLLM(script=script, model=MODEL)
+    with ThreadServer(fake.app()) as vllm, ThreadServer(create_prm_app(ArithBackend())) as prm:
+        port = free_port()
+        argv = cli(
+            "gateway",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--policy-url",
+            vllm.url,
+            "--prm-url",
+            prm.url,
+            "--policy-model",
+            MODEL,
+        )
+        env = {
+            "TTS_PROMPT_PROFILES": json.dumps({MODEL: str(profile)}),
+            "TTS_POLICY_PARAMS": "1000000",
+            "TTS_PRM_PARAMS": "0",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "multiproc"),
+        }
+        (tmp_path / "multiproc").mkdir()
+        gateway = ServerProcess("gateway-2w", argv, port, tmp_path).start(env)
+        try:
+            gateway.wait_healthy(60)
+            told = 0.0
+            requests = 8
+            with httpx.Client(base_url=gateway.url, timeout=30) as client:
+                for i in range(requests):
+                    body = {
+                        "model": MODEL,
+                        "messages": [{"role": "user", "content": f"Tom has {i} apples."}],
+                        "tts": {"strategy": "best_of_n", "budget": 2},
+                    }
+                    response = client.post("/v1/chat/completions", json=body)
+                    assert response.status_code == 200, response.text
+                    told += response.json()["tts"]["flops"]["total"]
+                scrapes = [client.get("/metrics").text for _ in range(6)]
+        finally:
+            gateway.stop()
+        files = list((tmp_path / "multiproc").glob("*.db"))
+    # Two workers wrote their own files, and every scrape saw the sum of both.
+    assert len({f.name.rsplit("_", 1)[-1] for f in files}) >= 2, [f.name for f in files]
+    for text in scrapes:
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        assert total(samples, "tts_answer_flops_count") == requests
+        assert total(samples, "tts_answer_flops_sum") == pytest.approx(told)

@@ -39,7 +39,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from tts_server.api.app import create_app
-    from tts_server.api.serve import serve
+    from tts_server.api.serve import serve, serve_workers
 
     settings = _settings(
         host=args.host,
@@ -47,11 +47,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         policy_url=args.policy_url,
         prm_url=args.prm_url,
         policy_model=args.policy_model,
+        workers=args.workers,
     )
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    serve(create_app(settings), settings)
+    if settings.workers > 1:
+        serve_workers(settings)
+    else:
+        serve(create_app(settings), settings)
     return 0
 
 
@@ -171,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prm-url", default=None, help="PRM worker base URL (default http://127.0.0.1:8200)"
     )
     gw.add_argument("--policy-model", default=None, help="served model name of the policy")
+    gw.add_argument(
+        "--workers", type=int, default=None, help="uvicorn worker processes (default 1)"
+    )
     gw.set_defaults(func=cmd_gateway)
 
     prm = sub.add_parser("prm-worker", help="run the PRM worker")

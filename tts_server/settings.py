@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    # uvicorn worker processes; with more than one, /metrics aggregates them (multiprocess mode)
+    # and SIGTERM is uvicorn's graceful shutdown, without the 503 draining phase.
+    workers: int = 1
 
     # --- protection (see README "Reliability and security") ---
     # SHA-256 hex digests of accepted API keys, comma-separated (`tts-server hash-key KEY`);

@@ -7,7 +7,10 @@ exits 0. A second signal exits at once.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 import time
 from types import FrameType
 
@@ -61,3 +64,25 @@ def serve(app: FastAPI, settings: Settings) -> None:
         timeout_graceful_shutdown=5,
     )
     DrainingServer(config, app, settings.drain_timeout_s).run()
+
+
+def serve_workers(settings: Settings) -> None:
+    """Several uvicorn worker processes on one port. Each builds its app from the environment,
+    so the resolved settings go there; metrics go through PROMETHEUS_MULTIPROC_DIR."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="tts-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    for name, value in settings.model_dump(mode="json", exclude_unset=True).items():
+        os.environ[f"TTS_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    logger.info("gateway: %d workers, metrics in %s", settings.workers, folder)
+    uvicorn.run(
+        "tts_server.api.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+    )
