@@ -12,7 +12,7 @@ import pytest
 
 from tts_server.calibrate import PILOT, collect, fit
 from tts_server.datasets import Example
-from tts_server.plots import plot
+from tts_server.plots import markdown_table, plot
 from tts_server.router import parse_table
 
 EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
@@ -115,3 +115,34 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     out = plot(reports, tmp_path / "plot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
+
+
+def test_markdown_table_has_one_row_per_report_with_its_figures() -> None:
+    base = {"budget": 8, "latency_p50_s": 1.25, "latency_p95_s": 3.5, "errors": 0}
+    reports = [
+        {
+            **base,
+            "dataset": "d",
+            "strategy": "auto",
+            "n": 80,
+            "offset": 281,
+            "accuracy": 0.125,
+            "pass_at_n": 0.25,
+            "mean_flops": 1.5e11,
+            "flops_per_correct": 1.2e12,
+        },
+        {
+            **base,
+            "dataset": "d",
+            "strategy": "greedy",
+            "n": 100,
+            "accuracy": 0.08,
+            "mean_flops": None,
+        },
+    ]
+    rows = markdown_table(reports).splitlines()
+    assert len(rows) == 4
+    assert rows[2].startswith("| d | 0-99 | greedy | 8.0% | 0.0% | n/a | n/a |")
+    assert rows[3] == (
+        "| d | 281-360 | auto@8 | 12.5% | 25.0% | 1.5e+11 | 1.2e+12 | 1.2 / 3.5 | 0 |"
+    )

@@ -60,13 +60,41 @@ def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> 
     return out
 
 
+def markdown_table(reports: list[dict[str, Any]]) -> str:
+    """One row per report: what docs/eval.md and the closing notes show."""
+    lines = [
+        "| dataset | problems | strategy | accuracy | pass@N | mean FLOPs / answer "
+        "| FLOPs / correct | latency p50 / p95 (s) | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(reports, key=lambda r: (r["dataset"], r.get("offset", 0), r["strategy"])):
+        offset = r.get("offset", 0)
+        span = f"{offset}-{offset + r['n'] - 1}"
+        label = r["strategy"] if r["strategy"] == "greedy" else f"{r['strategy']}@{r['budget']}"
+        flops = r.get("mean_flops")
+        per_correct = r.get("flops_per_correct")
+        lines.append(
+            f"| {r['dataset']} | {span} | {label} | {100 * r['accuracy']:.1f}% "
+            f"| {100 * (r.get('pass_at_n') or 0):.1f}% "
+            f"| {f'{flops:.3g}' if flops else 'n/a'} "
+            f"| {f'{per_correct:.3g}' if per_correct else 'n/a'} "
+            f"| {r['latency_p50_s']:.1f} / {r['latency_p95_s']:.1f} | {r['errors']} |"
+        )
+    return "\n".join(lines)
+
+
 def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("reports", nargs="+", type=Path, help="JSON reports of `tts-server eval`")
     parser.add_argument("--out", type=Path, default=Path("reports/accuracy-vs-flops.png"))
     parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--table", action="store_true", help="also print the reports as a markdown table"
+    )
 
 
 def main_plot(args: argparse.Namespace) -> int:
+    if args.table:
+        print(markdown_table([json.loads(p.read_text()) for p in args.reports]))
     reports = load_reports(args.reports)
     if not reports:
         print("error: no report with FLOPs to plot", file=sys.stderr)
