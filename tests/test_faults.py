@@ -278,7 +278,7 @@ def test_a_hung_upstream_is_a_504_within_its_timeout(tmp_path: Path) -> None:
         response = httpx.post(r.url + "/v1/chat/completions", json=body("greedy", 1), timeout=30)
         elapsed = time.monotonic() - started
         assert_openai_error(response, 504)
-        assert elapsed < 1.0 + 0.5 + 0.5  # the timeout + the 0.5 s + the prompt render
+        assert elapsed < 1.0 + 0.5  # the upstream timeout + 0.5 s
         assert r.vllm.open == 0
 
 
