@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
@@ -224,3 +225,50 @@ def test_models_and_health(stack: Stack) -> None:
     assert httpx.get(stack.gateway_url + "/health").json()["status"] == "ok"
     models = httpx.get(stack.gateway_url + "/v1/models").json()
     assert [m["id"] for m in models["data"]] == [stack.model]
+
+
+def vllm_running(policy_url: str) -> float:
+    text = httpx.get(policy_url + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:num_requests_running")
+    )
+
+
+async def test_a_client_that_hangs_up_stops_the_work_on_the_real_vllm(stack: Stack) -> None:
+    """Cancelling a best-of-8 mid-way aborts its 8 requests inside vLLM, not just in the gateway."""
+    body = {
+        "model": stack.model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 1500,
+        "temperature": 1.0,
+    }
+    async with httpx.AsyncClient(timeout=120) as client:
+        request = asyncio.ensure_future(
+            client.post(
+                stack.gateway_url + "/v1/chat/completions",
+                json=body,
+                headers=headers("best_of_n", 8, 1),
+            )
+        )
+        deadline = time.monotonic() + 60
+        while await asyncio.to_thread(vllm_running, stack.policy_url) < 1:
+            assert time.monotonic() < deadline, "vLLM never started the request"
+            await asyncio.sleep(0.1)
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+    cancelled = time.monotonic()
+    while await asyncio.to_thread(vllm_running, stack.policy_url) > 0:
+        assert time.monotonic() - cancelled < 10, "vLLM kept generating for a client that left"
+        await asyncio.sleep(0.05)
+    print(f"vLLM idle {time.monotonic() - cancelled:.2f} s after the client hung up")
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=120) as client:
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 200, ready.text
+        after = await client.post(
+            "/v1/chat/completions",
+            json={**body, "max_tokens": 32},
+            headers=headers("greedy", 1, 1),
+        )
+    assert after.status_code == 200, after.text
