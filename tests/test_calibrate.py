@@ -146,3 +146,28 @@ def test_markdown_table_has_one_row_per_report_with_its_figures() -> None:
     assert rows[3] == (
         "| d | 281-360 | auto@8 | 12.5% | 25.0% | 1.5e+11 | 1.2e+12 | 1.2 / 3.5 | 0 |"
     )
+
+
+def test_fit_skips_problems_an_interrupted_run_left_incomplete() -> None:
+    def pilot(problem: str, correct: bool) -> dict[str, Any]:
+        return {
+            "id": problem,
+            "option": PILOT,
+            "correct": correct,
+            "flops": 10,
+            "mean_score": 0.9,
+            "agreement": 1.0,
+            "pass_at_1": 1.0 if correct else 0.0,
+        }
+
+    records = [
+        pilot("a", True),
+        {"id": "a", "option": "beam_search@4", "correct": True, "flops": 30},
+        pilot("b", False),
+        {"id": "b", "option": "beam_search@4", "correct": True, "flops": 30},
+        pilot("c", False),  # its beam_search run never happened
+    ]
+    _, report = fit(records, pilot=4)
+    assert report["problems"] == 2 and report["incomplete_problems_skipped"] == 1
+    with pytest.raises(ValueError, match="every option"):
+        fit([pilot("c", False), {"id": "d", "option": "beam_search@4", "correct": 1}], pilot=4)

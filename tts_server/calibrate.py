@@ -112,8 +112,12 @@ async def collect(
 ) -> list[dict[str, Any]]:
     """Run what is missing from the records file; return every record."""
     done = _read_records(records_path)
-    jobs = [(e, PILOT, "best_of_n", pilot) for e in examples]
-    jobs += [(e, f"{s}@{b}", s, b) for e in examples for s, b in options]
+    # Problem by problem: an interrupted run leaves whole problems, which `fit` can use.
+    jobs = [
+        job
+        for e in examples
+        for job in [(e, PILOT, "best_of_n", pilot), *((e, f"{s}@{b}", s, b) for s, b in options)]
+    ]
     todo = [j for j in jobs if _key(j[0].id, j[1]) not in done]
     records_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(
@@ -198,6 +202,12 @@ def fit(
     for record in records:
         by_id.setdefault(record["id"], {})[record["option"]] = record
     options = sorted({r["option"] for r in records})
+    # Only problems with every option measured (an interrupted run may leave a partial one).
+    incomplete = [p for p, rows in by_id.items() if set(rows) != set(options)]
+    for problem in incomplete:
+        del by_id[problem]
+    if not by_id:
+        raise ValueError("no problem has every option measured yet")
     pilots = [rows[PILOT] for rows in by_id.values()]
     easy_min, medium_min, bin_agreement = fit_thresholds(pilots)
     table = RouterTable(easy_min=easy_min, medium_min=medium_min)
@@ -244,6 +254,7 @@ def fit(
     }
     report = {
         "problems": len(problems),
+        "incomplete_problems_skipped": len(incomplete),
         "bin_agreement": bin_agreement,
         "bins": {name: sum(bin_of(p) == name for p in problems) for name in BINS},
         "routes": routes,
@@ -315,11 +326,15 @@ def main_calibrate(args: argparse.Namespace) -> int:
     except (httpx.HTTPError, RuntimeError) as exc:
         print(f"error: {exc} (finished problems are kept in {args.records})", file=sys.stderr)
         return 2
-    table, report = fit(
-        records,
-        pilot=args.pilot,
-        source=f"calibrated on {args.dataset}[{args.offset}:{args.offset + len(examples)}]",
-    )
+    try:
+        table, report = fit(
+            records,
+            pilot=args.pilot,
+            source=f"calibrated on {args.dataset}[{args.offset}:{args.offset + len(examples)}]",
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**table.to_json(), "calibration": report}, indent=2))
     print(json.dumps(report, indent=2))
