@@ -171,3 +171,12 @@ def test_fit_skips_problems_an_interrupted_run_left_incomplete() -> None:
     assert report["problems"] == 2 and report["incomplete_problems_skipped"] == 1
     with pytest.raises(ValueError, match="every option"):
         fit([pilot("c", False), {"id": "d", "option": "beam_search@4", "correct": 1}], pilot=4)
+
+
+def test_report_lines_break_where_prometheus_had_no_data() -> None:
+    from tts_server.report import parse_duration, with_gaps
+
+    times, values = with_gaps([0, 10, 20, 100, 110], [1.0, 2.0, 3.0, 4.0, 5.0], step=10)
+    assert times == [0, 10, 20, 60, 100, 110]
+    assert values[:3] == [1.0, 2.0, 3.0] and values[3] != values[3] and values[4:] == [4.0, 5.0]
+    assert parse_duration("90m") == 5400 and parse_duration("1h") == 3600

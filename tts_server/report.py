@@ -104,7 +104,8 @@ def render(
             series = query_panel(client, url, panel, start, end, step, window)
             counts[panel.title] = len(series)
             for s in series[:12]:  # a readable legend
-                ax.plot([_utc(t) for t in s.times], s.values, label=s.label, linewidth=1.4)
+                times, values = with_gaps(s.times, s.values, step)
+                ax.plot([_utc(t) for t in times], values, label=s.label, linewidth=1.4)
             ax.set_xlim(_utc(start), _utc(end))
             ax.set_title(f"{dashboard.title}: {panel.title}", fontsize=10)
             ax.set_ylabel(_unit_label(panel.unit), fontsize=8)
@@ -124,6 +125,21 @@ def render(
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return counts
+
+
+def with_gaps(
+    times: list[float], values: list[float], step: float
+) -> tuple[list[float], list[float]]:
+    """NaN between points more than 1.5 steps apart: a line must not bridge missing data."""
+    out_t: list[float] = []
+    out_v: list[float] = []
+    for i, (t, v) in enumerate(zip(times, values, strict=True)):
+        if i and t - times[i - 1] > 1.5 * step:
+            out_t.append((t + times[i - 1]) / 2)
+            out_v.append(math.nan)
+        out_t.append(t)
+        out_v.append(v)
+    return out_t, out_v
 
 
 def _utc(timestamp: float) -> Any:
