@@ -3,7 +3,7 @@ then settings. Invalid choices raise APIError naming the field."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tts_server.api.errors import APIError
@@ -115,35 +115,46 @@ def resolve_plan(
     )
 
 
-def resolve_max_flops(headers: Mapping[str, str], options: TTSOptions | None) -> int | None:
-    """The request's FLOPs ceiling: the header, else `tts.max_flops`; None means none."""
-    if HEADER_MAX_FLOPS.lower() in headers:
-        raw, param = headers[HEADER_MAX_FLOPS.lower()].strip(), HEADER_MAX_FLOPS
+def _positive(
+    headers: Mapping[str, str],
+    header: str,
+    option: float | None,
+    option_name: str,
+    parse: Callable[[str], float],
+) -> float | None:
+    """A positive number from the header, else from the body's `tts` option; None if neither."""
+    if header.lower() in headers:
+        raw, param = headers[header.lower()].strip(), header
         try:
-            value = int(float(raw)) if any(c in raw for c in ".eE") else int(raw)
+            value = parse(raw)
         except ValueError:
             raise APIError(400, f"'{param}' must be a number, got {raw!r}", param=param) from None
-    elif options is not None and options.max_flops is not None:
-        value, param = options.max_flops, "tts.max_flops"
+    elif option is not None:
+        value, param = option, f"tts.{option_name}"
     else:
         return None
-    if value < 1:
+    if not value > 0:
         raise APIError(400, f"'{param}' must be positive", param=param)
     return value
 
 
+def _flops_number(raw: str) -> float:
+    return int(float(raw)) if any(c in raw for c in ".eE") else int(raw)
+
+
+def resolve_max_flops(headers: Mapping[str, str], options: TTSOptions | None) -> int | None:
+    """The request's FLOPs ceiling: the header, else `tts.max_flops`; None means none."""
+    option = options.max_flops if options is not None else None
+    value = _positive(headers, HEADER_MAX_FLOPS, option, "max_flops", _flops_number)
+    if value is None:
+        return None
+    if value < 1:
+        raise APIError(400, f"'{HEADER_MAX_FLOPS}' must be at least 1", param=HEADER_MAX_FLOPS)
+    return int(value)
+
+
 def resolve_deadline(headers: Mapping[str, str], options: TTSOptions | None, cap_s: float) -> float:
     """Seconds the request may run: the header, else `tts.deadline_s`, at most the server's cap."""
-    if HEADER_DEADLINE.lower() in headers:
-        raw, param = headers[HEADER_DEADLINE.lower()].strip(), HEADER_DEADLINE
-        try:
-            value = float(raw)
-        except ValueError:
-            raise APIError(400, f"'{param}' must be a number, got {raw!r}", param=param) from None
-    elif options is not None and options.deadline_s is not None:
-        value, param = options.deadline_s, "tts.deadline_s"
-    else:
-        return cap_s
-    if not value > 0:
-        raise APIError(400, f"'{param}' must be positive", param=param)
-    return min(value, cap_s)
+    option = options.deadline_s if options is not None else None
+    value = _positive(headers, HEADER_DEADLINE, option, "deadline_s", float)
+    return cap_s if value is None else min(value, cap_s)
