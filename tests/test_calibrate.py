@@ -13,7 +13,7 @@ import pytest
 from tts_server.calibrate import PILOT, collect, fit
 from tts_server.datasets import Example
 from tts_server.plots import markdown_table, plot
-from tts_server.router import parse_table
+from tts_server.router import parse_table, plan_budget
 
 EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
 
@@ -171,6 +171,25 @@ def test_fit_skips_problems_an_interrupted_run_left_incomplete() -> None:
     assert report["problems"] == 2 and report["incomplete_problems_skipped"] == 1
     with pytest.raises(ValueError, match="every option"):
         fit([pilot("c", False), {"id": "d", "option": "beam_search@4", "correct": 1}], pilot=4)
+
+
+def test_a_route_measured_with_fewer_samples_keeps_that_share_of_the_budget() -> None:
+    """Calibrated at budgets 6 and 8 with a pilot of 2: best_of_n@4 (2 + 4 of 8) is as right as
+    best_of_n@6 and cheaper, so it is the route, and it must be served with 6 of 8, not 8."""
+    records: list[dict[str, Any]] = []
+    for i in range(6):
+        problem = f"p{i}"
+        records += [
+            {"id": problem, "option": PILOT, "correct": False, "flops": 20,
+             "mean_score": 0.1, "agreement": 0.5, "pass_at_1": 0.0},
+            {"id": problem, "option": "best_of_n@4", "correct": True, "flops": 40},
+            {"id": problem, "option": "best_of_n@6", "correct": True, "flops": 60},
+        ]  # fmt: skip
+    table, _ = fit(records, pilot=2, client_budget=8)
+    route = table.routes["hard"]
+    assert (route.strategy, route.budget_share) == ("best_of_n", 0.75)
+    assert plan_budget(route, 8, 2) == (4, 1)
+    assert parse_table(table.to_json()).routes["hard"].budget_share == 0.75
 
 
 def test_report_lines_break_where_prometheus_had_no_data() -> None:

@@ -197,7 +197,10 @@ def fit(
     folds: int = 5,
     seed: int = 0,
     source: str = "calibrated",
+    client_budget: int | None = None,
 ) -> tuple[RouterTable, dict[str, Any]]:
+    """Fit the bins and routes. `client_budget` is the budget the table is written for (the
+    largest calibrated one); a route measured with fewer samples keeps that share of it."""
     by_id: dict[str, dict[str, dict[str, Any]]] = {}
     for record in records:
         by_id.setdefault(record["id"], {})[record["option"]] = record
@@ -241,7 +244,7 @@ def fit(
         pilot_samples=pilot,
         easy_min=easy_min,
         medium_min=medium_min,
-        routes={name: _route(option) for name, option in routes.items()},
+        routes={name: _route(option, pilot, client_budget) for name, option in routes.items()},
         source=source,
     )
     per_option = {
@@ -266,12 +269,14 @@ def fit(
     return table, report
 
 
-def _route(option: str) -> Route:
+def _route(option: str, pilot: int, client_budget: int | None) -> Route:
     if option == PILOT:
         return Route("pilot")
-    strategy = option.split("@")[0]
-    width = SEARCH_WIDTH if strategy in ("beam_search", "dvts") else 1
-    return Route(strategy, width)
+    strategy, _, measured = option.partition("@")
+    n = int(measured)
+    width = min(SEARCH_WIDTH, n) if strategy in ("beam_search", "dvts") else 1
+    share = 1.0 if client_budget is None else min(1.0, (pilot + n) / client_budget)
+    return Route(strategy, width, round(share, 4))
 
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -331,6 +336,7 @@ def main_calibrate(args: argparse.Namespace) -> int:
             records,
             pilot=args.pilot,
             source=f"calibrated on {args.dataset}[{args.offset}:{args.offset + len(examples)}]",
+            client_budget=max(budgets),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
