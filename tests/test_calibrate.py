@@ -12,7 +12,7 @@ import pytest
 
 from tts_server.calibrate import PILOT, collect, fit
 from tts_server.datasets import Example
-from tts_server.plots import markdown_table, plot
+from tts_server.plots import bin_table, markdown_table, plot
 from tts_server.router import parse_table, plan_budget
 
 EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
@@ -171,6 +171,28 @@ def test_fit_skips_problems_an_interrupted_run_left_incomplete() -> None:
     assert report["problems"] == 2 and report["incomplete_problems_skipped"] == 1
     with pytest.raises(ValueError, match="every option"):
         fit([pilot("c", False), {"id": "d", "option": "beam_search@4", "correct": 1}], pilot=4)
+
+
+def test_bin_table_scores_fixed_strategies_on_the_bins_auto_estimated() -> None:
+    def rec(problem: str, correct: bool, flops: float, bin_: str | None = None) -> dict[str, Any]:
+        return {"id": problem, "correct": correct, "flops": flops, "difficulty": bin_}
+
+    auto = {
+        "dataset": "d",
+        "strategy": "auto",
+        "budget": 8,
+        "records": [rec("a", True, 10, "easy"), rec("b", False, 30, "hard"), rec("c", True, 20)],
+    }
+    fixed = {
+        "dataset": "d",
+        "strategy": "dvts",
+        "budget": 8,
+        "records": [rec("a", False, 40), rec("b", True, 60), rec("c", True, 50)],
+    }
+    rows = bin_table([fixed, auto]).splitlines()
+    assert rows[2] == "| d | auto@8 | 100% / 10 (n=1) | 0% / n/a (n=0) | 0% / 30 (n=1) |"
+    assert rows[3] == "| d | dvts@8 | 0% / 40 (n=1) | 0% / n/a (n=0) | 100% / 60 (n=1) |"
+    assert "no `auto` report" in bin_table([fixed])
 
 
 def test_a_route_measured_with_fewer_samples_keeps_that_share_of_the_budget() -> None:

@@ -83,6 +83,42 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def bin_table(reports: list[dict[str, Any]]) -> str:
+    """Accuracy and mean FLOPs per difficulty bin for every strategy, where a problem's bin is the
+    one the `auto` run on the same problems estimated (fixed strategies run no pilot)."""
+    bins: dict[tuple[str, str], str] = {}
+    for r in reports:
+        if r["strategy"] == "auto":
+            for record in r.get("records", []):
+                if record.get("difficulty"):
+                    bins[(r["dataset"], record["id"])] = record["difficulty"]
+    if not bins:
+        return "no `auto` report with difficulty bins among these reports"
+    names = ("easy", "medium", "hard")
+    lines = [
+        "| dataset | strategy | " + " | ".join(f"{b}: accuracy / FLOPs" for b in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for r in sorted(reports, key=lambda r: (r["dataset"], r.get("offset", 0), r["strategy"])):
+        groups: dict[str, list[dict[str, Any]]] = {b: [] for b in names}
+        for record in r.get("records", []):
+            name = bins.get((r["dataset"], record["id"]))
+            if name in groups:
+                groups[name].append(record)
+        if not any(groups.values()):
+            continue
+        cells = []
+        for name in names:
+            group = groups[name]
+            flops = [float(x["flops"]) for x in group if x.get("flops") is not None]
+            accuracy = sum(bool(x.get("correct")) for x in group) / len(group) if group else 0.0
+            mean = f"{sum(flops) / len(flops):.3g}" if flops else "n/a"
+            cells.append(f"{100 * accuracy:.0f}% / {mean} (n={len(group)})")
+        label = r["strategy"] if r["strategy"] == "greedy" else f"{r['strategy']}@{r['budget']}"
+        lines.append(f"| {r['dataset']} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("reports", nargs="+", type=Path, help="JSON reports of `tts-server eval`")
     parser.add_argument("--out", type=Path, default=Path("reports/accuracy-vs-flops.png"))
@@ -90,11 +126,18 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--table", action="store_true", help="also print the reports as a markdown table"
     )
+    parser.add_argument(
+        "--by-difficulty",
+        action="store_true",
+        help="also print accuracy and FLOPs per difficulty bin (bins from the `auto` report)",
+    )
 
 
 def main_plot(args: argparse.Namespace) -> int:
     if args.table:
         print(markdown_table([json.loads(p.read_text()) for p in args.reports]))
+    if args.by_difficulty:
+        print(bin_table([json.loads(p.read_text()) for p in args.reports]))
     reports = load_reports(args.reports)
     if not reports:
         print("error: no report with FLOPs to plot", file=sys.stderr)
