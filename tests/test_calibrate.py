@@ -195,6 +195,24 @@ def test_bin_table_scores_fixed_strategies_on_the_bins_auto_estimated() -> None:
     assert "no `auto` report" in bin_table([fixed])
 
 
+def test_a_dearer_route_must_win_by_more_than_one_standard_error() -> None:
+    """20 hard problems: dvts is right on 5 for 300 FLOPs, the pilot alone on 4 for 100. The
+    difference (5%) is under one standard error (about 9.7%), so one_se takes the pilot; max
+    takes dvts."""
+    records: list[dict[str, Any]] = []
+    for i in range(20):
+        problem = f"p{i}"
+        records += [
+            {"id": problem, "option": PILOT, "correct": i < 4, "flops": 100,
+             "mean_score": 0.1, "agreement": 0.25, "pass_at_1": 0.0},
+            {"id": problem, "option": "dvts@4", "correct": i < 5, "flops": 200},
+        ]  # fmt: skip
+    cheap, report = fit(records, pilot=4)
+    assert cheap.routes["hard"].strategy == "pilot" and report["rule"] == "one_se"
+    dear, _ = fit(records, pilot=4, rule="max")
+    assert dear.routes["hard"].strategy == "dvts"
+
+
 def test_a_route_measured_with_fewer_samples_keeps_that_share_of_the_budget() -> None:
     """Calibrated at budgets 6 and 8 with a pilot of 2: best_of_n@4 (2 + 4 of 8) is as right as
     best_of_n@6 and cheaper, so it is the route, and it must be served with 6 of 8, not 8."""

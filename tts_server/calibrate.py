@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -166,18 +167,30 @@ def fit_thresholds(pilots: list[dict[str, Any]]) -> tuple[float, float, float]:
 
 
 def _choose(
-    ids: list[str], by_id: dict[str, dict[str, dict[str, Any]]], options: list[str]
+    ids: list[str],
+    by_id: dict[str, dict[str, dict[str, Any]]],
+    options: list[str],
+    rule: str = "one_se",
 ) -> tuple[str, float, float]:
-    """The most accurate option over `ids` (cheaper on ties): (option, accuracy, mean FLOPs)."""
-    best: tuple[str, float, float] | None = None
+    """The option `auto` should take over `ids`: (option, accuracy, mean FLOPs).
+
+    "max": the most accurate (cheaper on ties). "one_se" (the default): the cheapest option whose
+    accuracy is within one standard error of the most accurate one, the usual guard against
+    picking noise when cross-validating on a few dozen problems; a dearer strategy must win by
+    more than the measurement can tell apart to earn its FLOPs.
+    """
+    scored = []
     for option in options:
         rows = [_auto_cost(by_id[i], option) for i in ids]
         accuracy = sum(c for c, _ in rows) / len(rows)
         flops = sum(f for _, f in rows) / len(rows)
-        if best is None or (accuracy, -flops) > (best[1], -best[2]):
-            best = (option, accuracy, flops)
-    assert best is not None
-    return best
+        scored.append((option, accuracy, flops))
+    best = max(scored, key=lambda o: (o[1], -o[2]))
+    if rule == "max":
+        return best
+    margin = math.sqrt(best[1] * (1 - best[1]) / len(ids))
+    near = [o for o in scored if o[1] >= best[1] - margin - 1e-12]
+    return min(near, key=lambda o: (o[2], -o[1]))
 
 
 def _auto_cost(records: dict[str, dict[str, Any]], option: str) -> tuple[bool, float]:
@@ -198,6 +211,7 @@ def fit(
     seed: int = 0,
     source: str = "calibrated",
     client_budget: int | None = None,
+    rule: str = "one_se",
 ) -> tuple[RouterTable, dict[str, Any]]:
     """Fit the bins and routes. `client_budget` is the budget the table is written for (the
     largest calibrated one); a route measured with fewer samples keeps that share of it."""
@@ -223,7 +237,7 @@ def fit(
         routes: dict[str, str] = {}
         for name in BINS:
             members = [i for i in ids if bin_of(i) == name] or ids  # empty bin: all problems
-            routes[name] = _choose(members, by_id, options)[0]
+            routes[name] = _choose(members, by_id, options, rule)[0]
         return routes
 
     problems = sorted(by_id)
@@ -261,6 +275,7 @@ def fit(
         "bin_agreement": bin_agreement,
         "bins": {name: sum(bin_of(p) == name for p in problems) for name in BINS},
         "routes": routes,
+        "rule": rule,
         "cv_folds": k,
         "cv_auto_accuracy": held_correct / len(problems),
         "cv_auto_mean_flops": held_flops / len(problems),
@@ -293,6 +308,18 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--records", type=Path, default=Path("reports/calibration-records.jsonl"))
+    parser.add_argument(
+        "--rule",
+        choices=("one_se", "max"),
+        default="one_se",
+        help="per bin: the cheapest option within one standard error of the most accurate "
+        "(one_se), or the most accurate (max)",
+    )
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="fit from the records file only, sending no request",
+    )
     parser.add_argument("--out", type=Path, default=Path("reports/router-table.json"))
 
 
@@ -318,16 +345,20 @@ def main_calibrate(args: argparse.Namespace) -> int:
             else:
                 options.append((strategy, left))
     try:
-        records = asyncio.run(
-            collect(
-                args.url,
-                examples,
-                sorted(set(options)),
-                args.pilot,
-                args.records,
-                concurrency=args.concurrency,
+        if args.refit:
+            ids = {e.id for e in examples}
+            records = [r for r in _read_records(args.records).values() if r["id"] in ids]
+        else:
+            records = asyncio.run(
+                collect(
+                    args.url,
+                    examples,
+                    sorted(set(options)),
+                    args.pilot,
+                    args.records,
+                    concurrency=args.concurrency,
+                )
             )
-        )
     except (httpx.HTTPError, RuntimeError) as exc:
         print(f"error: {exc} (finished problems are kept in {args.records})", file=sys.stderr)
         return 2
@@ -337,6 +368,7 @@ def main_calibrate(args: argparse.Namespace) -> int:
             pilot=args.pilot,
             source=f"calibrated on {args.dataset}[{args.offset}:{args.offset + len(examples)}]",
             client_budget=max(budgets),
+            rule=args.rule,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
