@@ -1,0 +1,67 @@
+"""`tts-server calibrate` against the real stack, and a gateway that serves the table it wrote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Stack
+from tests.servers import ServerProcess, cli, free_port
+from tts_server.router import load_table
+
+pytestmark = pytest.mark.integration
+
+
+def test_calibrate_resumes_and_its_table_drives_auto(stack: Stack, tmp_path: Path) -> None:
+    records, table_path = tmp_path / "records.jsonl", tmp_path / "table.json"
+    argv = cli("calibrate", "--url", stack.gateway_url, "--dataset", "mawps_singleop")
+    argv += ["--limit", "2", "--pilot", "2", "--budgets", "4", "--strategies", "best_of_n,dvts"]
+    argv += ["--records", str(records), "--out", str(table_path)]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    lines = records.read_text().splitlines()
+    # 2 problems x (pilot, best_of_n@2, dvts@2)
+    assert sorted(json.loads(line)["option"] for line in lines) == sorted(
+        ["pilot", "best_of_n@2", "dvts@2"] * 2
+    )
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert records.read_text().splitlines() == lines  # nothing redone
+
+    table = load_table(table_path)
+    assert table.pilot_samples == 2 and table.source == "calibrated on mawps_singleop[0:2]"
+    assert {route.strategy for route in table.routes.values()} <= {"pilot", "best_of_n", "dvts"}
+
+    port = free_port()
+    gateway_argv = cli("gateway", "--port", str(port), "--policy-url", stack.policy_url)
+    gateway_argv += ["--prm-url", stack.prm_url]
+    gateway = ServerProcess("gateway-calibrated", gateway_argv, port, tmp_path)
+    gateway.start({"TTS_ROUTER_TABLE": str(table_path)})
+    try:
+        gateway.wait_healthy(60)
+        body = {
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [
+                {"role": "user", "content": "Tom has 3 apples and buys 5 more. How many?"}
+            ],
+        }
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            json=body,
+            headers={"X-TTS-Strategy": "auto", "X-TTS-Budget": "4"},
+            timeout=300,
+        )
+        assert response.status_code == 200, response.text
+        tts = response.json()["tts"]
+        difficulty, route = tts["difficulty"], tts["route"]
+        assert difficulty["pilot_samples"] == 2  # the table's pilot, not the default 4
+        assert difficulty["bin"] == table.bin_of(difficulty["confidence"])
+        expected = table.routes[difficulty["bin"]].strategy
+        assert route["strategy"] == ("pilot" if route["early_exit"] else expected)
+        assert response.headers["X-TTS-Difficulty"] == difficulty["bin"]
+    finally:
+        gateway.stop()
