@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from tts_server.calibrate import PILOT, collect, fit
-from tts_server.datasets import Example
+from tts_server.datasets import Example, load_dataset
 from tts_server.plots import bin_table, markdown_table, plot
 from tts_server.router import parse_table, plan_budget
 
@@ -239,3 +240,33 @@ def test_report_lines_break_where_prometheus_had_no_data() -> None:
     assert times == [0, 10, 20, 60, 100, 110]
     assert values[:3] == [1.0, 2.0, 3.0] and values[3] != values[3] and values[4:] == [4.0, 5.0]
     assert parse_duration("90m") == 5400 and parse_duration("1h") == 3600
+
+
+def test_refit_uses_only_the_problems_and_options_asked_for(tmp_path: Path) -> None:
+    """A records file from a wider run (another option on some problems, other problems) refits
+    to what the command names, without sending a request."""
+    from tts_server.calibrate import add_calibrate_arguments, main_calibrate
+
+    ids = [e.id for e in load_dataset("mawps_singleop")[:3]]
+    lines = []
+    for problem in ids:
+        lines.append(
+            {"id": problem, "option": PILOT, "correct": False, "flops": 10,
+             "mean_score": 0.1, "agreement": 0.25, "pass_at_1": 0.0}
+        )  # fmt: skip
+        lines.append({"id": problem, "option": "dvts@4", "correct": True, "flops": 20})
+    lines.append({"id": ids[0], "option": "majority@4", "correct": True, "flops": 5})
+    lines.append({"id": "elsewhere", "option": PILOT, "correct": True, "flops": 1})
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    parser = argparse.ArgumentParser()
+    add_calibrate_arguments(parser)
+    out = tmp_path / "table.json"
+    args = parser.parse_args(
+        ["--dataset", "mawps_singleop", "--limit", "3", "--strategies", "dvts", "--refit",
+         "--url", "http://127.0.0.1:9", "--records", str(records), "--out", str(out)]
+    )  # fmt: skip
+    assert main_calibrate(args) == 0
+    written = json.loads(out.read_text())
+    assert written["calibration"]["problems"] == 3
+    assert written["routes"]["hard"]["strategy"] == "dvts"

@@ -346,8 +346,14 @@ def main_calibrate(args: argparse.Namespace) -> int:
                 options.append((strategy, left))
     try:
         if args.refit:
+            # Only what this command would have measured: its problems and its options.
             ids = {e.id for e in examples}
-            records = [r for r in _read_records(args.records).values() if r["id"] in ids]
+            wanted = {PILOT, *(f"{s}@{b}" for s, b in options)}
+            records = [
+                r
+                for r in _read_records(args.records).values()
+                if r["id"] in ids and r["option"] in wanted
+            ]
         else:
             records = asyncio.run(
                 collect(
