@@ -27,7 +27,12 @@ from tts_server.answers import (
         ("The Answer Is 2.5.", "2.5"),
         ("The answer is 18 apples.", "18"),
         ("The answer is $18.", "18"),
-        (r"Hence the answer is \(x = 2\).", "x = 2"),
+        (r"Hence the answer is \(x = 2\).", "2"),
+        ("So the answer is 7 + 7 = 14.", "14"),
+        ("The answer is 16 - 3 = 13 dollars.", "13"),
+        ("The answer is 2 * 3 = 6 + 1 = 7.", "7"),
+        ("The answer is 2x + 3 = 7.", "2x + 3 = 7"),  # an equation, not a value
+        ("The answer is x <= 3.", "x <= 3"),
         ("She pays 16 - 3 = 13 dollars, so 13 * 2 = 26 in all", "26"),
         ("It drops to -3 degrees", "-3"),
         ("It costs 1,000 dollars", "1,000"),

@@ -29,6 +29,8 @@ _DELIMITED_RE = re.compile(r"\$\$?(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 _GROUPED_NUMBER_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _DECIMAL_RE = re.compile(r"[-+]?\d+\.\d*")
 _LATEX_SPACING_RE = re.compile(r"\\[,;:! ]|\\left(?![A-Za-z])|\\right(?![A-Za-z])")
+# Numbers and operators only, e.g. "7 + 7" or "16 - 3 = 13" (chains: "2 * 3 = 6 + 1").
+_ARITHMETIC_RE = re.compile(r"[\d\s.,+\-*/×÷()=]+")
 _SPACE_RE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])|\s+")
 
 
@@ -108,6 +110,7 @@ def _stated_answer(rest: str) -> str | None:
     content = _tidy(content)
     if content.startswith("\\boxed"):
         content = _boxed_content(content, len("\\boxed")) or ""
+    content = _right_hand_side(content)
     with_unit = _NUMBER_WITH_UNIT_RE.fullmatch(content)
     if with_unit:
         content = with_unit.group(1)
@@ -115,6 +118,20 @@ def _stated_answer(rest: str) -> str | None:
     if not _MATHLIKE_RE.search(content) and not re.fullmatch(r"\S+", content):
         return None
     return content or None
+
+
+def _right_hand_side(content: str) -> str:
+    """The value an answer states: "7 + 7 = 14" states 14 and "x = 2" states 2 (what follows the
+    last `=` when what precedes it is arithmetic or a variable's name); a real equation
+    ("2x + 3 = 7") or an inequality stays whole."""
+    left, sign, right = content.rpartition("=")
+    right = right.strip()
+    if not sign or not right or "<" in left or ">" in left or "!" in left[-1:]:
+        return content
+    left = left.strip()
+    if _ARITHMETIC_RE.fullmatch(left) or re.fullmatch(r"[A-Za-z]\w?", left):
+        return right
+    return content
 
 
 def _tidy(content: str) -> str:
