@@ -91,13 +91,14 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
 
 def bin_table(reports: list[dict[str, Any]]) -> str:
     """Accuracy and mean FLOPs per difficulty bin for every strategy, where a problem's bin is the
-    one the `auto` run on the same problems estimated (fixed strategies run no pilot)."""
+    one the `auto` run on the same problems estimated (fixed strategies run no pilot); with several
+    `auto` reports, the first one given."""
     bins: dict[tuple[str, str], str] = {}
     for r in reports:
         if r["strategy"] == "auto":
             for record in r.get("records", []):
-                if record.get("difficulty"):
-                    bins[(r["dataset"], record["id"])] = record["difficulty"]
+                if record.get("difficulty"):  # the first `auto` report given wins
+                    bins.setdefault((r["dataset"], record["id"]), record["difficulty"])
     if not bins:
         return "no `auto` report with difficulty bins among these reports"
     names = ("easy", "medium", "hard")
@@ -135,7 +136,7 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--by-difficulty",
         action="store_true",
-        help="also print accuracy and FLOPs per difficulty bin (bins from the `auto` report)",
+        help="also print accuracy and FLOPs per difficulty bin (bins from the first `auto` report)",
     )
 
 
