@@ -160,7 +160,11 @@ def test_usage_and_flops_reconcile_with_vllm_counters(stack: Stack) -> None:
 
 
 async def test_continuation_is_what_one_pass_would_generate(policy_url: str) -> None:
-    """Greedy: step 1 then its continuation from token ids == the same text in one call."""
+    """Greedy: step 1 then the next step continued from token ids == the same text in one call.
+
+    Two steps, not the whole 80 tokens: the continuation's prompt holds step 1 as prefill where
+    the single call had it as decoded tokens, and their float results differ in the last bits,
+    which can flip a near-tie many tokens later (seen once in CI, at the fourth step)."""
     client = VLLMPolicyClient(policy_url, "SmolLM2-135M-Instruct")
     try:
         prompt = await client.tokenize_text(
@@ -181,12 +185,14 @@ async def test_continuation_is_what_one_pass_would_generate(policy_url: str) -> 
         rest = (
             await client.generate(
                 [prompt + first.token_ids],
-                SamplingConfig(temperature=0, max_tokens=80 - len(first.token_ids)),
+                SamplingConfig(temperature=0, max_tokens=80 - len(first.token_ids), stop=("\n\n",)),
                 usage,
             )
         )[0][0]
-        assert first.text + rest.text == one_pass.text
-        assert first.token_ids + rest.token_ids == one_pass.token_ids
+        both = first.token_ids + rest.token_ids
+        assert len(rest.token_ids) > 0
+        assert both == one_pass.token_ids[: len(both)]
+        assert one_pass.text.startswith(first.text + rest.text)
     finally:
         await client.aclose()
 
