@@ -144,3 +144,12 @@ def test_group_answers_compares_only_with_representatives(monkeypatch: pytest.Mo
     assert ids == list(range(10)) * 20
     # Each new answer meets each earlier class once: 0 + 1 + ... + 9.
     assert len(calls) == 45
+
+
+def test_a_stop_string_spanning_two_steps_still_ends_the_text() -> None:
+    from tts_server.api.app import cut_at_stops
+
+    text = " 3 * 5 = 15 apples\n\nQuestion: what next?\n\nAnswer: 7"
+    assert cut_at_stops(text, ["\nQuestion:"]) == (" 3 * 5 = 15 apples\n", True)
+    assert cut_at_stops(text, ["Answer", "\nQuestion:"]) == (" 3 * 5 = 15 apples\n", True)
+    assert cut_at_stops(text, ["nowhere", ""]) == (text, False)
