@@ -11,16 +11,32 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tts_server.evaluate import flops_summary
 
-def load_reports(paths: list[Path]) -> list[dict[str, Any]]:
-    reports = []
-    for path in paths:
-        data = json.loads(path.read_text())
+
+def with_flops(paths: list[Path], reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reports that can be plotted (older ones have no FLOPs)."""
+    kept = []
+    for path, data in zip(paths, reports, strict=True):
         if data.get("mean_flops") is None:
             print(f"skipping {path.name}: no FLOPs in the report", file=sys.stderr)
             continue
-        reports.append(data)
-    return reports
+        kept.append(data)
+    return kept
+
+
+def _span(report: dict[str, Any]) -> str:
+    offset = report.get("offset", 0)
+    return f"{offset}-{offset + report['n'] - 1}"
+
+
+def _label(report: dict[str, Any]) -> str:
+    strategy = report["strategy"]
+    return strategy if strategy == "greedy" else f"{strategy}@{report['budget']}"
+
+
+def _in_order(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(reports, key=lambda r: (r["dataset"], r.get("offset", 0), r["strategy"]))
 
 
 def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> Path:
@@ -53,10 +69,7 @@ def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> 
     )
     axes.set_xlabel("mean FLOPs per answer (log scale)")
     axes.set_ylabel("accuracy (%)")
-    spans = sorted(
-        {f"{r['dataset']} {r.get('offset', 0)}-{r.get('offset', 0) + r['n'] - 1}" for r in reports}
-    )
-    axes.set_title(title or f"{', '.join(spans)}")
+    axes.set_title(title or ", ".join(sorted({f"{r['dataset']} {_span(r)}" for r in reports})))
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -73,14 +86,11 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
         "| FLOPs / correct | latency p50 / p95 (s) | errors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(reports, key=lambda r: (r["dataset"], r.get("offset", 0), r["strategy"])):
-        offset = r.get("offset", 0)
-        span = f"{offset}-{offset + r['n'] - 1}"
-        label = r["strategy"] if r["strategy"] == "greedy" else f"{r['strategy']}@{r['budget']}"
+    for r in _in_order(reports):
         flops = r.get("mean_flops")
         per_correct = r.get("flops_per_correct")
         lines.append(
-            f"| {r['dataset']} | {span} | {label} | {100 * r['accuracy']:.1f}% "
+            f"| {r['dataset']} | {_span(r)} | {_label(r)} | {100 * r['accuracy']:.1f}% "
             f"| {100 * (r.get('pass_at_n') or 0):.1f}% "
             f"| {f'{flops:.3g}' if flops else 'n/a'} "
             f"| {f'{per_correct:.3g}' if per_correct else 'n/a'} "
@@ -106,7 +116,7 @@ def bin_table(reports: list[dict[str, Any]]) -> str:
         "| dataset | strategy | " + " | ".join(f"{b}: accuracy / FLOPs" for b in names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
-    for r in sorted(reports, key=lambda r: (r["dataset"], r.get("offset", 0), r["strategy"])):
+    for r in _in_order(reports):
         groups: dict[str, list[dict[str, Any]]] = {b: [] for b in names}
         for record in r.get("records", []):
             name = bins.get((r["dataset"], record["id"]))
@@ -116,13 +126,13 @@ def bin_table(reports: list[dict[str, Any]]) -> str:
             continue
         cells = []
         for name in names:
-            group = groups[name]
-            flops = [float(x["flops"]) for x in group if x.get("flops") is not None]
-            accuracy = sum(bool(x.get("correct")) for x in group) / len(group) if group else 0.0
-            mean = f"{sum(flops) / len(flops):.3g}" if flops else "n/a"
-            cells.append(f"{100 * accuracy:.0f}% / {mean} (n={len(group)})")
-        label = r["strategy"] if r["strategy"] == "greedy" else f"{r['strategy']}@{r['budget']}"
-        lines.append(f"| {r['dataset']} | {label} | " + " | ".join(cells) + " |")
+            summary = flops_summary(groups[name])
+            mean = summary["mean_flops"]
+            cells.append(
+                f"{100 * (summary['accuracy_answered'] or 0.0):.0f}% / "
+                f"{f'{mean:.3g}' if mean is not None else 'n/a'} (n={len(groups[name])})"
+            )
+        lines.append(f"| {r['dataset']} | {_label(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -141,11 +151,12 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_plot(args: argparse.Namespace) -> int:
+    everything = [json.loads(p.read_text()) for p in args.reports]
     if args.table:
-        print(markdown_table([json.loads(p.read_text()) for p in args.reports]))
+        print(markdown_table(everything))
     if args.by_difficulty:
-        print(bin_table([json.loads(p.read_text()) for p in args.reports]))
-    reports = load_reports(args.reports)
+        print(bin_table(everything))
+    reports = with_flops(args.reports, everything)
     if not reports:
         print("error: no report with FLOPs to plot", file=sys.stderr)
         return 2
