@@ -38,6 +38,14 @@ from tts_server.router import (
 )
 
 SEARCH_WIDTH = 4
+SEARCHES = ("beam_search", "dvts")
+
+
+def _width(strategy: str, n: int) -> int:
+    """The beam width a calibrated strategy runs with N samples."""
+    return min(SEARCH_WIDTH, n) if strategy in SEARCHES else 1
+
+
 PILOT = "pilot"
 
 
@@ -58,8 +66,8 @@ async def _request(
     budget: int,
 ) -> dict[str, Any]:
     headers = {"X-TTS-Strategy": strategy, "X-TTS-Budget": str(budget)}
-    if strategy in ("beam_search", "dvts"):
-        headers["X-TTS-Beam-Width"] = str(min(SEARCH_WIDTH, budget))
+    if strategy in SEARCHES:
+        headers["X-TTS-Beam-Width"] = str(_width(strategy, budget))
     body = {"model": model, "messages": [{"role": "user", "content": question}]}
     response = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
     if response.status_code != 200:
@@ -289,7 +297,7 @@ def _route(option: str, pilot: int, client_budget: int | None) -> Route:
         return Route("pilot")
     strategy, _, measured = option.partition("@")
     n = int(measured)
-    width = min(SEARCH_WIDTH, n) if strategy in ("beam_search", "dvts") else 1
+    width = _width(strategy, n)
     share = 1.0 if client_budget is None else min(1.0, (pilot + n) / client_budget)
     return Route(strategy, width, round(share, 4))
 
@@ -339,11 +347,8 @@ def main_calibrate(args: argparse.Namespace) -> int:
         for strategy in strategies:
             if left < 1:
                 continue
-            if strategy in ("beam_search", "dvts"):
-                left_search = left - left % min(SEARCH_WIDTH, left)
-                options.append((strategy, left_search))
-            else:
-                options.append((strategy, left))
+            # A search runs a whole number of beam widths.
+            options.append((strategy, left - left % _width(strategy, left)))
     try:
         if args.refit:
             # Only what this command would have measured: its problems and its options.
