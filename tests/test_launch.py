@@ -25,3 +25,5 @@ def test_vllm_command_line(tmp_path: Path) -> None:
     assert argv[argv.index("--served-model-name") + 1] == "m"
     # Cached-token counts are needed for the cost we report.
     assert "--enable-prompt-tokens-details" in argv
+    # Small KV blocks, so a search step's re-sent prefix is served from the prefix cache.
+    assert argv[argv.index("--block-size") + 1] == "32"

@@ -36,12 +36,15 @@ async def _one(
     example: Example,
     strategy: str,
     budget: int,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": example.question}],
         "tts": {"strategy": strategy, "budget": budget},
     }
+    if temperature is not None:
+        body["temperature"] = temperature
     headers = {"X-TTS-Strategy": strategy, "X-TTS-Budget": str(budget)}
     started = time.perf_counter()
     record: dict[str, Any] = {"id": example.id, "expected": example.answer}
@@ -91,6 +94,7 @@ async def run_eval(
     limit: int | None = None,
     offset: int = 0,
     concurrency: int = 2,
+    temperature: float | None = None,
     model: str | None = None,
     progress: bool = True,
     timeout_s: float = 900.0,
@@ -111,7 +115,7 @@ async def run_eval(
 
         async def bounded(example: Example) -> dict[str, Any]:
             async with semaphore:
-                record = await _one(client, base_url, model, example, strategy, budget)
+                record = await _one(client, base_url, model, example, strategy, budget, temperature)
             done.append(record)
             bar.update(1)
             bar.set_postfix(acc=f"{sum(bool(r.get('correct')) for r in done) / len(done):.1%}")
@@ -128,6 +132,8 @@ async def run_eval(
         "dataset": dataset,
         "strategy": strategy,
         "budget": budget,
+        # None: the server's default sampling temperature.
+        "temperature": temperature,
         "n": n,
         "offset": offset,
         "accuracy": sum(bool(r.get("correct")) for r in records) / n if n else 0.0,
@@ -177,6 +183,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (server default)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
 
 
@@ -191,6 +200,7 @@ def main_eval(args: argparse.Namespace) -> int:
                 limit=args.limit,
                 offset=args.offset,
                 concurrency=args.concurrency,
+                temperature=args.temperature,
             )
         )
     except DatasetError as exc:

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     # which is about 4x faster than emulated bfloat16 on AVX2-only CPUs.
     policy_dtype: str = "auto"
     kv_cache_gib: int = 2
+    # KV-cache block size. vLLM's CPU default is 128 tokens, and the prefix cache reuses only
+    # whole blocks: a search step re-sends its prefix, so up to 127 tokens per call were
+    # recomputed. 32 is the smallest size with the CPU's fast attention kernel.
+    policy_block_size: int = Field(default=32, ge=16, multiple_of=16)
 
     # --- PRM worker (`tts-server prm-worker`) ---
     prm_port: int = 8200

@@ -83,6 +83,8 @@ def vllm_argv(settings: Settings, model_dir: Path, port: int) -> list[str]:
         "--max-model-len",
         str(settings.max_model_len),
         "--enforce-eager",
+        "--block-size",
+        str(settings.policy_block_size),
         # Cached-token counts per request, so the cost we report is measured, not guessed.
         "--enable-prompt-tokens-details",
         "--disable-uvicorn-access-log",
