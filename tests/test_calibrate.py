@@ -270,3 +270,66 @@ def test_refit_uses_only_the_problems_and_options_asked_for(tmp_path: Path) -> N
     written = json.loads(out.read_text())
     assert written["calibration"]["problems"] == 3
     assert written["routes"]["hard"]["strategy"] == "dvts"
+
+
+def test_a_route_is_scored_on_the_answer_auto_serves_from_pilot_and_route_together() -> None:
+    """Problem a: the pilot says 7 three times (score 0.5 each) and the route once says 9 (0.9):
+    weighted selection over all candidates serves 7 (1.5 against 0.9), right, although the
+    route's own answer is wrong. Problem b: the reverse, the merged answer is wrong."""
+
+    def pilot(problem: str, answers: list[str], score: float, expected: str) -> dict[str, Any]:
+        return {"id": problem, "option": PILOT, "expected": expected, "correct": False,
+                "flops": 10, "answers": answers, "scores": [score] * len(answers),
+                "selection": "weighted", "mean_score": score, "agreement": 0.75,
+                "pass_at_1": 0.0}  # fmt: skip
+
+    def routed(problem: str, answer: str, expected: str) -> dict[str, Any]:
+        return {"id": problem, "option": "dvts@4", "expected": expected,
+                "correct": answer == expected, "flops": 20, "answers": [answer],
+                "scores": [0.9], "selection": "weighted"}  # fmt: skip
+
+    records = [
+        pilot("a", ["7", "7", "7", "3"], 0.5, "7"),
+        routed("a", "9", "7"),
+        pilot("b", ["5", "5", "5", "3"], 0.5, "9"),
+        routed("b", "9", "9"),
+    ]
+    _, report = fit(records, pilot=4)
+    assert report["options"]["dvts@4"] == {"accuracy": 0.5, "mean_flops": 30}
+    # Records from before candidates were kept: the route's own answer decides.
+    old = [{k: v for k, v in r.items() if k != "answers"} for r in records]
+    _, report = fit(old, pilot=4)
+    assert report["options"]["dvts@4"]["accuracy"] == 0.5
+    assert fit(old[2:], pilot=4)[1]["options"]["dvts@4"]["accuracy"] == 1.0
+
+
+def test_fixed_references_run_at_the_whole_budget_and_are_never_routes(tmp_path: Path) -> None:
+    calls: list[dict[str, Any]] = []
+    records = asyncio.run(
+        collect(
+            "http://gw",
+            EXAMPLES,
+            [("beam_search", 4)],
+            4,
+            tmp_path / "records.jsonl",
+            compare=[("beam_search", 8), ("best_of_n", 8)],
+            progress=False,
+            transport=scripted_gateway(calls),
+        )
+    )
+    assert len(calls) == 12 * 4
+    fixed_beam = [
+        c for c in calls
+        if c["headers"]["x-tts-strategy"] == "beam_search" and c["headers"]["x-tts-budget"] == "8"
+    ]  # fmt: skip
+    # A reference runs as a client asks for it: the server's own beam width.
+    assert len(fixed_beam) == 12 and all("x-tts-beam-width" not in c["headers"] for c in fixed_beam)
+    table, report = fit(records, pilot=4)
+    assert {r.strategy for r in table.routes.values()} <= {"pilot", "beam_search"}
+    # The scripted fixed beam search is always right for 400; best_of_n@8 right on even ones.
+    assert report["fixed"]["beam_search@8"] == {"accuracy": 1.0, "mean_flops": 400}
+    assert report["fixed"]["best_of_n@8"]["accuracy"] == 0.5
+    against = report["auto_vs_best_fixed"]
+    assert against["best_fixed"] == "beam_search@8"
+    assert against["accuracy_difference"] == 0.0
+    assert against["flops_ratio"] == pytest.approx(300 / 400)

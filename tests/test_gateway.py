@@ -12,6 +12,7 @@ import pytest
 from tests.fake_vllm import EOS, FakeVLLM
 from tts_server.api.app import create_app
 from tts_server.policy import VLLMPolicyClient
+from tts_server.prompting import ProfileError, load_profile
 from tts_server.settings import Settings
 from tts_server.types import PRMUsage
 
@@ -228,3 +229,45 @@ async def test_flops_are_null_when_parameter_counts_are_unknown(
     response = await gateway.post("/v1/chat/completions", json=chat("best_of_n"))
     assert response.status_code == 200
     assert response.json()["tts"]["flops"] is None
+
+
+async def test_sampling_temperature_is_the_clients_else_the_profiles_else_the_servers(
+    fake_vllm: FakeVLLM, prm: EquationPRM, tmp_path: Path
+) -> None:
+    profile = tmp_path / "tuned.json"
+    profile.write_text(json.dumps({"name": "t", "style": "chat", "temperature": 0.3}))
+    settings = Settings(
+        policy_model=MODEL, prompt_profiles={MODEL: str(profile)}, default_temperature=0.9
+    )
+    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake_vllm.app()))
+    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
+    app = create_app(settings, policy=policy, prm=prm)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as client:
+        seen = []
+        for body, path in [
+            (chat("best_of_n"), "/v1/chat/completions"),
+            ({**chat("best_of_n"), "temperature": 1.2}, "/v1/chat/completions"),
+            # A completions prompt is raw text: no profile, so the server's default.
+            (
+                {"model": MODEL, "prompt": "<assistant>", "tts": {"strategy": "best_of_n"}},
+                "/v1/completions",
+            ),
+        ]:
+            fake_vllm.calls.clear()
+            response = await client.post(path, json=body)
+            assert response.status_code == 200, response.text
+            assert {call["temperature"] for call in fake_vllm.calls} == {
+                response.json()["tts"]["temperature"]
+            }
+            seen.append(response.json()["tts"]["temperature"])
+    await upstream.aclose()
+    assert seen == [0.3, 1.2, 0.9]
+
+
+def test_a_profile_temperature_out_of_range_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "b", "temperature": 5}))
+    with pytest.raises(ProfileError, match="temperature"):
+        load_profile(str(bad))

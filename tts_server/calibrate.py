@@ -8,9 +8,13 @@ resumes where it stopped. Then:
 
 1. thresholds on the pilot confidence are chosen so that the estimated bins agree best with the
    true pass@1 bins (easy >= 50%, medium >= 10%, hard below);
-2. per bin, the route is the most accurate option (the pilot alone, or a strategy after it), the
-   cheaper one on ties; k-fold cross-validation reports how well that choice generalises;
-3. the table is written as JSON for `TTS_ROUTER_TABLE`.
+2. per bin, the route is chosen among the options (the pilot alone, or a strategy after it) by
+   `--rule`; an option is scored as `auto` serves it: the answer is selected from the pilot's and
+   the routed strategy's candidates together, so the pilot's samples count as they do live;
+   k-fold cross-validation reports how well the choice generalises;
+3. the table is written as JSON for `TTS_ROUTER_TABLE`, with the calibration report, which also
+   sets the cross-validated `auto` against fixed strategies run at the whole budget (`--compare`),
+   the comparison a router must win.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from tts_server.router import (
     confidence_of,
     true_bin,
 )
+from tts_server.selection import select
+from tts_server.types import Candidate, SelectionRule
 
 SEARCH_WIDTH = 4
 SEARCHES = ("beam_search", "dvts")
@@ -47,6 +53,8 @@ def _width(strategy: str, n: int) -> int:
 
 
 PILOT = "pilot"
+# Reference options: a fixed strategy at the whole client budget, no pilot ("fixed:dvts@8").
+FIXED = "fixed:"
 
 
 def _key(example_id: str, option: str) -> str:
@@ -64,9 +72,11 @@ async def _request(
     question: str,
     strategy: str,
     budget: int,
+    *,
+    server_width: bool = False,
 ) -> dict[str, Any]:
     headers = {"X-TTS-Strategy": strategy, "X-TTS-Budget": str(budget)}
-    if strategy in SEARCHES:
+    if strategy in SEARCHES and not server_width:
         headers["X-TTS-Beam-Width"] = str(_width(strategy, budget))
     body = {"model": model, "messages": [{"role": "user", "content": question}]}
     response = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
@@ -79,14 +89,19 @@ async def _request(
 def _record(example: Example, option: str, tts: dict[str, Any]) -> dict[str, Any]:
     flops = tts.get("flops") or {}
     answers = tts.get("candidates_answers") or []
+    scores = [s or 0.0 for s in tts.get("candidate_scores") or []]
     record: dict[str, Any] = {
         "id": example.id,
         "option": option,
+        "expected": example.answer,
         "correct": _correct(tts.get("answer"), example.answer),
         "flops": flops.get("total"),
+        # The candidates, so `fit` can select among the pilot's and a route's together.
+        "answers": answers,
+        "scores": scores,
+        "selection": tts.get("selection"),
     }
     if option == PILOT:
-        scores = [s or 0.0 for s in tts.get("candidate_scores") or []]
         counts: dict[str, int] = {}
         for answer in answers:
             if answer is not None:
@@ -115,6 +130,7 @@ async def collect(
     pilot: int,
     records_path: Path,
     *,
+    compare: list[tuple[str, int]] | None = None,
     concurrency: int = 2,
     progress: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
@@ -125,7 +141,11 @@ async def collect(
     jobs = [
         job
         for e in examples
-        for job in [(e, PILOT, "best_of_n", pilot), *((e, f"{s}@{b}", s, b) for s, b in options)]
+        for job in [
+            (e, PILOT, "best_of_n", pilot),
+            *((e, f"{s}@{b}", s, b) for s, b in options),
+            *((e, f"{FIXED}{s}@{b}", s, b) for s, b in compare or []),
+        ]
     ]
     todo = [j for j in jobs if _key(j[0].id, j[1]) not in done]
     records_path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +164,16 @@ async def collect(
             async def run(job: tuple[Example, str, str, int]) -> None:
                 example, option, strategy, budget = job
                 async with semaphore:
-                    tts = await _request(client, url, model, example.question, strategy, budget)
+                    tts = await _request(
+                        client,
+                        url,
+                        model,
+                        example.question,
+                        strategy,
+                        budget,
+                        # A reference runs as a client would ask for it: the server's width.
+                        server_width=option.startswith(FIXED),
+                    )
                 record = _record(example, option, tts)
                 out.write(json.dumps(record) + "\n")
                 out.flush()  # a record on disk is a record never redone
@@ -174,9 +203,12 @@ def fit_thresholds(pilots: list[dict[str, Any]]) -> tuple[float, float, float]:
     return best
 
 
+Costs = dict[str, dict[str, tuple[bool, float]]]
+
+
 def _choose(
     ids: list[str],
-    by_id: dict[str, dict[str, dict[str, Any]]],
+    costs: Costs,
     options: list[str],
     rule: str = "one_se",
 ) -> tuple[str, float, float]:
@@ -189,7 +221,7 @@ def _choose(
     """
     scored = []
     for option in options:
-        rows = [_auto_cost(by_id[i], option) for i in ids]
+        rows = [costs[i][option] for i in ids]
         accuracy = sum(c for c, _ in rows) / len(rows)
         flops = sum(f for _, f in rows) / len(rows)
         scored.append((option, accuracy, flops))
@@ -208,7 +240,31 @@ def _auto_cost(records: dict[str, dict[str, Any]], option: str) -> tuple[bool, f
     if option == PILOT:
         return bool(pilot["correct"]), pilot_flops
     routed = records[option]
-    return bool(routed["correct"]), pilot_flops + float(routed["flops"] or 0)
+    return _merged_correct(pilot, routed), pilot_flops + float(routed["flops"] or 0)
+
+
+def _merged_correct(pilot: dict[str, Any], routed: dict[str, Any]) -> bool:
+    """Whether the answer `auto` serves is right: like the engine, it selects among the pilot's
+    and the routed strategy's candidates together (majority vote after a majority route). Records
+    written before candidates were kept fall back to the routed strategy's own answer."""
+    if "answers" not in pilot or "answers" not in routed or "expected" not in routed:
+        return bool(routed["correct"])
+    strategy = str(routed["option"]).partition("@")[0]
+    recorded = routed.get("selection")
+    rule: SelectionRule = "weighted"
+    if strategy == "majority":
+        rule = "majority"
+    elif recorded in ("naive", "weighted", "majority"):
+        rule = recorded
+    candidates = [
+        # Scores are already aggregated: one "step" holding the score keeps it under "last".
+        Candidate(step_scores=[float(score)], finished=True, answer=answer)
+        for part in (pilot, routed)
+        for answer, score in zip(part["answers"], part["scores"], strict=False)
+    ]
+    if not candidates:
+        return False
+    return _correct(select(candidates, rule, "last").answer, str(routed["expected"]))
 
 
 def fit(
@@ -226,13 +282,17 @@ def fit(
     by_id: dict[str, dict[str, dict[str, Any]]] = {}
     for record in records:
         by_id.setdefault(record["id"], {})[record["option"]] = record
-    options = sorted({r["option"] for r in records})
+    measured = sorted({r["option"] for r in records})
     # Only problems with every option measured (an interrupted run may leave a partial one).
-    incomplete = [p for p, rows in by_id.items() if set(rows) != set(options)]
+    incomplete = [p for p, rows in by_id.items() if set(rows) != set(measured)]
     for problem in incomplete:
         del by_id[problem]
     if not by_id:
         raise ValueError("no problem has every option measured yet")
+    options = [o for o in measured if not o.startswith(FIXED)]
+    references = [o for o in measured if o.startswith(FIXED)]
+    # Each (problem, route) once: merging candidates runs answer equivalence.
+    costs: Costs = {p: {o: _auto_cost(rows, o) for o in options} for p, rows in by_id.items()}
     pilots = [rows[PILOT] for rows in by_id.values()]
     easy_min, medium_min, bin_agreement = fit_thresholds(pilots)
     table = RouterTable(easy_min=easy_min, medium_min=medium_min)
@@ -245,7 +305,7 @@ def fit(
         routes: dict[str, str] = {}
         for name in BINS:
             members = [i for i in ids if bin_of(i) == name] or ids  # empty bin: all problems
-            routes[name] = _choose(members, by_id, options, rule)[0]
+            routes[name] = _choose(members, costs, options, rule)[0]
         return routes
 
     problems = sorted(by_id)
@@ -258,7 +318,7 @@ def fit(
         train = [p for p in shuffled if p not in set(test)]
         routes = choose_routes(train or test)
         for problem in test:
-            correct, flops = _auto_cost(by_id[problem], routes[bin_of(problem)])
+            correct, flops = costs[problem][routes[bin_of(problem)]]
             held_correct += correct
             held_flops += flops
     routes = choose_routes(problems)
@@ -269,13 +329,21 @@ def fit(
         routes={name: _route(option, pilot, client_budget) for name, option in routes.items()},
         source=source,
     )
+    # An option as `auto` would serve it: pilot included, candidates merged.
     per_option = {
         option: {
+            "accuracy": sum(costs[p][option][0] for p in problems) / len(problems),
+            "mean_flops": sum(costs[p][option][1] for p in problems) / len(problems),
+        }
+        for option in options
+    }
+    fixed = {
+        option.removeprefix(FIXED): {
             "accuracy": sum(bool(by_id[p][option]["correct"]) for p in problems) / len(problems),
             "mean_flops": sum(float(by_id[p][option]["flops"] or 0) for p in problems)
             / len(problems),
         }
-        for option in options
+        for option in references
     }
     report = {
         "problems": len(problems),
@@ -288,8 +356,26 @@ def fit(
         "cv_auto_accuracy": held_correct / len(problems),
         "cv_auto_mean_flops": held_flops / len(problems),
         "options": per_option,
+        "fixed": fixed,
+        "auto_vs_best_fixed": _against_best(
+            held_correct / len(problems), held_flops / len(problems), fixed
+        ),
     }
     return table, report
+
+
+def _against_best(
+    accuracy: float, flops: float, fixed: dict[str, dict[str, float]]
+) -> dict[str, Any] | None:
+    """The cross-validated `auto` against the most accurate fixed strategy (cheaper on ties)."""
+    if not fixed:
+        return None
+    name, best = max(fixed.items(), key=lambda kv: (kv[1]["accuracy"], -kv[1]["mean_flops"]))
+    return {
+        "best_fixed": name,
+        "accuracy_difference": accuracy - best["accuracy"],
+        "flops_ratio": flops / best["mean_flops"] if best["mean_flops"] else None,
+    }
 
 
 def _route(option: str, pilot: int, client_budget: int | None) -> Route:
@@ -312,6 +398,12 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         "--budgets", default="8", help="client budgets B (comma-separated); routes run B - pilot"
     )
     parser.add_argument("--pilot", type=int, default=4, help="pilot samples k")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        help="fixed strategies to run at the largest budget, no pilot, as the reference `auto` "
+        "must beat (comma-separated; default: --strategies; 'none' to skip)",
+    )
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=2)
@@ -349,11 +441,17 @@ def main_calibrate(args: argparse.Namespace) -> int:
                 continue
             # A search runs a whole number of beam widths.
             options.append((strategy, left - left % _width(strategy, left)))
+    names = strategies if args.compare is None else args.compare.split(",")
+    compare = [(s.strip(), max(budgets)) for s in names if s.strip() not in ("", "none")]
     try:
         if args.refit:
             # Only what this command would have measured: its problems and its options.
             ids = {e.id for e in examples}
-            wanted = {PILOT, *(f"{s}@{b}" for s, b in options)}
+            wanted = {
+                PILOT,
+                *(f"{s}@{b}" for s, b in options),
+                *(f"{FIXED}{s}@{b}" for s, b in compare),
+            }
             records = [
                 r
                 for r in _read_records(args.records).values()
@@ -367,6 +465,7 @@ def main_calibrate(args: argparse.Namespace) -> int:
                     sorted(set(options)),
                     args.pilot,
                     args.records,
+                    compare=compare,
                     concurrency=args.concurrency,
                 )
             )

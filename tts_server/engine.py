@@ -79,6 +79,7 @@ class Outcome:
     partial: bool = False
     # Why the answer was not computed as asked (e.g. the PRM is down: majority vote instead).
     degraded: str | None = None
+    temperature: float | None = None
 
 
 class StageClock:
@@ -302,6 +303,7 @@ class TTSEngine:
             max_flops=max_flops,
             partial=partial,
             degraded=degraded,
+            temperature=temperature,
         )
 
     @staticmethod

@@ -31,6 +31,9 @@ class PromptProfile:
     question_template: str = "Question: {question}\nAnswer:"
     example_separator: str = "\n\n\n"
     solution_stops: tuple[str, ...] = ()
+    # The sampling temperature when the client sets none (None: the server's default): a
+    # small model's best temperature is lower than a large one's.
+    temperature: float | None = None
     notes: str = ""
 
     def plain_text(self, question: str) -> str:
@@ -62,6 +65,7 @@ class RenderedPrompt:
     question: str
     prompt_ids: list[int]
     solution_stops: list[str] = field(default_factory=list)
+    temperature: float | None = None
 
 
 class Tokenizer(Protocol):
@@ -91,8 +95,17 @@ def load_profile(name_or_path: str) -> PromptProfile:
         question_template=raw.get("question_template", "Question: {question}\nAnswer:"),
         example_separator=raw.get("example_separator", "\n\n\n"),
         solution_stops=tuple(raw.get("solution_stops", [])),
+        temperature=_temperature(raw.get("temperature"), path.name),
         notes=raw.get("notes", ""),
     )
+
+
+def _temperature(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
+        raise ProfileError(f"{where}: temperature must be a number from 0 to 2")
+    return float(value)
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -110,4 +123,4 @@ async def render_chat(
         ids = await tokenizer.tokenize_text(profile.plain_text(question))
     else:
         ids = await tokenizer.tokenize_chat(profile.chat_messages(messages))
-    return RenderedPrompt(question, ids, list(profile.solution_stops))
+    return RenderedPrompt(question, ids, list(profile.solution_stops), profile.temperature)

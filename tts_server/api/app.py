@@ -246,7 +246,12 @@ async def _run(
     deadline_s: float,
     degraded: str | None,
 ) -> Outcome:
-    temperature = body.temperature if body.temperature is not None else settings.default_temperature
+    # The client's temperature, else the prompt profile's (tuned for its model), else the server's.
+    temperature = next(
+        t
+        for t in (body.temperature, rendered.temperature, settings.default_temperature)
+        if t is not None
+    )
     try:
         return await engine.run(
             rendered,
@@ -363,6 +368,7 @@ def _respond(
             "beam_width": plan.beam_width,
             "aggregation": plan.aggregation,
             "selection": plan.selection,
+            "temperature": outcome.temperature,
             "answer": result.answer,
             "votes": result.votes,
             "num_candidates": len(result.candidates),
