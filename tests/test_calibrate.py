@@ -13,7 +13,7 @@ import pytest
 
 from tts_server.calibrate import PILOT, collect, fit
 from tts_server.datasets import Example, load_dataset
-from tts_server.plots import bin_table, markdown_table, plot
+from tts_server.plots import bin_table, markdown_table, plot, versus_table
 from tts_server.router import parse_table, plan_budget
 
 EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
@@ -143,10 +143,28 @@ def test_markdown_table_has_one_row_per_report_with_its_figures() -> None:
     ]
     rows = markdown_table(reports).splitlines()
     assert len(rows) == 4
-    assert rows[2].startswith("| d | 0-99 | greedy | 8.0% | 0.0% | n/a | n/a |")
+    # SE: sqrt(0.08 * 0.92 / 100) = 2.7 points; sqrt(0.125 * 0.875 / 80) = 3.7.
+    assert rows[2].startswith("| d | 0-99 | greedy | 8.0% ± 2.7 | 0.0% | n/a | n/a |")
     assert rows[3] == (
-        "| d | 281-360 | auto@8 | 12.5% | 25.0% | 1.5e+11 | 1.2e+12 | 1.2 / 3.5 | 0 |"
+        "| d | 281-360 | auto@8 | 12.5% ± 3.7 | 25.0% | 1.5e+11 | 1.2e+12 | 1.2 / 3.5 | 0 |"
     )
+
+
+def test_versus_table_pairs_auto_with_each_fixed_strategy_on_shared_problems() -> None:
+    def report(strategy: str, outcomes: list[tuple[str, bool, float]]) -> dict[str, Any]:
+        return {
+            "dataset": "d",
+            "strategy": strategy,
+            "budget": 8,
+            "records": [{"id": i, "correct": c, "flops": f} for i, c, f in outcomes],
+        }
+
+    auto = report("auto", [("a", True, 10), ("b", True, 10), ("c", False, 20), ("x", True, 5)])
+    dvts = report("dvts", [("a", True, 40), ("b", False, 40), ("c", True, 40)])
+    rows = versus_table([dvts, auto]).splitlines()
+    # On a, b, c: differences 0, +1, -1: mean 0, sd 1, paired SE 1 / sqrt(3) = 57.7 points.
+    assert rows[2] == "| d | 3 | auto@8 | dvts@8 | +0.0 ± 57.7 points | 0.33 |"
+    assert versus_table([dvts]) == "no `auto` report among these reports"
 
 
 def test_fit_skips_problems_an_interrupted_run_left_incomplete() -> None:

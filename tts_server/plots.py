@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,7 +84,7 @@ def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> 
 def markdown_table(reports: list[dict[str, Any]]) -> str:
     """One row per report: what docs/eval.md and the closing notes show."""
     lines = [
-        "| dataset | problems | strategy | accuracy | pass@N | mean FLOPs / answer "
+        "| dataset | problems | strategy | accuracy ± SE | pass@N | mean FLOPs / answer "
         "| FLOPs / correct | latency p50 / p95 (s) | errors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -90,12 +92,53 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
         flops = r.get("mean_flops")
         per_correct = r.get("flops_per_correct")
         lines.append(
-            f"| {r['dataset']} | {_span(r)} | {_label(r)} | {100 * r['accuracy']:.1f}% "
+            f"| {r['dataset']} | {_span(r)} | {_label(r)} "
+            f"| {100 * r['accuracy']:.1f}% ± {100 * _binomial_se(r['accuracy'], r['n']):.1f} "
             f"| {100 * (r.get('pass_at_n') or 0):.1f}% "
             f"| {f'{flops:.3g}' if flops else 'n/a'} "
             f"| {f'{per_correct:.3g}' if per_correct else 'n/a'} "
             f"| {r['latency_p50_s']:.1f} / {r['latency_p95_s']:.1f} | {r['errors']} |"
         )
+    return "\n".join(lines)
+
+
+def _binomial_se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def versus_table(reports: list[dict[str, Any]]) -> str:
+    """Every `auto` report against every fixed one on the same problems of the same dataset:
+    accuracy difference with its paired standard error (per-problem differences, so the noise
+    both share cancels) and the FLOPs ratio. What the router must win: a difference >= 0 at a
+    ratio well under 1."""
+    lines = [
+        "| dataset | problems | auto | against | accuracy difference ± paired SE "
+        "| FLOPs ratio (auto / fixed) |",
+        "|---|---|---|---|---|---|",
+    ]
+    autos = [r for r in _in_order(reports) if r["strategy"] == "auto"]
+    for auto in autos:
+        mine = {rec["id"]: rec for rec in auto.get("records", []) if "error" not in rec}
+        for other in _in_order(reports):
+            if other["strategy"] == "auto" or other["dataset"] != auto["dataset"]:
+                continue
+            theirs = {rec["id"]: rec for rec in other.get("records", []) if "error" not in rec}
+            common = [i for i in mine if i in theirs]
+            if not common:
+                continue
+            diffs = [bool(mine[i].get("correct")) - bool(theirs[i].get("correct")) for i in common]
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+            flops_auto = [mine[i].get("flops") for i in common]
+            flops_other = [theirs[i].get("flops") for i in common]
+            ratio = "n/a"
+            if None not in flops_auto and None not in flops_other and sum(flops_other):
+                ratio = f"{sum(flops_auto) / sum(flops_other):.2f}"
+            lines.append(
+                f"| {auto['dataset']} | {len(common)} | {_label(auto)} | {_label(other)} "
+                f"| {100 * statistics.mean(diffs):+.1f} ± {100 * se:.1f} points | {ratio} |"
+            )
+    if not autos:
+        return "no `auto` report among these reports"
     return "\n".join(lines)
 
 
@@ -144,6 +187,12 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
         "--table", action="store_true", help="also print the reports as a markdown table"
     )
     parser.add_argument(
+        "--versus",
+        action="store_true",
+        help="also print each `auto` report against each fixed one on the same problems "
+        "(paired accuracy difference, FLOPs ratio)",
+    )
+    parser.add_argument(
         "--by-difficulty",
         action="store_true",
         help="also print accuracy and FLOPs per difficulty bin (bins from the first `auto` report)",
@@ -154,6 +203,8 @@ def main_plot(args: argparse.Namespace) -> int:
     everything = [json.loads(p.read_text()) for p in args.reports]
     if args.table:
         print(markdown_table(everything))
+    if args.versus:
+        print(versus_table(everything))
     if args.by_difficulty:
         print(bin_table(everything))
     reports = with_flops(args.reports, everything)
