@@ -351,3 +351,18 @@ def test_fixed_references_run_at_the_whole_budget_and_are_never_routes(tmp_path:
     assert against["best_fixed"] == "beam_search@8"
     assert against["accuracy_difference"] == 0.0
     assert against["flops_ratio"] == pytest.approx(300 / 400)
+
+
+def test_a_pilot_that_exits_early_is_scored_alone_whatever_the_route() -> None:
+    """As served: a pilot agreeing fully with mean score >= 0.9 answers at once, so the route's
+    FLOPs and answer do not count on that problem."""
+    records = [
+        {"id": "a", "option": PILOT, "correct": True, "flops": 10, "mean_score": 0.95,
+         "agreement": 1.0, "pass_at_1": 1.0},
+        {"id": "a", "option": "dvts@4", "correct": False, "flops": 50},
+        {"id": "b", "option": PILOT, "correct": False, "flops": 10, "mean_score": 0.5,
+         "agreement": 0.5, "pass_at_1": 0.0},
+        {"id": "b", "option": "dvts@4", "correct": True, "flops": 50},
+    ]  # fmt: skip
+    _, report = fit(records, pilot=4)
+    assert report["options"]["dvts@4"] == {"accuracy": 1.0, "mean_flops": (10 + 60) / 2}

@@ -225,12 +225,13 @@ def _choose(
         accuracy = sum(c for c, _ in rows) / len(rows)
         flops = sum(f for _, f in rows) / len(rows)
         scored.append((option, accuracy, flops))
-    best = max(scored, key=lambda o: (o[1], -o[2]))
+    # On full ties (e.g. every problem exits early) the pilot alone, the plainest route.
+    best = max(scored, key=lambda o: (o[1], -o[2], o[0] == PILOT))
     if rule == "max":
         return best
     margin = math.sqrt(best[1] * (1 - best[1]) / len(ids))
     near = [o for o in scored if o[1] >= best[1] - margin - 1e-12]
-    return min(near, key=lambda o: (o[2], -o[1]))
+    return min(near, key=lambda o: (o[2], -o[1], o[0] != PILOT))
 
 
 def _auto_cost(records: dict[str, dict[str, Any]], option: str) -> tuple[bool, float]:
@@ -291,8 +292,17 @@ def fit(
         raise ValueError("no problem has every option measured yet")
     options = [o for o in measured if not o.startswith(FIXED)]
     references = [o for o in measured if o.startswith(FIXED)]
-    # Each (problem, route) once: merging candidates runs answer equivalence.
-    costs: Costs = {p: {o: _auto_cost(rows, o) for o in options} for p, rows in by_id.items()}
+    # Each (problem, route) once: merging candidates runs answer equivalence. A pilot that meets
+    # the early exit is served alone whatever the route, as the engine does.
+    exits = RouterTable()
+    costs: Costs = {}
+    for problem, rows in by_id.items():
+        pilot_row = rows[PILOT]
+        early = (
+            pilot_row.get("agreement", 0.0) >= exits.early_exit_agreement
+            and pilot_row.get("mean_score", 0.0) >= exits.early_exit_score
+        )
+        costs[problem] = {o: _auto_cost(rows, PILOT if early else o) for o in options}
     pilots = [rows[PILOT] for rows in by_id.values()]
     easy_min, medium_min, bin_agreement = fit_thresholds(pilots)
     table = RouterTable(easy_min=easy_min, medium_min=medium_min)
