@@ -20,13 +20,14 @@ def test_calibrate_resumes_and_its_table_drives_auto(stack: Stack, tmp_path: Pat
     records, table_path = tmp_path / "records.jsonl", tmp_path / "table.json"
     argv = cli("calibrate", "--url", stack.gateway_url, "--dataset", "mawps_singleop")
     argv += ["--limit", "2", "--pilot", "2", "--budgets", "4", "--strategies", "best_of_n,dvts"]
+    argv += ["--compare", "best_of_n"]
     argv += ["--records", str(records), "--out", str(table_path)]
     first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     lines = records.read_text().splitlines()
-    # 2 problems x (pilot, best_of_n@2, dvts@2)
+    # 2 problems x (pilot, best_of_n@2, dvts@2, and the reference: best_of_n at the budget)
     assert sorted(json.loads(line)["option"] for line in lines) == sorted(
-        ["pilot", "best_of_n@2", "dvts@2"] * 2
+        ["pilot", "best_of_n@2", "dvts@2", "fixed:best_of_n@4"] * 2
     )
     again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
@@ -35,6 +36,9 @@ def test_calibrate_resumes_and_its_table_drives_auto(stack: Stack, tmp_path: Pat
     table = load_table(table_path)
     assert table.pilot_samples == 2 and table.source == "calibrated on mawps_singleop[0:2]"
     assert {route.strategy for route in table.routes.values()} <= {"pilot", "best_of_n", "dvts"}
+    report = json.loads(table_path.read_text())["calibration"]
+    assert report["auto_vs_best_fixed"]["best_fixed"] == "best_of_n@4"
+    assert report["fixed"]["best_of_n@4"]["mean_flops"] > 0
 
     port = free_port()
     gateway_argv = cli("gateway", "--port", str(port), "--policy-url", stack.policy_url)
