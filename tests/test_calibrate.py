@@ -366,3 +366,21 @@ def test_a_pilot_that_exits_early_is_scored_alone_whatever_the_route() -> None:
     ]  # fmt: skip
     _, report = fit(records, pilot=4)
     assert report["options"]["dvts@4"] == {"accuracy": 1.0, "mean_flops": (10 + 60) / 2}
+
+
+def test_when_no_routing_beats_the_best_fixed_strategy_the_table_serves_it() -> None:
+    """dvts@8 alone is right on every problem; pilot + best_of_n on none: `auto` loses to the
+    reference, so the table names dvts as the fixed strategy (no pilot, no routes)."""
+    records: list[dict[str, Any]] = []
+    for i in range(6):
+        problem = f"p{i}"
+        records += [
+            {"id": problem, "option": PILOT, "correct": False, "flops": 10,
+             "mean_score": 0.2, "agreement": 0.25, "pass_at_1": 0.0},
+            {"id": problem, "option": "best_of_n@4", "correct": False, "flops": 10},
+            {"id": problem, "option": "fixed:dvts@8", "correct": True, "flops": 80},
+        ]  # fmt: skip
+    table, report = fit(records, pilot=4)
+    assert table.fixed_strategy == "dvts" and report["fixed_strategy"] == "dvts"
+    assert report["auto_vs_best_fixed"]["auto_loses"] is True
+    assert parse_table(table.to_json()).fixed_strategy == "dvts"

@@ -12,6 +12,7 @@ from tts_server.engine import TTSEngine
 from tts_server.plan import Plan
 from tts_server.prompting import RenderedPrompt
 from tts_server.router import (
+    BINS,
     Route,
     RouterTable,
     RouterTableError,
@@ -100,6 +101,8 @@ def test_table_round_trips_and_rejects_nonsense(tmp_path: Path) -> None:
     bad["routes"]["easy"]["strategy"] = "telepathy"
     with pytest.raises(RouterTableError, match="strategy"):
         parse_table(bad)
+    with pytest.raises(RouterTableError, match="fixed_strategy"):
+        parse_table({**table.to_json(), "fixed_strategy": "pilot"})
     with pytest.raises(RouterTableError, match="bins"):
         parse_table({**table.to_json(), "routes": {}})
     path.write_text("{not json")
@@ -168,3 +171,28 @@ async def test_auto_routes_a_hard_question_and_keeps_the_pilot() -> None:
     assert pilot_answers == {"1", "2", "3", "4"}
     assert len(result.candidates) > 4
     assert result.policy_usage.calls == len(policy.calls)
+
+
+async def test_a_table_with_a_fixed_strategy_runs_it_on_the_whole_budget_without_a_pilot(
+    tmp_path: Path,
+) -> None:
+    table = tmp_path / "table.json"
+    fixed = RouterTable(routes=dict.fromkeys(BINS, Route("pilot")), fixed_strategy="dvts")
+    table.write_text(json.dumps(fixed.to_json()))
+    policy = TokenizingFake(disagreeing)
+    settings = Settings(policy_params=1000, prm_params=0, policy_model="fake", router_table=table)
+    engine = TTSEngine(settings, policy, FakePRM(per_step(lambda s: 0.2)))
+    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
+    outcome = await engine.run(
+        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
+    )
+    assert outcome.difficulty is None
+    assert outcome.route is not None
+    assert (outcome.route.strategy, outcome.route.budget, outcome.route.beam_width) == (
+        "dvts",
+        8,
+        4,
+    )
+    # No pilot: the first call starts the search's 8 beams, not 4 whole samples.
+    first = policy.calls[0]
+    assert len(first.prompts) * first.n == 8

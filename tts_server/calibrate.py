@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -355,6 +356,10 @@ def fit(
         }
         for option in references
     }
+    against = _against_best(held_correct / len(problems), held_flops / len(problems), fixed)
+    if against is not None and against["auto_loses"]:
+        # Routing by difficulty did not pay on these problems: serve the best fixed strategy.
+        table = dataclasses.replace(table, fixed_strategy=against["best_fixed"].partition("@")[0])
     report = {
         "problems": len(problems),
         "incomplete_problems_skipped": len(incomplete),
@@ -367,9 +372,8 @@ def fit(
         "cv_auto_mean_flops": held_flops / len(problems),
         "options": per_option,
         "fixed": fixed,
-        "auto_vs_best_fixed": _against_best(
-            held_correct / len(problems), held_flops / len(problems), fixed
-        ),
+        "auto_vs_best_fixed": against,
+        "fixed_strategy": table.fixed_strategy,
     }
     return table, report
 
@@ -385,6 +389,9 @@ def _against_best(
         "best_fixed": name,
         "accuracy_difference": accuracy - best["accuracy"],
         "flops_ratio": flops / best["mean_flops"] if best["mean_flops"] else None,
+        # Less accurate, or as accurate and dearer: routing does not pay here.
+        "auto_loses": accuracy < best["accuracy"]
+        or (accuracy == best["accuracy"] and flops > best["mean_flops"]),
     }
 
 

@@ -272,7 +272,7 @@ class TTSEngine:
         route: Route | None = None
         stages: dict[str, float] = {}
         partial = False
-        decision: list[tuple[Difficulty, Route]] = []
+        decision: list[tuple[Difficulty | None, Route]] = []
         work: Awaitable[StrategyResult]
         if plan.strategy == "auto":
             work = self._route(problem, config, policy, prm, stages, decision)
@@ -331,10 +331,22 @@ class TTSEngine:
         policy: PolicyClient,
         prm: PRMClient,
         stages: dict[str, float],
-        decision: list[tuple[Difficulty, Route]],
+        decision: list[tuple[Difficulty | None, Route]],
     ) -> StrategyResult:
         """Pilot, estimate the difficulty, then spend what is left of the budget as routed."""
         table = await self.router_table()
+        if table.fixed_strategy is not None:
+            # Calibration found no routing that beats this strategy on this model pair.
+            # It runs as a request naming it would: the server's default beam width.
+            name = table.fixed_strategy
+            budget, width = config.budget, 1
+            if name in ("beam_search", "dvts"):
+                width = min(self.settings.default_beam_width, budget)
+                budget -= budget % width
+            decision.append((None, Route(name, budget, width, False)))
+            fixed = dataclasses.replace(config, budget=budget, beam_width=width)
+            needs = name in ("best_of_n", "beam_search", "dvts")
+            return await STRATEGIES[name](problem, fixed, policy, prm if needs else None)
         k = min(table.pilot_samples, config.budget)
         started = time.perf_counter()
         pilot = await STRATEGIES["best_of_n"](

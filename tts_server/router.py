@@ -7,6 +7,10 @@ absolute and mean what Liu et al.'s mean: easy = pass@1 of 50-100%, medium 10-50
 10%; `tts-server calibrate` fits the thresholds and the route per bin on a dataset. A route names
 a strategy and the share of the client's budget it spends (the pilot's samples count in the
 budget and stay candidates). "pilot" answers from the pilot alone.
+
+When calibration finds that no routing beats the best fixed strategy on its problems (the
+difficulty estimate does not pay for its pilot on that model pair), the table names that strategy
+as `fixed_strategy`, and `auto` runs it on the whole budget with no pilot.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tts_server.types import Candidate
 
 BINS = ("easy", "medium", "hard")
 ROUTE_STRATEGIES = ("pilot", "greedy", "majority", "best_of_n", "beam_search", "dvts")
+FIXED_STRATEGIES = ROUTE_STRATEGIES[1:]
 # pass@1 bounds of the bins (Liu et al.): a calibration problem's true bin.
 PASS_AT_1_EASY = 0.5
 PASS_AT_1_MEDIUM = 0.1
@@ -50,6 +55,8 @@ class RouterTable:
     early_exit_score: float = 0.9
     routes: dict[str, Route] = field(default_factory=dict)
     source: str = "default"
+    # Set: `auto` runs this strategy on the whole budget, no pilot, no routes.
+    fixed_strategy: str | None = None
 
     def bin_of(self, confidence: float) -> str:
         if confidence >= self.easy_min:
@@ -116,9 +123,12 @@ def parse_table(data: Any) -> RouterTable:
             early_exit_score=float(data.get("early_exit_score", 0.9)),
             routes=routes,
             source=str(data.get("source", "file")),
+            fixed_strategy=data.get("fixed_strategy"),
         )
     except (TypeError, ValueError) as exc:
         raise RouterTableError(f"bad number in the router table: {exc}") from exc
+    if table.fixed_strategy is not None and table.fixed_strategy not in FIXED_STRATEGIES:
+        raise RouterTableError(f"fixed_strategy must be one of {', '.join(FIXED_STRATEGIES)}")
     if table.pilot_samples < 1 or not table.medium_min <= table.easy_min:
         raise RouterTableError("pilot_samples >= 1 and medium_min <= easy_min")
     return table
