@@ -56,10 +56,14 @@ def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> 
         group.sort(key=lambda r: r["mean_flops"])
         xs = [r["mean_flops"] for r in group]
         ys = [100 * r["accuracy"] for r in group]
+        # One standard error: differences inside it are noise, not a ranking.
+        errors = [100 * _binomial_se(r["accuracy"], r["n"]) for r in group]
         if strategy == "auto":
+            axes.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="black", capsize=3, zorder=4)
             axes.scatter(xs, ys, marker="*", s=180, color="black", zorder=5, label="auto")
         else:
-            axes.plot(xs, ys, marker="o", label=strategy)
+            line = axes.plot(xs, ys, marker="o", label=strategy)[0]
+            axes.errorbar(xs, ys, yerr=errors, fmt="none", ecolor=line.get_color(), capsize=3)
         for r, x, y in zip(group, xs, ys, strict=True):
             n = 1 if strategy == "greedy" else r["budget"]  # greedy ignores the budget
             axes.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -70,7 +74,7 @@ def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> 
         matplotlib.ticker.LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(3, 3))
     )
     axes.set_xlabel("mean FLOPs per answer (log scale)")
-    axes.set_ylabel("accuracy (%)")
+    axes.set_ylabel("accuracy (%), bars: one standard error")
     axes.set_title(title or ", ".join(sorted({f"{r['dataset']} {_span(r)}" for r in reports})))
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
