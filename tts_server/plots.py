@@ -34,7 +34,10 @@ def _span(report: dict[str, Any]) -> str:
 
 def _label(report: dict[str, Any]) -> str:
     strategy = report["strategy"]
-    return strategy if strategy == "greedy" else f"{strategy}@{report['budget']}"
+    label = strategy if strategy == "greedy" else f"{strategy}@{report['budget']}"
+    # Reports of `eval --temperature` say so; others used the server's default.
+    temperature = report.get("temperature")
+    return label if temperature is None else f"{label} T={temperature:g}"
 
 
 def _in_order(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
