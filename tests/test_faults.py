@@ -195,7 +195,8 @@ async def test_past_the_queue_exactly_the_excess_gets_429(tmp_path: Path) -> Non
                 return await client.post("/v1/chat/completions", json=body("greedy", 1))
 
             first = [asyncio.ensure_future(one()) for _ in range(running + queued)]
-            for _ in range(200):
+            # Up to 30 s for all of them to arrive: a loaded machine is slow to start them.
+            for _ in range(600):
                 if admission.running == running and admission.queued == queued:
                     break
                 await asyncio.sleep(0.05)

@@ -382,3 +382,22 @@ def test_whole_solution_ends_at_its_first_stated_answer() -> None:
     assert candidate.text == "We add.\n\n2 + 3 = 5\n\nThe answer is 5.\n\n"
     assert candidate.answer == "5"
     assert len(candidate.token_ids) == len(text)  # the cost still counts every token
+
+
+async def test_beam_search_a_stop_spanning_two_steps_ends_the_solution_there() -> None:
+    """ "\nQuestion:" starts in one step ("...= 4.\n\n" ends with the delimiter) and ends in the
+    next: no single call saw it, so the joined text is cut at it and the answer comes from what
+    is left, not from the rambling after it."""
+
+    def script(prompt: list[int], k: int) -> str:
+        done = so_far(prompt)
+        if not done:
+            return "So 2 + 2 = 4.\n\n"
+        return "Question: what is 9?\n\nThe answer is 9." if done.endswith("4.\n\n") else "x"
+
+    prm = FakePRM(per_step(lambda s: 0.5))
+    stops = config(budget=2, beam_width=1, solution_stops=("\n\nQuestion:",))
+    result = await STRATEGIES["beam_search"](PROBLEM, stops, FakePolicy(script), prm)
+    assert result.best.text == "So 2 + 2 = 4."
+    assert (result.best.finished, result.best.finish_reason) == (True, "stop")
+    assert result.answer == "4"

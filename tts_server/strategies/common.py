@@ -195,12 +195,34 @@ def extend(
         child.steps[-1] += text  # a blank step ends the solution; keep its text, not a step
     else:
         child.steps.append(text)
+    # vLLM sees a stop only inside one call: one spanning two steps ("...15\n\n" then
+    # "Question:") shows up in the joined text. The solution ends where it starts.
+    at = _first_stop(child.text, config.solution_stops)
+    if at is not None:
+        child.steps = _cut_steps(child.steps, at)
+        reason = "stop"
     if reason is not None:
         child.finished, child.finish_reason = True, reason
         child.answer = extract_answer(child.text)
         if config.progress is not None:
             config.progress.add(child)
     return child
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _cut_steps(steps: list[str], at: int) -> list[str]:
+    """The steps of "".join(steps)[:at], an emptied last step dropped."""
+    kept: list[str] = []
+    for step in steps:
+        if at <= 0:
+            break
+        kept.append(step[:at])
+        at -= len(step)
+    return [step for step in kept if step] or [""]
 
 
 async def score(
