@@ -19,6 +19,21 @@ from tts_server.router import parse_table, plan_budget
 EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
 
 
+def hard_problems(
+    count: int, pilot: tuple[float, float, float], options: dict[str, tuple[bool, float]]
+) -> list[dict[str, Any]]:
+    """Records of `count` problems whose pilot (FLOPs, mean score, agreement) found no right
+    answer, each option being (correct, FLOPs) on every one of them."""
+    flops, score, agreement = pilot
+    records: list[dict[str, Any]] = []
+    for i in range(count):
+        records.append({"id": f"p{i}", "option": PILOT, "correct": False, "flops": flops,
+                        "mean_score": score, "agreement": agreement, "pass_at_1": 0.0})  # fmt: skip
+        for option, (correct, cost) in options.items():
+            records.append({"id": f"p{i}", "option": option, "correct": correct, "flops": cost})
+    return records
+
+
 def scripted_gateway(calls: list[dict[str, Any]]) -> httpx.MockTransport:
     """Even problems are easy (the pilot agrees and is right), odd ones hard (only beam search
     finds the answer). FLOPs: pilot 100, best_of_n 100, beam_search 400."""
@@ -235,15 +250,9 @@ def test_a_dearer_route_must_win_by_more_than_one_standard_error() -> None:
 def test_a_route_measured_with_fewer_samples_keeps_that_share_of_the_budget() -> None:
     """Calibrated at budgets 6 and 8 with a pilot of 2: best_of_n@4 (2 + 4 of 8) is as right as
     best_of_n@6 and cheaper, so it is the route, and it must be served with 6 of 8, not 8."""
-    records: list[dict[str, Any]] = []
-    for i in range(6):
-        problem = f"p{i}"
-        records += [
-            {"id": problem, "option": PILOT, "correct": False, "flops": 20,
-             "mean_score": 0.1, "agreement": 0.5, "pass_at_1": 0.0},
-            {"id": problem, "option": "best_of_n@4", "correct": True, "flops": 40},
-            {"id": problem, "option": "best_of_n@6", "correct": True, "flops": 60},
-        ]  # fmt: skip
+    records = hard_problems(
+        6, (20, 0.1, 0.5), {"best_of_n@4": (True, 40), "best_of_n@6": (True, 60)}
+    )
     table, _ = fit(records, pilot=2, client_budget=8)
     route = table.routes["hard"]
     assert (route.strategy, route.budget_share) == ("best_of_n", 0.75)
@@ -371,15 +380,9 @@ def test_a_pilot_that_exits_early_is_scored_alone_whatever_the_route() -> None:
 def test_when_no_routing_beats_the_best_fixed_strategy_the_table_serves_it() -> None:
     """dvts@8 alone is right on every problem; pilot + best_of_n on none: `auto` loses to the
     reference, so the table names dvts as the fixed strategy (no pilot, no routes)."""
-    records: list[dict[str, Any]] = []
-    for i in range(6):
-        problem = f"p{i}"
-        records += [
-            {"id": problem, "option": PILOT, "correct": False, "flops": 10,
-             "mean_score": 0.2, "agreement": 0.25, "pass_at_1": 0.0},
-            {"id": problem, "option": "best_of_n@4", "correct": False, "flops": 10},
-            {"id": problem, "option": "fixed:dvts@8", "correct": True, "flops": 80},
-        ]  # fmt: skip
+    records = hard_problems(
+        6, (10, 0.2, 0.25), {"best_of_n@4": (False, 10), "fixed:dvts@8": (True, 80)}
+    )
     table, report = fit(records, pilot=4)
     assert table.fixed_strategy == "dvts" and report["fixed_strategy"] == "dvts"
     assert report["auto_vs_best_fixed"]["auto_loses"] is True
