@@ -25,7 +25,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def test_up_serves_then_stops_children_on_sigterm(policy_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "signals",
+    [
+        [signal.SIGTERM],
+        # `make run` and Ctrl-C: the supervisor may get a second signal while it stops.
+        [signal.SIGINT, signal.SIGTERM, signal.SIGINT],
+    ],
+)
+def test_up_serves_then_stops_children_on_sigterm(
+    policy_url: str, tmp_path: Path, signals: list[signal.Signals]
+) -> None:
     port, prm_port = free_port(), free_port()
     argv = cli("up", "--policy-url", policy_url, "--port", str(port), "--prm-port", str(prm_port))
     env = {**os.environ, "TTS_CACHE_DIR": str(tmp_path)}
@@ -49,7 +59,8 @@ def test_up_serves_then_stops_children_on_sigterm(policy_url: str, tmp_path: Pat
         pids = [int(p) for p in re.findall(r"pid=(\d+)", output)]
         assert len(pids) == 2  # PRM worker and gateway; the policy is the existing server
         assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
-        process.send_signal(signal.SIGTERM)
+        for number in signals:  # back to back, as a process group gets them
+            process.send_signal(number)
         assert process.wait(60) == 0
         for pid in pids:
             assert not _pid_alive(pid), f"child {pid} outlived the supervisor"

@@ -79,6 +79,10 @@ class _Stop(Exception):
 
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    # Once: a second signal (Ctrl-C again, or `make` passing one on) must not cut short the
+    # cleanup that stops the children, or they outlive us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Stop
 
 
