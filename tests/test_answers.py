@@ -147,7 +147,7 @@ def test_group_answers_compares_only_with_representatives(monkeypatch: pytest.Mo
 
 
 def test_a_stop_string_spanning_two_steps_still_ends_the_text() -> None:
-    from tts_server.api.app import cut_at_stops
+    from tts_server.strategies.common import cut_at_stops
 
     text = " 3 * 5 = 15 apples\n\nQuestion: what next?\n\nAnswer: 7"
     assert cut_at_stops(text, ["\nQuestion:"]) == (" 3 * 5 = 15 apples\n", True)

@@ -299,10 +299,7 @@ def fit(
     costs: Costs = {}
     for problem, rows in by_id.items():
         pilot_row = rows[PILOT]
-        early = (
-            pilot_row.get("agreement", 0.0) >= exits.early_exit_agreement
-            and pilot_row.get("mean_score", 0.0) >= exits.early_exit_score
-        )
+        early = exits.exits_early(pilot_row.get("mean_score", 0.0), pilot_row.get("agreement", 0.0))
         costs[problem] = {o: _auto_cost(rows, PILOT if early else o) for o in options}
     pilots = [rows[PILOT] for rows in by_id.values()]
     easy_min, medium_min, bin_agreement = fit_thresholds(pilots)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from tts_server.flops import Flops, FlopsConfigError, FlopsCounter, ModelShape, shape_from_path
 from tts_server.metering import FlopsMeter, MeteredPolicy, MeteredPRM
-from tts_server.plan import Plan
+from tts_server.plan import PRM_STRATEGIES, Plan
 from tts_server.prompting import RenderedPrompt, load_profile, render_chat
 from tts_server.router import (
     Difficulty,
@@ -24,6 +24,7 @@ from tts_server.router import (
     load_table,
     plan_budget,
 )
+from tts_server.router import Route as RouterRoute
 from tts_server.settings import DEFAULT_MODEL, Settings
 from tts_server.strategies import STRATEGIES
 from tts_server.strategies.common import finish
@@ -337,16 +338,16 @@ class TTSEngine:
         table = await self.router_table()
         if table.fixed_strategy is not None:
             # Calibration found no routing that beats this strategy on this model pair.
-            # It runs as a request naming it would: the server's default beam width.
+            # It runs as a request naming it would: the server's default beam width, no pilot.
             name = table.fixed_strategy
-            budget, width = config.budget, 1
-            if name in ("beam_search", "dvts"):
-                width = min(self.settings.default_beam_width, budget)
-                budget -= budget % width
+            budget, width = plan_budget(
+                RouterRoute(name, self.settings.default_beam_width), config.budget, 0
+            )
             decision.append((None, Route(name, budget, width, False)))
             fixed = dataclasses.replace(config, budget=budget, beam_width=width)
-            needs = name in ("best_of_n", "beam_search", "dvts")
-            return await STRATEGIES[name](problem, fixed, policy, prm if needs else None)
+            return await STRATEGIES[name](
+                problem, fixed, policy, prm if name in PRM_STRATEGIES else None
+            )
         k = min(table.pilot_samples, config.budget)
         started = time.perf_counter()
         pilot = await STRATEGIES["best_of_n"](
@@ -355,10 +356,7 @@ class TTSEngine:
         stages["pilot"] = time.perf_counter() - started
         difficulty = estimate(table, pilot.candidates)
         chosen = table.routes[difficulty.bin]
-        early = (
-            difficulty.agreement >= table.early_exit_agreement
-            and difficulty.mean_score >= table.early_exit_score
-        )
+        early = table.exits_early(difficulty.mean_score, difficulty.agreement)
         n, width = plan_budget(chosen, config.budget, k)
         if early or n == 0:
             decision.append((difficulty, Route("pilot", k, 1, early)))
@@ -366,7 +364,7 @@ class TTSEngine:
         decision.append((difficulty, Route(chosen.strategy, k + n, width, False)))
 
         routed = dataclasses.replace(config, budget=n, beam_width=width)
-        needs_prm = chosen.strategy in ("best_of_n", "beam_search", "dvts")
+        needs_prm = chosen.strategy in PRM_STRATEGIES
         main = await STRATEGIES[chosen.strategy](
             problem, routed, policy, prm if needs_prm else None
         )

@@ -13,6 +13,8 @@ from tts_server.types import Aggregation, SelectionRule
 
 STRATEGY_NAMES = ("greedy", "majority", "best_of_n", "beam_search", "dvts")
 SEARCHES = ("beam_search", "dvts")
+# The strategies that score candidates with the PRM (`auto` does through its routes).
+PRM_STRATEGIES = ("best_of_n", *SEARCHES)
 AGGREGATIONS: tuple[Aggregation, ...] = ("last", "min", "prod", "mean")
 SELECTIONS: tuple[SelectionRule, ...] = ("naive", "weighted", "majority")
 
@@ -36,7 +38,7 @@ class Plan:
 
     @property
     def needs_prm(self) -> bool:
-        return self.strategy in ("auto", "best_of_n", "beam_search", "dvts")
+        return self.strategy == "auto" or self.strategy in PRM_STRATEGIES
 
 
 def _int(value: str, param: str) -> int:

@@ -58,6 +58,10 @@ class RouterTable:
     # Set: `auto` runs this strategy on the whole budget, no pilot, no routes.
     fixed_strategy: str | None = None
 
+    def exits_early(self, mean_score: float, agreement: float) -> bool:
+        """The pilot answers alone: its samples agree this much with scores this high."""
+        return agreement >= self.early_exit_agreement and mean_score >= self.early_exit_score
+
     def bin_of(self, confidence: float) -> str:
         if confidence >= self.easy_min:
             return "easy"

@@ -150,12 +150,11 @@ def create_app(
             _run(engine, rendered, plan, body, max_tokens, settings, max_flops, deadline, degraded),
         )
         best = outcome.result.best
-        text, cut = cut_at_stops(best.text, body.stop_list())
         choice = {
             "index": 0,
-            "text": text,
+            "text": best.text,
             "logprobs": None,
-            "finish_reason": "stop" if cut else _finish(best.finish_reason),
+            "finish_reason": _finish(best.finish_reason),
         }
         metrics.observe_answer(outcome, "/v1/completions", settings.policy_model)
         return _respond("cmpl", "text_completion", choice, outcome, settings)
@@ -179,12 +178,11 @@ def create_app(
             _run(engine, rendered, plan, body, max_tokens, settings, max_flops, deadline, degraded),
         )
         best = outcome.result.best
-        text, cut = cut_at_stops(best.text, body.stop_list())
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text.strip()},
+            "message": {"role": "assistant", "content": best.text.strip()},
             "logprobs": None,
-            "finish_reason": "stop" if cut else _finish(best.finish_reason),
+            "finish_reason": _finish(best.finish_reason),
         }
         metrics.observe_answer(outcome, "/v1/chat/completions", settings.policy_model)
         return _respond("chatcmpl", "chat.completion", choice, outcome, settings)
@@ -331,13 +329,6 @@ async def _until_disconnect(request: Request, work: Awaitable[Outcome]) -> Outco
         if not task.done():  # this handler itself was cancelled
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-
-
-def cut_at_stops(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text up to the first of the client's stop strings, and whether one was found. vLLM
-    stops each step at them, but a stop can span two steps ("...15\n\n" + "Question: ...")."""
-    found = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
-    return (text[: min(found)], True) if found else (text, False)
 
 
 def _finish(reason: str | None) -> str:

@@ -197,9 +197,9 @@ def extend(
         child.steps.append(text)
     # vLLM sees a stop only inside one call: one spanning two steps ("...15\n\n" then
     # "Question:") shows up in the joined text. The solution ends where it starts.
-    at = _first_stop(child.text, config.solution_stops)
-    if at is not None:
-        child.steps = _cut_steps(child.steps, at)
+    kept, cut = cut_at_stops(child.text, config.solution_stops)
+    if cut:
+        child.steps = _cut_steps(child.steps, len(kept))
         reason = "stop"
     if reason is not None:
         child.finished, child.finish_reason = True, reason
@@ -209,9 +209,10 @@ def extend(
     return child
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """The text up to the first of `stops`, and whether one was found."""
     found = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
-    return min(found) if found else None
+    return (text[: min(found)], True) if found else (text, False)
 
 
 def _cut_steps(steps: list[str], at: int) -> list[str]:
