@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -153,3 +155,23 @@ def test_a_stop_string_spanning_two_steps_still_ends_the_text() -> None:
     assert cut_at_stops(text, ["\nQuestion:"]) == (" 3 * 5 = 15 apples\n", True)
     assert cut_at_stops(text, ["Answer", "\nQuestion:"]) == (" 3 * 5 = 15 apples\n", True)
     assert cut_at_stops(text, ["nowhere", ""]) == (text, False)
+
+
+def test_math_verify_timeout_warning_is_not_printed() -> None:
+    """Our comparison turns math-verify's timeouts off on purpose; its warning about that must
+    not reach a user's terminal or logs (it is raised once per process, so run a fresh one)."""
+    code = (
+        "import logging; logging.basicConfig();"
+        "from tts_server.answers import answers_equal, group_answers;"
+        "assert answers_equal('1/2', '0.5'); group_answers(['2', '2.0'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Timeout is disabled" not in result.stderr + result.stdout
+    # Other warnings from math-verify still get through.
+    code = (
+        "import logging; logging.basicConfig(); import tts_server.answers;"
+        "logging.getLogger('math_verify.parser').warning('something else')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "something else" in result.stderr

@@ -387,3 +387,42 @@ def test_when_no_routing_beats_the_best_fixed_strategy_the_table_serves_it() -> 
     assert table.fixed_strategy == "dvts" and report["fixed_strategy"] == "dvts"
     assert report["auto_vs_best_fixed"]["auto_loses"] is True
     assert parse_table(table.to_json()).fixed_strategy == "dvts"
+
+
+def test_adaptive_options_replay_the_recorded_best_of_n_samples_in_order() -> None:
+    """Problem a: the pilot says 7 7 3 4 (one ahead), the best-of-N samples 9 7 9 9: with rounds
+    of 2 and a margin of 2 the replay stops after 9 7 (7 leads 3 to 1) and serves 7, right, for
+    the pilot's FLOPs and half the best-of-N call's; all four samples serve 9 (scored higher).
+    Problem b: no two pilot answers agree, so giving up after 4 draws nothing."""
+    from tts_server.calibrate import adaptive_option
+
+    def record(problem: str, option: str, answers: list[str], score: float) -> dict[str, Any]:
+        return {"id": problem, "option": option, "expected": "7" if problem == "a" else "5",
+                "correct": False, "flops": 40 if option == PILOT else 80, "answers": answers,
+                "scores": [score] * len(answers), "selection": "weighted", "mean_score": 0.5,
+                "agreement": 0.5, "pass_at_1": 0.0}  # fmt: skip
+
+    records = [
+        record("a", PILOT, ["7", "7", "3", "4"], 0.5),
+        record("a", "best_of_n@4", ["9", "7", "9", "9"], 0.9),
+        record("b", PILOT, ["1", "2", "3", "4"], 0.5),
+        record("b", "best_of_n@4", ["7", "7", "7", "7"], 0.9),
+    ]
+    _, report = fit(records, pilot=4, adaptive=True)
+    options = report["options"]
+    # b, margin only: 7 7 (one ahead of each), 7 7: stops with all four drawn.
+    settles = adaptive_option(4, 2, 2, None)
+    assert options[settles] == {"accuracy": 0.5, "mean_flops": ((40 + 40) + (40 + 80)) / 2}
+    gives_up = adaptive_option(4, 2, 2, 4)
+    assert options[gives_up] == {"accuracy": 0.5, "mean_flops": ((40 + 40) + 40) / 2}
+    # The plain route spends everything and serves 9 on a.
+    assert options["best_of_n@4"] == {"accuracy": 0.0, "mean_flops": 120}
+    assert fit(records, pilot=4)[1]["options"].keys() == {"pilot", "best_of_n@4"}
+    # The table carries the rule the option names.
+    table, report = fit(records, pilot=4, adaptive=True, client_budget=8)
+    assert all(report["routes"][b].startswith("adaptive@4:") for b in report["routes"])
+    route = table.routes["hard"]
+    assert route.strategy == "adaptive" and route.budget_share == 1.0
+    assert report["routes"]["hard"] == adaptive_option(
+        4, route.round_size, route.stop_margin, route.give_up_after
+    )

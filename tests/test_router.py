@@ -21,6 +21,7 @@ from tts_server.router import (
     load_table,
     parse_table,
     plan_budget,
+    stops_sampling,
     true_bin,
 )
 from tts_server.settings import Settings
@@ -110,6 +111,39 @@ def test_table_round_trips_and_rejects_nonsense(tmp_path: Path) -> None:
         load_table(path)
 
 
+def test_adaptive_sampling_stops_when_the_answer_is_settled_or_unsettleable() -> None:
+    rule = Route("adaptive", stop_margin=2, give_up_after=4)
+    assert not stops_sampling(["5", "6"], rule)
+    assert stops_sampling(["5", "5"], rule)  # two ahead of nothing
+    assert not stops_sampling(["5", "5", "6"], rule)  # one ahead
+    assert stops_sampling(["5", "5", "6", "5"], rule)
+    # Equivalent answers are one answer; unanswered samples vote for nothing.
+    assert stops_sampling(["5", None, "5.0"], rule)
+    assert not stops_sampling([None, None, "5"], rule)
+    # Four samples, no two equal: give up.
+    assert not stops_sampling(["1", "2", "3"], rule)
+    assert stops_sampling(["1", "2", "3", "4"], rule)
+    assert stops_sampling([None, None, None, None], rule)
+    # Each rule can be switched off.
+    assert not stops_sampling(["1", "2", "3", "4"], Route("adaptive", give_up_after=None))
+    assert not stops_sampling(["5", "5", "5"], Route("adaptive", stop_margin=None))
+
+
+def test_adaptive_routes_round_trip_and_bad_rules_are_named(tmp_path: Path) -> None:
+    adaptive = Route("adaptive", round_size=1, stop_margin=None, give_up_after=5)
+    table = RouterTable(routes={"easy": Route("pilot"), "medium": adaptive, "hard": adaptive})
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(table.to_json()))
+    assert load_table(path) == table
+    for field, value in (("round_size", 0), ("stop_margin", 0), ("give_up_after", "four")):
+        bad = table.to_json()
+        bad["routes"]["hard"][field] = value
+        with pytest.raises(RouterTableError, match="hard"):
+            parse_table(bad)
+    with pytest.raises(RouterTableError, match="fixed_strategy"):
+        parse_table({**table.to_json(), "fixed_strategy": "adaptive"})
+
+
 # --- auto through the engine, with fakes ---
 
 PROMPT = "Q: How many?\nA:"
@@ -196,3 +230,63 @@ async def test_a_table_with_a_fixed_strategy_runs_it_on_the_whole_budget_without
     # No pilot: the first call starts the search's 8 beams, not 4 whole samples.
     first = policy.calls[0]
     assert len(first.prompts) * first.n == 8
+
+
+def scripted(answers: list[int]) -> tuple[TokenizingFake, list[int]]:
+    """A policy whose k-th sample, over all calls, answers answers[k]."""
+    drawn: list[int] = []
+
+    def script(prompt: list[int], sample: int) -> str:
+        value = answers[len(drawn)]
+        drawn.append(value)
+        return f"{value} + 0 = {value}\n\nThe answer is {value}."
+
+    return TokenizingFake(script), drawn
+
+
+def adaptive_engine(tmp_path: Path, policy: TokenizingFake, rule: Route) -> TTSEngine:
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(RouterTable(routes=dict.fromkeys(BINS, rule)).to_json()))
+    settings = Settings(policy_params=1000, prm_params=0, policy_model="fake", router_table=table)
+    return TTSEngine(settings, policy, FakePRM(per_step(lambda s: 0.5)))
+
+
+async def test_adaptive_route_samples_in_rounds_until_one_answer_leads(tmp_path: Path) -> None:
+    # Pilot 5 5 6 7 (one ahead), then rounds of 2: 5 8 (two ahead: stop).
+    policy, drawn = scripted([5, 5, 6, 7, 5, 8, 9, 9, 9, 9])
+    engine = adaptive_engine(tmp_path, policy, Route("adaptive", round_size=2, give_up_after=None))
+    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
+    outcome = await engine.run(
+        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
+    )
+    assert outcome.route is not None
+    assert (outcome.route.strategy, outcome.route.budget) == ("adaptive", 6)
+    assert len(drawn) == 6 and [c.n * len(c.prompts) for c in policy.calls] == [4, 2]
+    result = outcome.result
+    assert len(result.candidates) == 6  # the pilot's samples are candidates too
+    assert result.answer == "5"
+    assert result.policy_usage.calls == 2
+    assert outcome.flops is not None and outcome.flops.policy > 0
+
+
+async def test_adaptive_route_gives_up_or_spends_the_budget(tmp_path: Path) -> None:
+    # No two pilot samples agree: give up after the pilot, one call.
+    policy, drawn = scripted([1, 2, 3, 4, 5, 6, 7, 8])
+    engine = adaptive_engine(tmp_path, policy, Route("adaptive", round_size=2, give_up_after=4))
+    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
+    outcome = await engine.run(
+        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
+    )
+    assert outcome.route is not None
+    assert (outcome.route.strategy, outcome.route.budget) == ("adaptive", 4)
+    assert len(drawn) == 4 and len(outcome.result.candidates) == 4
+    # Never settled, never given up: every sample of the budget, in rounds of 3 (3 + 1).
+    policy, drawn = scripted([1, 1, 2, 2, 3, 3, 4, 4])
+    engine = adaptive_engine(
+        tmp_path, policy, Route("adaptive", round_size=3, stop_margin=2, give_up_after=None)
+    )
+    outcome = await engine.run(
+        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
+    )
+    assert outcome.route is not None and outcome.route.budget == 8
+    assert [c.n * len(c.prompts) for c in policy.calls] == [4, 3, 1]

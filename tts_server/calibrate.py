@@ -11,7 +11,10 @@ resumes where it stopped. Then:
 2. per bin, the route is chosen among the options (the pilot alone, or a strategy after it) by
    `--rule`; an option is scored as `auto` serves it: the answer is selected from the pilot's and
    the routed strategy's candidates together, so the pilot's samples count as they do live;
-   k-fold cross-validation reports how well the choice generalises;
+   "adaptive" options (rounds of best-of-N with a stopping rule, one option per rule of a small
+   grid) are replayed from the recorded best-of-N samples in their order, their FLOPs the
+   pilot's plus the drawn share of the best-of-N call's; k-fold cross-validation reports how well
+   the choice generalises;
 3. the table is written as JSON for `TTS_ROUTER_TABLE`, with the calibration report, which also
    sets the cross-validated `auto` against fixed strategies run at the whole budget (`--compare`),
    the comparison a router must win.
@@ -39,6 +42,7 @@ from tts_server.router import (
     Route,
     RouterTable,
     confidence_of,
+    stops_sampling,
     true_bin,
 )
 from tts_server.selection import select
@@ -54,8 +58,43 @@ def _width(strategy: str, n: int) -> int:
 
 
 PILOT = "pilot"
+ADAPTIVE = "adaptive"
+# The stopping rules calibration tries for "adaptive": (round size, stop margin, give up after).
+ADAPTIVE_RULES: tuple[tuple[int, int | None, int | None], ...] = tuple(
+    (size, margin, give_up)
+    for size in (1, 2)
+    for margin in (2, 3, None)
+    for give_up in (4, 5, 6, None)
+    if margin is not None or give_up is not None
+)
 # Reference options: a fixed strategy at the whole client budget, no pilot ("fixed:dvts@8").
 FIXED = "fixed:"
+
+
+def adaptive_option(n: int, size: int, margin: int | None, give_up: int | None) -> str:
+    """`adaptive@4:r2:m2:g4`: up to n samples after the pilot, rounds of 2, stop 2 ahead or
+    after 4 samples with no two equal answers (`-`: that rule is off)."""
+
+    def part(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    return f"{ADAPTIVE}@{n}:r{size}:m{part(margin)}:g{part(give_up)}"
+
+
+def _adaptive_route(option: str) -> tuple[int, Route]:
+    """(n, route) of an `adaptive_option` name."""
+    head, size, margin, give_up = option.split(":")
+
+    def number(part: str) -> int | None:
+        return None if part[1:] == "-" else int(part[1:])
+
+    route = Route(
+        ADAPTIVE,
+        round_size=int(size[1:]),
+        stop_margin=number(margin),
+        give_up_after=number(give_up),
+    )
+    return int(head.partition("@")[2]), route
 
 
 def _key(example_id: str, option: str) -> str:
@@ -241,8 +280,33 @@ def _auto_cost(records: dict[str, dict[str, Any]], option: str) -> tuple[bool, f
     pilot_flops = float(pilot["flops"] or 0)
     if option == PILOT:
         return bool(pilot["correct"]), pilot_flops
+    if option.startswith(ADAPTIVE + "@"):
+        return _adaptive_cost(records, option)
     routed = records[option]
     return _merged_correct(pilot, routed), pilot_flops + float(routed["flops"] or 0)
+
+
+def _adaptive_cost(records: dict[str, dict[str, Any]], option: str) -> tuple[bool, float]:
+    """Replay adaptive sampling on the recorded best-of-N samples, in their order, as the engine
+    draws them: rounds until the stopping rule holds or the n samples are spent. The FLOPs of the
+    drawn samples are their share of the best-of-N call's (per-sample counts are not recorded)."""
+    n, route = _adaptive_route(option)
+    pilot, samples = records[PILOT], records[f"best_of_n@{n}"]
+    answers = list(pilot.get("answers", []))
+    drawn = 0
+    while drawn < n and not stops_sampling(answers, route):
+        step = min(route.round_size, n - drawn)
+        answers.extend(samples.get("answers", [])[drawn : drawn + step])
+        drawn += step
+    flops = float(pilot["flops"] or 0) + float(samples["flops"] or 0) * drawn / n
+    if drawn == 0:
+        return bool(pilot["correct"]), flops
+    drawn_part = {
+        **samples,
+        "answers": samples["answers"][:drawn],
+        "scores": samples["scores"][:drawn],
+    }
+    return _merged_correct(pilot, drawn_part), flops
 
 
 def _merged_correct(pilot: dict[str, Any], routed: dict[str, Any]) -> bool:
@@ -278,9 +342,11 @@ def fit(
     source: str = "calibrated",
     client_budget: int | None = None,
     rule: str = "one_se",
+    adaptive: bool = False,
 ) -> tuple[RouterTable, dict[str, Any]]:
     """Fit the bins and routes. `client_budget` is the budget the table is written for (the
-    largest calibrated one); a route measured with fewer samples keeps that share of it."""
+    largest calibrated one); a route measured with fewer samples keeps that share of it.
+    `adaptive`: also try adaptive sampling, replayed from every best-of-N route."""
     by_id: dict[str, dict[str, dict[str, Any]]] = {}
     for record in records:
         by_id.setdefault(record["id"], {})[record["option"]] = record
@@ -293,6 +359,14 @@ def fit(
         raise ValueError("no problem has every option measured yet")
     options = [o for o in measured if not o.startswith(FIXED)]
     references = [o for o in measured if o.startswith(FIXED)]
+    if adaptive:
+        # Replayed from best-of-N routes (no request runs "adaptive" itself).
+        options += [
+            adaptive_option(int(o.partition("@")[2]), *rule)
+            for o in options
+            if o.startswith("best_of_n@")
+            for rule in ADAPTIVE_RULES
+        ]
     # Each (problem, route) once: merging candidates runs answer equivalence. A pilot that meets
     # the early exit is served alone whatever the route, as the engine does.
     exits = RouterTable()
@@ -395,18 +469,23 @@ def _against_best(
 def _route(option: str, pilot: int, client_budget: int | None) -> Route:
     if option == PILOT:
         return Route("pilot")
-    strategy, _, measured = option.partition("@")
-    n = int(measured)
-    width = _width(strategy, n)
+    if option.startswith(ADAPTIVE + "@"):
+        n, route = _adaptive_route(option)
+    else:
+        strategy, _, measured = option.partition("@")
+        n = int(measured)
+        route = Route(strategy, _width(strategy, n))
     share = 1.0 if client_budget is None else min(1.0, (pilot + n) / client_budget)
-    return Route(strategy, width, round(share, 4))
+    return dataclasses.replace(route, budget_share=round(share, 4))
 
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
     parser.add_argument("--dataset", required=True, help="packaged name or .jsonl path")
     parser.add_argument(
-        "--strategies", default="best_of_n,beam_search,dvts,majority", help="comma-separated"
+        "--strategies",
+        default="adaptive,best_of_n,beam_search,dvts,majority",
+        help="comma-separated; adaptive is replayed from best-of-N samples (which it runs)",
     )
     parser.add_argument(
         "--budgets", default="8", help="client budgets B (comma-separated); routes run B - pilot"
@@ -446,16 +525,22 @@ def main_calibrate(args: argparse.Namespace) -> int:
     if args.limit is not None:
         examples = examples[: args.limit]
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    adaptive = ADAPTIVE in strategies
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     options = []
     for budget in budgets:
         left = budget - args.pilot
-        for strategy in strategies:
+        # Adaptive sampling is replayed from best-of-N: that is what runs.
+        for strategy in {"best_of_n" if s == ADAPTIVE else s: None for s in strategies}:
             if left < 1:
                 continue
             # A search runs a whole number of beam widths.
             options.append((strategy, left - left % _width(strategy, left)))
-    names = strategies if args.compare is None else args.compare.split(",")
+    names = (
+        [s for s in strategies if s != ADAPTIVE]
+        if args.compare is None
+        else args.compare.split(",")
+    )
     compare = [(s.strip(), max(budgets)) for s in names if s.strip() not in ("", "none")]
     try:
         if args.refit:
@@ -493,6 +578,7 @@ def main_calibrate(args: argparse.Namespace) -> int:
             source=f"calibrated on {args.dataset}[{args.offset}:{args.offset + len(examples)}]",
             client_budget=max(budgets),
             rule=args.rule,
+            adaptive=adaptive,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,12 +23,14 @@ from tts_server.router import (
     estimate,
     load_table,
     plan_budget,
+    stops_sampling,
 )
 from tts_server.router import Route as RouterRoute
 from tts_server.settings import DEFAULT_MODEL, Settings
 from tts_server.strategies import STRATEGIES
 from tts_server.strategies.common import finish
 from tts_server.types import (
+    Candidate,
     Generation,
     PolicyClient,
     PolicyUsage,
@@ -361,13 +363,20 @@ class TTSEngine:
         if early or n == 0:
             decision.append((difficulty, Route("pilot", k, 1, early)))
             return pilot
-        decision.append((difficulty, Route(chosen.strategy, k + n, width, False)))
+        served = Route(chosen.strategy, k + n, width, False)
+        decision.append((difficulty, served))
 
         routed = dataclasses.replace(config, budget=n, beam_width=width)
-        needs_prm = chosen.strategy in PRM_STRATEGIES
-        main = await STRATEGIES[chosen.strategy](
-            problem, routed, policy, prm if needs_prm else None
-        )
+        if chosen.strategy == "adaptive":
+            main = await self._adaptive(problem, routed, policy, prm, pilot, chosen)
+            served.budget = k + len(main.candidates)
+            if not main.candidates:
+                return pilot
+        else:
+            needs_prm = chosen.strategy in PRM_STRATEGIES
+            main = await STRATEGIES[chosen.strategy](
+                problem, routed, policy, prm if needs_prm else None
+            )
         policy_usage, prm_usage = PolicyUsage(), PRMUsage()
         for part in (pilot, main):
             policy_usage.add(part.policy_usage)
@@ -383,3 +392,41 @@ class TTSEngine:
             prm_usage=prm_usage,
         )
         return merged
+
+    @staticmethod
+    async def _adaptive(
+        problem: Problem,
+        config: SearchConfig,
+        policy: PolicyClient,
+        prm: PRMClient,
+        pilot: StrategyResult,
+        route: RouterRoute,
+    ) -> StrategyResult:
+        """Best-of-N in rounds after the pilot, up to `config.budget` samples, until the route's
+        stopping rule holds. Returns only the new samples (none when the pilot settles it)."""
+        answers = [c.answer for c in pilot.candidates]
+        candidates: list[Candidate] = []
+        policy_usage, prm_usage = PolicyUsage(), PRMUsage()
+        rounds = 0
+        # Answer equivalence (math-verify) is CPU work: off the event loop, as selection is.
+        while len(candidates) < config.budget and not await asyncio.to_thread(
+            stops_sampling, answers, route
+        ):
+            size = min(route.round_size, config.budget - len(candidates))
+            part = await STRATEGIES["best_of_n"](
+                problem, dataclasses.replace(config, budget=size), policy, prm
+            )
+            candidates.extend(part.candidates)
+            answers.extend(c.answer for c in part.candidates)
+            policy_usage.add(part.policy_usage)
+            prm_usage.add(part.prm_usage)
+            rounds += 1
+        return StrategyResult(
+            candidates=candidates,
+            chosen=0,
+            answer=None,
+            votes={},
+            iterations=rounds,
+            policy_usage=policy_usage,
+            prm_usage=prm_usage,
+        )

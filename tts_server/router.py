@@ -8,6 +8,12 @@ absolute and mean what Liu et al.'s mean: easy = pass@1 of 50-100%, medium 10-50
 a strategy and the share of the client's budget it spends (the pilot's samples count in the
 budget and stay candidates). "pilot" answers from the pilot alone.
 
+"adaptive" keeps sampling after the pilot in small rounds and stops as soon as more samples are
+unlikely to change the answer (Aggarwal et al.'s adaptive consistency): the leading answer is
+`stop_margin` samples ahead of any other, or `give_up_after` samples hold no two equal answers (a
+question the policy cannot settle rarely settles with a few more samples). The samples it does not
+draw are the compute it saves.
+
 When calibration finds that no routing beats the best fixed strategy on its problems (the
 difficulty estimate does not pay for its pilot on that model pair), the table names that strategy
 as `fixed_strategy`, and `auto` runs it on the whole budget with no pilot.
@@ -22,11 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tts_server.answers import group_answers
 from tts_server.types import Candidate
 
 BINS = ("easy", "medium", "hard")
-ROUTE_STRATEGIES = ("pilot", "greedy", "majority", "best_of_n", "beam_search", "dvts")
-FIXED_STRATEGIES = ROUTE_STRATEGIES[1:]
+ROUTE_STRATEGIES = ("pilot", "adaptive", "greedy", "majority", "best_of_n", "beam_search", "dvts")
+# What a request may name and a table may fall back to; "pilot" and "adaptive" exist only in `auto`.
+FIXED_STRATEGIES = ROUTE_STRATEGIES[2:]
 # pass@1 bounds of the bins (Liu et al.): a calibration problem's true bin.
 PASS_AT_1_EASY = 0.5
 PASS_AT_1_MEDIUM = 0.1
@@ -42,6 +50,22 @@ class Route:
     beam_width: int = 1
     # Share of the client's budget spent in all (pilot included), at least the pilot's samples.
     budget_share: float = 1.0
+    # "adaptive" only: samples per round, and its two stopping rules (None: not used).
+    round_size: int = 2
+    stop_margin: int | None = 2
+    give_up_after: int | None = 4
+
+
+def stops_sampling(answers: Sequence[str | None], route: Route) -> bool:
+    """Whether adaptive sampling stops with these answers drawn (equivalent answers count as one):
+    the leading answer is `stop_margin` samples ahead of the next, or `give_up_after` samples
+    hold no two equal answers. Unanswered samples vote for nothing."""
+    counts = sorted(Counter(c for c in group_answers(answers) if c is not None).values())
+    lead = counts[-1] if counts else 0
+    runner_up = counts[-2] if len(counts) > 1 else 0
+    if route.stop_margin is not None and lead - runner_up >= route.stop_margin:
+        return True
+    return route.give_up_after is not None and len(answers) >= route.give_up_after and lead < 2
 
 
 @dataclass(frozen=True)
@@ -110,13 +134,25 @@ def parse_table(data: Any) -> RouterTable:
             raise RouterTableError(
                 f"route {name!r}: strategy must be one of {', '.join(ROUTE_STRATEGIES)}"
             )
-        route = Route(
-            strategy=str(raw["strategy"]),
-            beam_width=int(raw.get("beam_width", 1)),
-            budget_share=float(raw.get("budget_share", 1.0)),
-        )
+        try:
+            route = Route(
+                strategy=str(raw["strategy"]),
+                beam_width=int(raw.get("beam_width", 1)),
+                budget_share=float(raw.get("budget_share", 1.0)),
+                round_size=int(raw.get("round_size", 2)),
+                stop_margin=_optional_int(raw.get("stop_margin", 2)),
+                give_up_after=_optional_int(raw.get("give_up_after", 4)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise RouterTableError(f"route {name!r}: bad number: {exc}") from exc
         if route.beam_width < 1 or not 0.0 < route.budget_share <= 1.0:
             raise RouterTableError(f"route {name!r}: beam_width >= 1, 0 < budget_share <= 1")
+        if route.round_size < 1 or any(
+            v is not None and v < 1 for v in (route.stop_margin, route.give_up_after)
+        ):
+            raise RouterTableError(
+                f"route {name!r}: round_size, stop_margin and give_up_after are at least 1"
+            )
         routes[name] = route
     try:
         table = RouterTable(
@@ -136,6 +172,14 @@ def parse_table(data: Any) -> RouterTable:
     if table.pilot_samples < 1 or not table.medium_min <= table.easy_min:
         raise RouterTableError("pilot_samples >= 1 and medium_min <= easy_min")
     return table
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a whole number or null, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
