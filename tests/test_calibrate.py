@@ -426,3 +426,22 @@ def test_adaptive_options_replay_the_recorded_best_of_n_samples_in_order() -> No
     assert report["routes"]["hard"] == adaptive_option(
         4, route.round_size, route.stop_margin, route.give_up_after
     )
+
+
+def test_auto_falls_back_only_when_it_loses_by_more_than_the_paired_standard_error() -> None:
+    """20 problems: the pilot alone (10 FLOPs) is right on 5, DVTS@8 (80 FLOPs) on 6, three of
+    them others than the pilot's two extra: 1 point of 20 down, well inside one paired standard
+    error, at an eighth of the FLOPs. `one_se` keeps routing; `max` falls back to DVTS."""
+    records = []
+    for i in range(20):
+        pilot = {"id": f"p{i}", "option": PILOT, "correct": i in (0, 1, 2, 10, 11), "flops": 10}
+        records.append({**pilot, "mean_score": 0.5, "agreement": 0.5, "pass_at_1": 0.0})
+        records.append({"id": f"p{i}", "option": "fixed:dvts@8", "correct": i < 6, "flops": 80})
+    table, report = fit(records, pilot=4)
+    against = report["auto_vs_best_fixed"]
+    assert against["accuracy_difference"] == pytest.approx(-0.05)
+    assert 0.05 < against["paired_se"] < 0.2
+    assert against["flops_ratio"] == pytest.approx(10 / 80)
+    assert against["auto_loses"] is False and table.fixed_strategy is None
+    table, report = fit(records, pilot=4, rule="max")
+    assert report["auto_vs_best_fixed"]["auto_loses"] is True and table.fixed_strategy == "dvts"

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Stack
 from tests.servers import ServerProcess, cli, free_port
-from tts_server.router import load_table
+from tts_server.router import BINS, Route, RouterTable, load_table
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +75,50 @@ def test_calibrate_resumes_and_its_table_drives_auto(stack: Stack, tmp_path: Pat
         assert response.headers["X-TTS-Difficulty"] == difficulty["bin"]
     finally:
         gateway.stop()
+
+
+def test_adaptive_route_on_the_real_stack(stack: Stack, tmp_path: Path) -> None:
+    """`auto` with adaptive routes: a rule that never stops draws the whole budget after the
+    pilot, one that always stops serves the pilot's samples alone, and costs less."""
+    never = Route("adaptive", round_size=1, stop_margin=None, give_up_after=None)
+    always = Route("adaptive", round_size=1, stop_margin=1, give_up_after=1)
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Tom has 3 apples and buys 5 more. How many?"}],
+    }
+    seen = {}
+    for name, rule in (("never", never), ("always", always)):
+        # Every question in one bin, and no early exit: only the rule decides.
+        table = RouterTable(
+            pilot_samples=2,
+            easy_min=0.0,
+            medium_min=0.0,
+            early_exit_agreement=2.0,
+            routes=dict.fromkeys(BINS, rule),
+        )
+        table_path = tmp_path / f"{name}.json"
+        table_path.write_text(json.dumps(table.to_json()))
+        port = free_port()
+        argv = cli("gateway", "--port", str(port), "--policy-url", stack.policy_url)
+        argv += ["--prm-url", stack.prm_url]
+        gateway = ServerProcess(f"gateway-{name}", argv, port, tmp_path)
+        gateway.start({"TTS_ROUTER_TABLE": str(table_path)})
+        try:
+            gateway.wait_healthy(60)
+            response = httpx.post(
+                gateway.url + "/v1/chat/completions",
+                json=body,
+                headers={"X-TTS-Strategy": "auto", "X-TTS-Budget": "5"},
+                timeout=300,
+            )
+        finally:
+            gateway.stop()
+        assert response.status_code == 200, response.text
+        seen[name] = tts = response.json()["tts"]
+        assert tts["route"]["strategy"] == "adaptive"
+        assert response.headers["X-TTS-Routed-Strategy"] == "adaptive"
+    assert seen["never"]["route"]["budget"] == 5
+    assert len(seen["never"]["candidates_answers"]) == 5
+    assert seen["always"]["route"]["budget"] == 2
+    assert len(seen["always"]["candidates_answers"]) == 2
+    assert seen["always"]["flops"]["policy"] < seen["never"]["flops"]["policy"]

@@ -393,7 +393,8 @@ def fit(
     problems = sorted(by_id)
     shuffled = problems[:]
     random.Random(seed).shuffle(shuffled)
-    held_correct, held_flops = 0, 0.0
+    # Per problem: what the cross-validated `auto` served and spent on it (held out).
+    held: dict[str, tuple[bool, float]] = {}
     k = max(2, min(folds, len(problems)))
     for fold in range(k):
         test = shuffled[fold::k]
@@ -401,8 +402,7 @@ def fit(
         routes = choose_routes(train or test)
         for problem in test:
             correct, flops = costs[problem][routes[bin_of(problem)]]
-            held_correct += correct
-            held_flops += flops
+            held[problem] = (correct, flops)
     routes = choose_routes(problems)
     table = RouterTable(
         pilot_samples=pilot,
@@ -427,7 +427,11 @@ def fit(
         }
         for option in references
     }
-    against = _against_best(held_correct / len(problems), held_flops / len(problems), fixed)
+    references_by_problem = {
+        option.removeprefix(FIXED): {p: bool(by_id[p][option]["correct"]) for p in problems}
+        for option in references
+    }
+    against = _against_best(held, fixed, references_by_problem, rule)
     if against is not None and against["auto_loses"]:
         # Routing by difficulty did not pay on these problems: serve the best fixed strategy.
         table = dataclasses.replace(table, fixed_strategy=against["best_fixed"].partition("@")[0])
@@ -439,8 +443,8 @@ def fit(
         "routes": routes,
         "rule": rule,
         "cv_folds": k,
-        "cv_auto_accuracy": held_correct / len(problems),
-        "cv_auto_mean_flops": held_flops / len(problems),
+        "cv_auto_accuracy": sum(c for c, _ in held.values()) / len(problems),
+        "cv_auto_mean_flops": sum(f for _, f in held.values()) / len(problems),
         "options": per_option,
         "fixed": fixed,
         "auto_vs_best_fixed": against,
@@ -450,19 +454,37 @@ def fit(
 
 
 def _against_best(
-    accuracy: float, flops: float, fixed: dict[str, dict[str, float]]
+    held: dict[str, tuple[bool, float]],
+    fixed: dict[str, dict[str, float]],
+    correct_by_problem: dict[str, dict[str, bool]],
+    rule: str,
 ) -> dict[str, Any] | None:
-    """The cross-validated `auto` against the most accurate fixed strategy (cheaper on ties)."""
+    """The cross-validated `auto` against the most accurate fixed strategy (cheaper on ties).
+
+    `auto` loses when it is less accurate, or as accurate and dearer. With `rule` "one_se", as
+    for the routes, "less accurate" means by more than one paired standard error of the
+    difference (the same problems, so their luck is shared), and "as accurate" within it; with
+    "max", any difference counts.
+    """
     if not fixed:
         return None
     name, best = max(fixed.items(), key=lambda kv: (kv[1]["accuracy"], -kv[1]["mean_flops"]))
+    differences = [
+        float(correct) - float(correct_by_problem[name][p]) for p, (correct, _) in held.items()
+    ]
+    n = len(differences)
+    difference = sum(differences) / n
+    spread = sum((d - difference) ** 2 for d in differences) / max(1, n - 1)
+    paired_se = math.sqrt(spread / n)
+    flops = sum(f for _, f in held.values()) / n
+    tolerance = paired_se if rule == "one_se" else 0.0
+    dearer = flops > best["mean_flops"]
     return {
         "best_fixed": name,
-        "accuracy_difference": accuracy - best["accuracy"],
+        "accuracy_difference": difference,
+        "paired_se": paired_se,
         "flops_ratio": flops / best["mean_flops"] if best["mean_flops"] else None,
-        # Less accurate, or as accurate and dearer: routing does not pay here.
-        "auto_loses": accuracy < best["accuracy"]
-        or (accuracy == best["accuracy"] and flops > best["mean_flops"]),
+        "auto_loses": difference < -tolerance - 1e-12 or (difference <= tolerance and dearer),
     }
 
 
