@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
+from tests.servers import cli
 from tts_server.policy_server.launch import cpu_dtype, vllm_argv
 from tts_server.settings import Settings
 
@@ -27,3 +33,19 @@ def test_vllm_command_line(tmp_path: Path) -> None:
     assert "--enable-prompt-tokens-details" in argv
     # Small KV blocks, so a search step's re-sent prefix is served from the prefix cache.
     assert argv[argv.index("--block-size") + 1] == "32"
+
+
+def test_a_bad_setting_is_one_clear_line_not_a_traceback() -> None:
+    """16-token blocks crash vLLM CPU at start ("No common block size"): refused up front, named
+    as its environment variable, without echoing values (a setting may be a secret)."""
+    env = {**os.environ, "TTS_POLICY_BLOCK_SIZE": "16", "TTS_PRM_PORT": "secret-looking-value"}
+    result = subprocess.run(cli("up"), env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "error: invalid setting TTS_POLICY_BLOCK_SIZE: Input should be a multiple of 32" in lines
+    assert any(line.startswith("error: invalid setting TTS_PRM_PORT:") for line in lines)
+    assert "secret-looking-value" not in result.stderr
+    with pytest.raises(ValidationError):
+        Settings(policy_block_size=48)
+    assert Settings(policy_block_size=64).policy_block_size == 64

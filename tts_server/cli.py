@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from tts_server.settings import Settings
 
 
@@ -234,9 +236,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_problems(exc: ValidationError) -> list[str]:
+    """One line per bad setting, named as the environment variable that sets it. The value is
+    not repeated: a setting may hold a secret."""
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        lines.append(f"TTS_{field.upper()}: {error['msg']}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        for line in settings_problems(exc):
+            print(f"error: invalid setting {line}", file=sys.stderr)
+        return 2
     return result
 
 

@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     kv_cache_gib: int = 2
     # KV-cache block size. vLLM's CPU default is 128 tokens, and the prefix cache reuses only
     # whole blocks: a search step re-sends its prefix, so up to 127 tokens per call were
-    # recomputed. 32 is the smallest size with the CPU's fast attention kernel.
-    policy_block_size: int = Field(default=32, ge=16, multiple_of=16)
+    # recomputed. 32 is the smallest size vLLM CPU accepts (its attention kernel takes multiples
+    # of 32: 16 fails at start with "No common block size").
+    policy_block_size: int = Field(default=32, ge=32, multiple_of=32)
 
     # --- PRM worker (`tts-server prm-worker`) ---
     prm_port: int = 8200
