@@ -445,3 +445,12 @@ def test_auto_falls_back_only_when_it_loses_by_more_than_the_paired_standard_err
     assert against["auto_loses"] is False and table.fixed_strategy is None
     table, report = fit(records, pilot=4, rule="max")
     assert report["auto_vs_best_fixed"]["auto_loses"] is True and table.fixed_strategy == "dvts"
+
+
+def test_adaptive_replay_needs_recorded_candidates() -> None:
+    """Records written before candidates were kept cannot replay adaptive sampling: a clear
+    error (calibrate prints it), not a KeyError; without adaptive they still fit."""
+    records = hard_problems(3, (10, 0.2, 0.25), {"best_of_n@4": (False, 10)})
+    with pytest.raises(ValueError, match="adaptive sampling cannot be replayed"):
+        fit(records, pilot=4, adaptive=True)
+    assert fit(records, pilot=4)[1]["problems"] == 3

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import math
 import random
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from tts_server.answers import answers_equal
 from tts_server.datasets import DatasetError, Example, load_dataset
+from tts_server.evaluate import binomial_se, paired_difference
 from tts_server.router import (
     BINS,
     Route,
@@ -269,7 +269,7 @@ def _choose(
     best = max(scored, key=lambda o: (o[1], -o[2], o[0] == PILOT))
     if rule == "max":
         return best
-    margin = math.sqrt(best[1] * (1 - best[1]) / len(ids))
+    margin = binomial_se(best[1], len(ids))
     near = [o for o in scored if o[1] >= best[1] - margin - 1e-12]
     return min(near, key=lambda o: (o[2], -o[1], o[0] != PILOT))
 
@@ -292,11 +292,16 @@ def _adaptive_cost(records: dict[str, dict[str, Any]], option: str) -> tuple[boo
     drawn samples are their share of the best-of-N call's (per-sample counts are not recorded)."""
     n, route = _adaptive_route(option)
     pilot, samples = records[PILOT], records[f"best_of_n@{n}"]
-    answers = list(pilot.get("answers", []))
+    if "answers" not in pilot or "answers" not in samples:
+        raise ValueError(
+            f"problem {pilot['id']}: its records keep no candidates, so adaptive sampling cannot "
+            "be replayed (measure it again, or leave adaptive out of --strategies)"
+        )
+    answers = list(pilot["answers"])
     drawn = 0
     while drawn < n and not stops_sampling(answers, route):
         step = min(route.round_size, n - drawn)
-        answers.extend(samples.get("answers", [])[drawn : drawn + step])
+        answers.extend(samples["answers"][drawn : drawn + step])
         drawn += step
     flops = float(pilot["flops"] or 0) + float(samples["flops"] or 0) * drawn / n
     if drawn == 0:
@@ -419,16 +424,17 @@ def fit(
         }
         for option in options
     }
+    references_by_problem = {
+        option.removeprefix(FIXED): {p: bool(by_id[p][option]["correct"]) for p in problems}
+        for option in references
+    }
     fixed = {
         option.removeprefix(FIXED): {
-            "accuracy": sum(bool(by_id[p][option]["correct"]) for p in problems) / len(problems),
+            "accuracy": sum(references_by_problem[option.removeprefix(FIXED)].values())
+            / len(problems),
             "mean_flops": sum(float(by_id[p][option]["flops"] or 0) for p in problems)
             / len(problems),
         }
-        for option in references
-    }
-    references_by_problem = {
-        option.removeprefix(FIXED): {p: bool(by_id[p][option]["correct"]) for p in problems}
         for option in references
     }
     against = _against_best(held, fixed, references_by_problem, rule)
@@ -469,14 +475,10 @@ def _against_best(
     if not fixed:
         return None
     name, best = max(fixed.items(), key=lambda kv: (kv[1]["accuracy"], -kv[1]["mean_flops"]))
-    differences = [
-        float(correct) - float(correct_by_problem[name][p]) for p, (correct, _) in held.items()
-    ]
-    n = len(differences)
-    difference = sum(differences) / n
-    spread = sum((d - difference) ** 2 for d in differences) / max(1, n - 1)
-    paired_se = math.sqrt(spread / n)
-    flops = sum(f for _, f in held.values()) / n
+    difference, paired_se = paired_difference(
+        [correct for correct, _ in held.values()], [correct_by_problem[name][p] for p in held]
+    )
+    flops = sum(f for _, f in held.values()) / len(held)
     tolerance = paired_se if rule == "one_se" else 0.0
     dearer = flops > best["mean_flops"]
     return {

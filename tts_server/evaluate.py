@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,19 @@ def _by(records: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any
         if record.get(key) is not None:
             groups.setdefault(str(record[key]), []).append(record)
     return groups
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n problems (0 for none)."""
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> tuple[float, float]:
+    """Mean of a - b over the same problems, and its paired standard error: the per-problem
+    differences, so the luck both runs share cancels (0 with fewer than two problems)."""
+    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return statistics.mean(diffs), se
 
 
 def flops_summary(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from tts_server.evaluate import flops_summary
+from tts_server.evaluate import binomial_se, flops_summary, paired_difference
 
 
 def with_flops(paths: list[Path], reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -60,7 +58,7 @@ def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> 
         xs = [r["mean_flops"] for r in group]
         ys = [100 * r["accuracy"] for r in group]
         # One standard error: differences inside it are noise, not a ranking.
-        errors = [100 * _binomial_se(r["accuracy"], r["n"]) for r in group]
+        errors = [100 * binomial_se(r["accuracy"], r["n"]) for r in group]
         if strategy == "auto":
             axes.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="black", capsize=3, zorder=4)
             axes.scatter(xs, ys, marker="*", s=180, color="black", zorder=5, label="auto")
@@ -100,17 +98,13 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
         per_correct = r.get("flops_per_correct")
         lines.append(
             f"| {r['dataset']} | {_span(r)} | {_label(r)} "
-            f"| {100 * r['accuracy']:.1f}% ± {100 * _binomial_se(r['accuracy'], r['n']):.1f} "
+            f"| {100 * r['accuracy']:.1f}% ± {100 * binomial_se(r['accuracy'], r['n']):.1f} "
             f"| {100 * (r.get('pass_at_n') or 0):.1f}% "
             f"| {f'{flops:.3g}' if flops else 'n/a'} "
             f"| {f'{per_correct:.3g}' if per_correct else 'n/a'} "
             f"| {r['latency_p50_s']:.1f} / {r['latency_p95_s']:.1f} | {r['errors']} |"
         )
     return "\n".join(lines)
-
-
-def _binomial_se(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
 def versus_table(reports: list[dict[str, Any]]) -> str:
@@ -133,8 +127,10 @@ def versus_table(reports: list[dict[str, Any]]) -> str:
             common = [i for i in mine if i in theirs]
             if not common:
                 continue
-            diffs = [bool(mine[i].get("correct")) - bool(theirs[i].get("correct")) for i in common]
-            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+            difference, se = paired_difference(
+                [bool(mine[i].get("correct")) for i in common],
+                [bool(theirs[i].get("correct")) for i in common],
+            )
             flops_auto = [mine[i].get("flops") for i in common]
             flops_other = [theirs[i].get("flops") for i in common]
             ratio = "n/a"
@@ -142,7 +138,7 @@ def versus_table(reports: list[dict[str, Any]]) -> str:
                 ratio = f"{sum(flops_auto) / sum(flops_other):.2f}"
             lines.append(
                 f"| {auto['dataset']} | {len(common)} | {_label(auto)} | {_label(other)} "
-                f"| {100 * statistics.mean(diffs):+.1f} ± {100 * se:.1f} points | {ratio} |"
+                f"| {100 * difference:+.1f} ± {100 * se:.1f} points | {ratio} |"
             )
     if not autos:
         return "no `auto` report among these reports"
