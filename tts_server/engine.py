@@ -28,7 +28,7 @@ from tts_server.router import (
 from tts_server.router import Route as RouterRoute
 from tts_server.settings import DEFAULT_MODEL, Settings
 from tts_server.strategies import STRATEGIES
-from tts_server.strategies.common import finish
+from tts_server.strategies.common import finish, score, whole_solutions
 from tts_server.types import (
     Candidate,
     Generation,
@@ -403,7 +403,8 @@ class TTSEngine:
         route: RouterRoute,
     ) -> StrategyResult:
         """Best-of-N in rounds after the pilot, up to `config.budget` samples, until the route's
-        stopping rule holds. Returns only the new samples (none when the pilot settles it)."""
+        stopping rule holds. Returns only the new samples, scored (none when the pilot settles
+        it); the caller selects once, over the pilot's and these together."""
         answers = [c.answer for c in pilot.candidates]
         candidates: list[Candidate] = []
         policy_usage, prm_usage = PolicyUsage(), PRMUsage()
@@ -413,13 +414,10 @@ class TTSEngine:
             stops_sampling, answers, route
         ):
             size = min(route.round_size, config.budget - len(candidates))
-            part = await STRATEGIES["best_of_n"](
-                problem, dataclasses.replace(config, budget=size), policy, prm
-            )
-            candidates.extend(part.candidates)
-            answers.extend(c.answer for c in part.candidates)
-            policy_usage.add(part.policy_usage)
-            prm_usage.add(part.prm_usage)
+            drawn = await whole_solutions(policy, problem, config, policy_usage, n=size)
+            await score(prm, problem, drawn, config, prm_usage)
+            candidates.extend(drawn)
+            answers.extend(c.answer for c in drawn)
             rounds += 1
         return StrategyResult(
             candidates=candidates,
