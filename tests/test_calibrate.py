@@ -389,6 +389,45 @@ def test_when_no_routing_beats_the_best_fixed_strategy_the_table_serves_it() -> 
     assert parse_table(table.to_json()).fixed_strategy == "dvts"
 
 
+def test_a_strategy_as_accurate_on_fewer_samples_is_served_on_that_share_of_the_budget() -> None:
+    """dvts@4 (alone, 40 FLOPs) is right exactly where dvts@8 (80 FLOPs) is, as is routing
+    (pilot + dvts@4, 50 FLOPs): `auto` serves DVTS on half the budget, no pilot, with the width it
+    was measured with. With no budget to relate 4 samples to, dvts@4 cannot be served alone, and
+    routing, cheaper than dvts@8, is kept."""
+    records = hard_problems(6, (10, 0.2, 0.25), {"dvts@4": (True, 40), "fixed:dvts@8": (True, 80)})
+    table, report = fit(records, pilot=4, client_budget=8)
+    served = report["served"]
+    assert served["choice"] == "dvts@4" and served["best_fixed"] == "dvts@4"
+    assert served["options"]["dvts@8"]["loses"] is True  # as accurate, dearer
+    assert served["options"]["auto"]["loses"] is True
+    assert (table.fixed_strategy, table.fixed_budget_share, table.fixed_beam_width) == (
+        "dvts",
+        0.5,
+        4,
+    )
+    assert parse_table(table.to_json()) == table
+    # The comparison the router must win stays the one against the whole budget.
+    assert report["auto_vs_best_fixed"]["best_fixed"] == "dvts@8"
+    table, report = fit(records, pilot=4)
+    assert set(report["served"]["options"]) == {"auto", "dvts@8"}
+    assert report["served"]["choice"] == "auto" and table.fixed_strategy is None
+
+
+def test_a_cheaper_strategy_that_loses_by_more_than_the_paired_se_is_not_served() -> None:
+    """best_of_n@4 costs a quarter of dvts@8 but is right on 2 of 20 problems where dvts@8 is
+    right on 12: far outside one paired SE, so the whole-budget DVTS is served."""
+    records = []
+    for i in range(20):
+        records.append({"id": f"p{i}", "option": PILOT, "correct": False, "flops": 10,
+                        "mean_score": 0.2, "agreement": 0.25, "pass_at_1": 0.0})  # fmt: skip
+        records.append({"id": f"p{i}", "option": "best_of_n@4", "correct": i < 2, "flops": 20})
+        records.append({"id": f"p{i}", "option": "fixed:dvts@8", "correct": i < 12, "flops": 80})
+    table, report = fit(records, pilot=4, client_budget=8)
+    assert report["served"]["options"]["best_of_n@4"]["loses"] is True
+    assert report["served"]["choice"] == "dvts@8"
+    assert (table.fixed_strategy, table.fixed_budget_share) == ("dvts", 1.0)
+
+
 def test_adaptive_options_replay_the_recorded_best_of_n_samples_in_order() -> None:
     """Problem a: the pilot says 7 7 3 4 (one ahead), the best-of-N samples 9 7 9 9: with rounds
     of 2 and a margin of 2 the replay stops after 9 7 (7 leads 3 to 1) and serves 7, right, for

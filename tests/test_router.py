@@ -106,6 +106,11 @@ def test_table_round_trips_and_rejects_nonsense(tmp_path: Path) -> None:
         parse_table({**table.to_json(), "fixed_strategy": "pilot"})
     with pytest.raises(RouterTableError, match="bins"):
         parse_table({**table.to_json(), "routes": {}})
+    for share in (0, 1.5):
+        with pytest.raises(RouterTableError, match="fixed_budget_share"):
+            parse_table({**table.to_json(), "fixed_budget_share": share})
+    with pytest.raises(RouterTableError, match="fixed_beam_width"):
+        parse_table({**table.to_json(), "fixed_beam_width": 0})
     path.write_text("{not json")
     with pytest.raises(RouterTableError):
         load_table(path)
@@ -230,6 +235,37 @@ async def test_a_table_with_a_fixed_strategy_runs_it_on_the_whole_budget_without
     # No pilot: the first call starts the search's 8 beams, not 4 whole samples.
     first = policy.calls[0]
     assert len(first.prompts) * first.n == 8
+
+
+async def test_a_fixed_strategy_runs_on_its_calibrated_share_and_width(tmp_path: Path) -> None:
+    table = tmp_path / "table.json"
+    fixed = RouterTable(
+        routes=dict.fromkeys(BINS, Route("pilot")),
+        fixed_strategy="dvts",
+        fixed_budget_share=0.5,
+        fixed_beam_width=2,
+    )
+    table.write_text(json.dumps(fixed.to_json()))
+    policy = TokenizingFake(disagreeing)
+    settings = Settings(policy_params=1000, prm_params=0, policy_model="fake", router_table=table)
+    engine = TTSEngine(settings, policy, FakePRM(per_step(lambda s: 0.2)))
+    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
+    outcome = await engine.run(
+        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
+    )
+    assert outcome.route is not None
+    assert (outcome.route.strategy, outcome.route.budget, outcome.route.beam_width) == (
+        "dvts",
+        4,
+        2,
+    )
+    first = policy.calls[0]
+    assert len(first.prompts) * first.n == 4  # half of the client's 8
+    # A budget too small for the share still runs one sample.
+    outcome = await engine.run(
+        rendered, plan(1), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
+    )
+    assert outcome.route is not None and outcome.route.budget == 1
 
 
 def scripted(answers: list[int]) -> tuple[TokenizingFake, list[int]]:

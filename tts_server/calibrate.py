@@ -17,7 +17,10 @@ resumes where it stopped. Then:
    the choice generalises;
 3. the table is written as JSON for `TTS_ROUTER_TABLE`, with the calibration report, which also
    sets the cross-validated `auto` against fixed strategies run at the whole budget (`--compare`),
-   the comparison a router must win.
+   the comparison a router must win. When routing loses, or a fixed strategy costs less for as
+   much accuracy (a reference, or a route's strategy measured alone with fewer samples, e.g.
+   DVTS with 4 samples of a budget of 8), the table serves that strategy, no pilot, on its share
+   of the budget.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tts_server.datasets import DatasetError, Example, load_dataset
 from tts_server.evaluate import binomial_se, paired_difference
 from tts_server.router import (
     BINS,
+    FIXED_STRATEGIES,
     Route,
     RouterTable,
     confidence_of,
@@ -438,9 +442,44 @@ def fit(
         for option in references
     }
     against = _against_best(held, fixed, references_by_problem, rule)
-    if against is not None and against["auto_loses"]:
-        # Routing by difficulty did not pay on these problems: serve the best fixed strategy.
-        table = dataclasses.replace(table, fixed_strategy=against["best_fixed"].partition("@")[0])
+    served = None
+    if references:
+        # What `auto` serves: routing, or a fixed strategy (a reference on the whole budget, or a
+        # route's strategy measured alone on fewer samples) when that costs less for as much.
+        pool = {
+            option.removeprefix(FIXED): _FixedOption(
+                references_by_problem[option.removeprefix(FIXED)],
+                fixed[option.removeprefix(FIXED)]["mean_flops"],
+                1.0,
+                None,
+            )
+            for option in references
+        }
+        if client_budget is not None:
+            for option in options:
+                strategy, _, measured = option.partition("@")
+                if strategy not in FIXED_STRATEGIES or int(measured) >= client_budget:
+                    continue
+                pool.setdefault(
+                    option,
+                    _FixedOption(
+                        {p: bool(by_id[p][option]["correct"]) for p in problems},
+                        sum(float(by_id[p][option]["flops"] or 0) for p in problems)
+                        / len(problems),
+                        round(int(measured) / client_budget, 4),
+                        _width(strategy, int(measured)) if strategy in SEARCHES else None,
+                    ),
+                )
+        served = _serve(held, pool, rule)
+        choice = pool.get(served["choice"])
+        if choice is not None:
+            # Routing by difficulty did not pay on these problems: serve the fixed strategy.
+            table = dataclasses.replace(
+                table,
+                fixed_strategy=served["choice"].partition("@")[0],
+                fixed_budget_share=choice.share,
+                fixed_beam_width=choice.width,
+            )
     report = {
         "problems": len(problems),
         "incomplete_problems_skipped": len(incomplete),
@@ -454,9 +493,68 @@ def fit(
         "options": per_option,
         "fixed": fixed,
         "auto_vs_best_fixed": against,
+        "served": served,
         "fixed_strategy": table.fixed_strategy,
     }
     return table, report
+
+
+@dataclasses.dataclass(frozen=True)
+class _FixedOption:
+    correct: dict[str, bool]  # by problem
+    mean_flops: float
+    share: float  # of the client budget
+    width: int | None  # beam width; None: the server's
+
+
+def _loses(
+    correct: list[bool], flops: float, best: list[bool], best_flops: float, rule: str
+) -> tuple[bool, float, float]:
+    """(loses, accuracy difference, paired SE) of one option against the best on the same
+    problems: less accurate, or as accurate and dearer. With `rule` "one_se", "less accurate"
+    means by more than one paired standard error of the difference (the same problems, so their
+    luck is shared) and "as accurate" within it; with "max", any difference counts."""
+    difference, paired_se = paired_difference(correct, best)
+    tolerance = paired_se if rule == "one_se" else 0.0
+    dearer = flops > best_flops
+    loses = difference < -tolerance - 1e-12 or (difference <= tolerance and dearer)
+    return loses, difference, paired_se
+
+
+def _serve(
+    held: dict[str, tuple[bool, float]], pool: dict[str, _FixedOption], rule: str
+) -> dict[str, Any]:
+    """What `auto` should serve: the cheapest of the cross-validated routing ("auto") and the
+    fixed options that do not lose to the most accurate fixed option; routing on ties."""
+    problems = list(held)
+    best_name = max(
+        pool,
+        key=lambda n: (sum(pool[n].correct[p] for p in problems), -pool[n].mean_flops),
+    )
+    best = [pool[best_name].correct[p] for p in problems]
+    best_flops = pool[best_name].mean_flops
+    rows: dict[str, tuple[list[bool], float, float]] = {
+        "auto": ([c for c, _ in held.values()], sum(f for _, f in held.values()) / len(held), 1.0),
+        **{
+            name: ([option.correct[p] for p in problems], option.mean_flops, option.share)
+            for name, option in pool.items()
+        },
+    }
+    table: dict[str, dict[str, Any]] = {}
+    for name, (correct, flops, share) in rows.items():
+        loses, difference, _ = _loses(correct, flops, best, best_flops, rule)
+        table[name] = {
+            "accuracy": sum(correct) / len(correct),
+            "mean_flops": flops,
+            "budget_share": share,
+            "difference_vs_best": difference,
+            "loses": loses,
+        }
+    choice = min(
+        (n for n, row in table.items() if not row["loses"]),
+        key=lambda n: (table[n]["mean_flops"], n != "auto"),
+    )
+    return {"choice": choice, "best_fixed": best_name, "options": table}
 
 
 def _against_best(
@@ -465,28 +563,25 @@ def _against_best(
     correct_by_problem: dict[str, dict[str, bool]],
     rule: str,
 ) -> dict[str, Any] | None:
-    """The cross-validated `auto` against the most accurate fixed strategy (cheaper on ties).
-
-    `auto` loses when it is less accurate, or as accurate and dearer. With `rule` "one_se", as
-    for the routes, "less accurate" means by more than one paired standard error of the
-    difference (the same problems, so their luck is shared), and "as accurate" within it; with
-    "max", any difference counts.
-    """
+    """The cross-validated routing against the most accurate fixed strategy on the whole budget
+    (cheaper on ties): the comparison a router must win (`_loses` says what losing is)."""
     if not fixed:
         return None
     name, best = max(fixed.items(), key=lambda kv: (kv[1]["accuracy"], -kv[1]["mean_flops"]))
-    difference, paired_se = paired_difference(
-        [correct for correct, _ in held.values()], [correct_by_problem[name][p] for p in held]
-    )
     flops = sum(f for _, f in held.values()) / len(held)
-    tolerance = paired_se if rule == "one_se" else 0.0
-    dearer = flops > best["mean_flops"]
+    loses, difference, paired_se = _loses(
+        [correct for correct, _ in held.values()],
+        flops,
+        [correct_by_problem[name][p] for p in held],
+        best["mean_flops"],
+        rule,
+    )
     return {
         "best_fixed": name,
         "accuracy_difference": difference,
         "paired_se": paired_se,
         "flops_ratio": flops / best["mean_flops"] if best["mean_flops"] else None,
-        "auto_loses": difference < -tolerance - 1e-12 or (difference <= tolerance and dearer),
+        "auto_loses": loses,
     }
 
 

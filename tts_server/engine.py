@@ -339,12 +339,12 @@ class TTSEngine:
         """Pilot, estimate the difficulty, then spend what is left of the budget as routed."""
         table = await self.router_table()
         if table.fixed_strategy is not None:
-            # Calibration found no routing that beats this strategy on this model pair.
-            # It runs as a request naming it would: the server's default beam width, no pilot.
+            # Calibration found no routing that beats this strategy on this model pair. It runs
+            # as a request naming it would (no pilot), on the share of the budget calibrated.
             name = table.fixed_strategy
-            budget, width = plan_budget(
-                RouterRoute(name, self.settings.default_beam_width), config.budget, 0
-            )
+            total = max(1, round(config.budget * table.fixed_budget_share))
+            width = table.fixed_beam_width or self.settings.default_beam_width
+            budget, width = plan_budget(RouterRoute(name, width), total, 0)
             decision.append((None, Route(name, budget, width, False)))
             fixed = dataclasses.replace(config, budget=budget, beam_width=width)
             return await STRATEGIES[name](

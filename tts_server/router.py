@@ -15,8 +15,10 @@ question the policy cannot settle rarely settles with a few more samples). The s
 draw are the compute it saves.
 
 When calibration finds that no routing beats the best fixed strategy on its problems (the
-difficulty estimate does not pay for its pilot on that model pair), the table names that strategy
-as `fixed_strategy`, and `auto` runs it on the whole budget with no pilot.
+difficulty estimate does not pay for its pilot on that model pair), the table names a fixed strategy
+(`fixed_strategy`, with the share of the client's budget it spends and its beam width), and `auto`
+runs it with no pilot. The share is below 1 when calibration found the strategy with fewer samples
+as accurate as the best one with the whole budget: the compute-optimal N is not always the most.
 """
 
 from __future__ import annotations
@@ -79,8 +81,11 @@ class RouterTable:
     early_exit_score: float = 0.9
     routes: dict[str, Route] = field(default_factory=dict)
     source: str = "default"
-    # Set: `auto` runs this strategy on the whole budget, no pilot, no routes.
+    # Set: `auto` runs this strategy, no pilot, no routes, on this share of the client's budget,
+    # with this beam width (None: the server's default).
     fixed_strategy: str | None = None
+    fixed_budget_share: float = 1.0
+    fixed_beam_width: int | None = None
 
     def exits_early(self, mean_score: float, agreement: float) -> bool:
         """The pilot answers alone: its samples agree this much with scores this high."""
@@ -164,11 +169,17 @@ def parse_table(data: Any) -> RouterTable:
             routes=routes,
             source=str(data.get("source", "file")),
             fixed_strategy=data.get("fixed_strategy"),
+            fixed_budget_share=float(data.get("fixed_budget_share", 1.0)),
+            fixed_beam_width=_optional_int(data.get("fixed_beam_width")),
         )
     except (TypeError, ValueError) as exc:
         raise RouterTableError(f"bad number in the router table: {exc}") from exc
     if table.fixed_strategy is not None and table.fixed_strategy not in FIXED_STRATEGIES:
         raise RouterTableError(f"fixed_strategy must be one of {', '.join(FIXED_STRATEGIES)}")
+    if not 0.0 < table.fixed_budget_share <= 1.0:
+        raise RouterTableError("fixed_budget_share must be in (0, 1]")
+    if table.fixed_beam_width is not None and table.fixed_beam_width < 1:
+        raise RouterTableError("fixed_beam_width must be at least 1 (or null: the server's)")
     if table.pilot_samples < 1 or not table.medium_min <= table.easy_min:
         raise RouterTableError("pilot_samples >= 1 and medium_min <= easy_min")
     return table
