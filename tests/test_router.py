@@ -212,11 +212,23 @@ async def test_auto_routes_a_hard_question_and_keeps_the_pilot() -> None:
     assert result.policy_usage.calls == len(policy.calls)
 
 
-async def test_a_table_with_a_fixed_strategy_runs_it_on_the_whole_budget_without_a_pilot(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("share", "width", "served"),
+    [
+        (1.0, None, (8, 4)),  # the whole budget, the server's beam width
+        (0.5, 2, (4, 2)),  # the share and width calibration measured it with
+    ],
+)
+async def test_a_table_with_a_fixed_strategy_runs_it_without_a_pilot(
+    tmp_path: Path, share: float, width: int | None, served: tuple[int, int]
 ) -> None:
     table = tmp_path / "table.json"
-    fixed = RouterTable(routes=dict.fromkeys(BINS, Route("pilot")), fixed_strategy="dvts")
+    fixed = RouterTable(
+        routes=dict.fromkeys(BINS, Route("pilot")),
+        fixed_strategy="dvts",
+        fixed_budget_share=share,
+        fixed_beam_width=width,
+    )
     table.write_text(json.dumps(fixed.to_json()))
     policy = TokenizingFake(disagreeing)
     settings = Settings(policy_params=1000, prm_params=0, policy_model="fake", router_table=table)
@@ -227,40 +239,11 @@ async def test_a_table_with_a_fixed_strategy_runs_it_on_the_whole_budget_without
     )
     assert outcome.difficulty is None
     assert outcome.route is not None
-    assert (outcome.route.strategy, outcome.route.budget, outcome.route.beam_width) == (
-        "dvts",
-        8,
-        4,
-    )
-    # No pilot: the first call starts the search's 8 beams, not 4 whole samples.
+    route = outcome.route
+    assert (route.strategy, route.budget, route.beam_width) == ("dvts", *served)
+    # No pilot: the first call starts the search's beams, not 4 whole samples.
     first = policy.calls[0]
-    assert len(first.prompts) * first.n == 8
-
-
-async def test_a_fixed_strategy_runs_on_its_calibrated_share_and_width(tmp_path: Path) -> None:
-    table = tmp_path / "table.json"
-    fixed = RouterTable(
-        routes=dict.fromkeys(BINS, Route("pilot")),
-        fixed_strategy="dvts",
-        fixed_budget_share=0.5,
-        fixed_beam_width=2,
-    )
-    table.write_text(json.dumps(fixed.to_json()))
-    policy = TokenizingFake(disagreeing)
-    settings = Settings(policy_params=1000, prm_params=0, policy_model="fake", router_table=table)
-    engine = TTSEngine(settings, policy, FakePRM(per_step(lambda s: 0.2)))
-    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
-    outcome = await engine.run(
-        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
-    )
-    assert outcome.route is not None
-    assert (outcome.route.strategy, outcome.route.budget, outcome.route.beam_width) == (
-        "dvts",
-        4,
-        2,
-    )
-    first = policy.calls[0]
-    assert len(first.prompts) * first.n == 4  # half of the client's 8
+    assert len(first.prompts) * first.n == served[0]
     # A budget too small for the share still runs one sample.
     outcome = await engine.run(
         rendered, plan(1), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
