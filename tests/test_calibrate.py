@@ -397,7 +397,7 @@ def test_a_strategy_as_accurate_on_fewer_samples_is_served_on_that_share_of_the_
     records = hard_problems(6, (10, 0.2, 0.25), {"dvts@4": (True, 40), "fixed:dvts@8": (True, 80)})
     table, report = fit(records, pilot=4, client_budget=8)
     served = report["served"]
-    assert served["choice"] == "dvts@4" and served["best_fixed"] == "dvts@4"
+    assert served["choice"] == "dvts@4" and served["best"] == "dvts@4"
     assert served["options"]["dvts@8"]["loses"] is True  # as accurate, dearer
     assert served["options"]["auto"]["loses"] is True
     assert (table.fixed_strategy, table.fixed_budget_share, table.fixed_beam_width) == (
@@ -426,6 +426,23 @@ def test_a_cheaper_strategy_that_loses_by_more_than_the_paired_se_is_not_served(
     assert report["served"]["options"]["best_of_n@4"]["loses"] is True
     assert report["served"]["choice"] == "dvts@8"
     assert (table.fixed_strategy, table.fixed_budget_share) == ("dvts", 1.0)
+
+
+def test_routing_more_accurate_than_every_fixed_option_is_served_under_max() -> None:
+    """Routing (the pilot alone) is right on 12 of 20 problems for 60 FLOPs, best_of_n@8 on 11 for
+    40: with `max`, the more accurate routing is served even though it costs more; with
+    `one_se`, best-of-N, cheaper and within one paired SE."""
+    records = []
+    for i in range(20):
+        records.append({"id": f"p{i}", "option": PILOT, "correct": i < 12, "flops": 60,
+                        "mean_score": 0.2, "agreement": 0.25, "pass_at_1": 0.0})  # fmt: skip
+        records.append({"id": f"p{i}", "option": "fixed:best_of_n@8", "correct": i < 11,
+                        "flops": 40})  # fmt: skip
+    table, report = fit(records, pilot=4, client_budget=8, rule="max")
+    assert report["served"]["best"] == report["served"]["choice"] == "auto"
+    assert table.fixed_strategy is None
+    table, report = fit(records, pilot=4, client_budget=8)
+    assert report["served"]["choice"] == "best_of_n@8" and table.fixed_strategy == "best_of_n"
 
 
 def test_adaptive_options_replay_the_recorded_best_of_n_samples_in_order() -> None:

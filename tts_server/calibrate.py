@@ -525,14 +525,9 @@ def _serve(
     held: dict[str, tuple[bool, float]], pool: dict[str, _FixedOption], rule: str
 ) -> dict[str, Any]:
     """What `auto` should serve: the cheapest of the cross-validated routing ("auto") and the
-    fixed options that do not lose to the most accurate fixed option; routing on ties."""
+    fixed options that do not lose to the most accurate of them all (cheaper on ties, routing
+    on full ties)."""
     problems = list(held)
-    best_name = max(
-        pool,
-        key=lambda n: (sum(pool[n].correct[p] for p in problems), -pool[n].mean_flops),
-    )
-    best = [pool[best_name].correct[p] for p in problems]
-    best_flops = pool[best_name].mean_flops
     rows: dict[str, tuple[list[bool], float, float]] = {
         "auto": ([c for c, _ in held.values()], sum(f for _, f in held.values()) / len(held), 1.0),
         **{
@@ -540,6 +535,8 @@ def _serve(
             for name, option in pool.items()
         },
     }
+    best_name = max(rows, key=lambda n: (sum(rows[n][0]), -rows[n][1], n == "auto"))
+    best, best_flops, _ = rows[best_name]
     table: dict[str, dict[str, Any]] = {}
     for name, (correct, flops, share) in rows.items():
         loses, difference, _ = _loses(correct, flops, best, best_flops, rule)
@@ -554,7 +551,7 @@ def _serve(
         (n for n, row in table.items() if not row["loses"]),
         key=lambda n: (table[n]["mean_flops"], n != "auto"),
     )
-    return {"choice": choice, "best_fixed": best_name, "options": table}
+    return {"choice": choice, "best": best_name, "options": table}
 
 
 def _against_best(
