@@ -269,7 +269,9 @@ def test_report_lines_break_where_prometheus_had_no_data() -> None:
     assert parse_duration("90m") == 5400 and parse_duration("1h") == 3600
 
 
-def test_refit_uses_only_the_problems_and_options_asked_for(tmp_path: Path) -> None:
+def test_refit_uses_only_the_problems_and_options_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A records file from a wider run (another option on some problems, other problems) refits
     to what the command names, without sending a request."""
     from tts_server.calibrate import add_calibrate_arguments, main_calibrate
@@ -297,6 +299,7 @@ def test_refit_uses_only_the_problems_and_options_asked_for(tmp_path: Path) -> N
     written = json.loads(out.read_text())
     assert written["calibration"]["problems"] == 3
     assert written["routes"]["hard"]["strategy"] == "dvts"
+    assert "auto serves: a pilot of 4 samples, then easy: dvts" in capsys.readouterr().out
 
 
 def test_a_route_is_scored_on_the_answer_auto_serves_from_pilot_and_route_together() -> None:

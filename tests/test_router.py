@@ -106,6 +106,11 @@ def test_table_round_trips_and_rejects_nonsense(tmp_path: Path) -> None:
         parse_table({**table.to_json(), "fixed_strategy": "pilot"})
     with pytest.raises(RouterTableError, match="bins"):
         parse_table({**table.to_json(), "routes": {}})
+    assert table.summary() == (
+        "a pilot of 4 samples, then easy: best_of_n, medium: beam_search, hard: beam_search"
+    )
+    fixed = RouterTable(fixed_strategy="dvts", fixed_budget_share=0.5, fixed_beam_width=4)
+    assert fixed.summary() == "dvts on 50% of the client's budget, beam width 4, no pilot"
     for share in (0, 1.5):
         with pytest.raises(RouterTableError, match="fixed_budget_share"):
             parse_table({**table.to_json(), "fixed_budget_share": share})

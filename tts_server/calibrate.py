@@ -702,5 +702,6 @@ def main_calibrate(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**table.to_json(), "calibration": report}, indent=2))
     print(json.dumps(report, indent=2))
+    print(f"auto serves: {table.summary()}")
     print(f"router table: {args.out} (serve it with TTS_ROUTER_TABLE={args.out})")
     return 0

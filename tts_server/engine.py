@@ -154,7 +154,9 @@ class TTSEngine:
         self._table: RouterTable | None = None
         if settings.router_table is not None:
             # Fail at start on a bad table, not on the first request.
-            self._table = load_table(settings.router_table)
+            table = load_table(settings.router_table)
+            logger.info("router table %s: auto serves %s", table.source, table.summary())
+            self._table = table
 
     async def render_chat(self, messages: list[dict[str, Any]]) -> RenderedPrompt:
         profile = load_profile(self.settings.profile_for(self.settings.policy_model))
@@ -217,6 +219,7 @@ class TTSEngine:
             if shape is None:
                 return table  # the size may become known later: do not cache the guess
             self._table = table
+            logger.info("router table %s: auto serves %s", table.source, table.summary())
         return self._table
 
     # --- one request ---

@@ -98,6 +98,19 @@ class RouterTable:
             return "medium"
         return "hard"
 
+    def summary(self) -> str:
+        """What `auto` does with this table, in one line."""
+        if self.fixed_strategy is not None:
+            width = "" if self.fixed_beam_width is None else f", beam width {self.fixed_beam_width}"
+            share = f"{self.fixed_budget_share:.0%} of the client's budget"
+            return f"{self.fixed_strategy} on {share}{width}, no pilot"
+        routes = ", ".join(
+            f"{name}: {route.strategy}"
+            + ("" if route.budget_share == 1.0 else f" ({route.budget_share:.0%} of the budget)")
+            for name, route in self.routes.items()
+        )
+        return f"a pilot of {self.pilot_samples} samples, then {routes}"
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["routes"] = {name: asdict(route) for name, route in self.routes.items()}
