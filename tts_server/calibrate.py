@@ -410,8 +410,8 @@ def fit(
         train = [p for p in shuffled if p not in set(test)]
         routes = choose_routes(train or test)
         for problem in test:
-            correct, flops = costs[problem][routes[bin_of(problem)]]
-            held[problem] = (correct, flops)
+            held[problem] = costs[problem][routes[bin_of(problem)]]
+    routing = _Measured.of({p: held[p] for p in problems})
     routes = choose_routes(problems)
     table = RouterTable(
         pilot_samples=pilot,
@@ -422,55 +422,33 @@ def fit(
     )
     # An option as `auto` would serve it: pilot included, candidates merged.
     per_option = {
-        option: {
-            "accuracy": sum(costs[p][option][0] for p in problems) / len(problems),
-            "mean_flops": sum(costs[p][option][1] for p in problems) / len(problems),
-        }
+        option: _Measured.of({p: costs[p][option] for p in problems}).summary()
         for option in options
     }
-    references_by_problem = {
-        option.removeprefix(FIXED): {p: bool(by_id[p][option]["correct"]) for p in problems}
-        for option in references
-    }
-    fixed = {
-        option.removeprefix(FIXED): {
-            "accuracy": sum(references_by_problem[option.removeprefix(FIXED)].values())
-            / len(problems),
-            "mean_flops": sum(float(by_id[p][option]["flops"] or 0) for p in problems)
-            / len(problems),
-        }
-        for option in references
-    }
-    against = _against_best(held, fixed, references_by_problem, rule)
+
+    def alone(option: str, share: float = 1.0, width: int | None = None) -> _Measured:
+        """An option's own records: what it answered and spent with no pilot."""
+        rows = {p: by_id[p][option] for p in problems}
+        outcomes = {p: (bool(r["correct"]), float(r["flops"] or 0)) for p, r in rows.items()}
+        return _Measured.of(outcomes, share, width)
+
+    references_alone = {option.removeprefix(FIXED): alone(option) for option in references}
+    fixed = {name: option.summary() for name, option in references_alone.items()}
+    against = _against_best(routing, references_alone, rule)
     served = None
     if references:
         # What `auto` serves: routing, or a fixed strategy (a reference on the whole budget, or a
         # route's strategy measured alone on fewer samples) when that costs less for as much.
-        pool = {
-            option.removeprefix(FIXED): _FixedOption(
-                references_by_problem[option.removeprefix(FIXED)],
-                fixed[option.removeprefix(FIXED)]["mean_flops"],
-                1.0,
-                None,
-            )
-            for option in references
-        }
+        pool = dict(references_alone)
         if client_budget is not None:
             for option in options:
                 strategy, _, measured = option.partition("@")
                 if strategy not in FIXED_STRATEGIES or int(measured) >= client_budget:
                     continue
-                pool.setdefault(
-                    option,
-                    _FixedOption(
-                        {p: bool(by_id[p][option]["correct"]) for p in problems},
-                        sum(float(by_id[p][option]["flops"] or 0) for p in problems)
-                        / len(problems),
-                        round(int(measured) / client_budget, 4),
-                        _width(strategy, int(measured)) if strategy in SEARCHES else None,
-                    ),
-                )
-        served = _serve(held, pool, rule)
+                n = int(measured)
+                width = _width(strategy, n) if strategy in SEARCHES else None
+                pool[option] = alone(option, round(n / client_budget, 4), width)
+        served = _serve(routing, pool, rule)
         choice = pool.get(served["choice"])
         if choice is not None:
             # Routing by difficulty did not pay on these problems: serve the fixed strategy.
@@ -488,8 +466,8 @@ def fit(
         "routes": routes,
         "rule": rule,
         "cv_folds": k,
-        "cv_auto_accuracy": sum(c for c, _ in held.values()) / len(problems),
-        "cv_auto_mean_flops": sum(f for _, f in held.values()) / len(problems),
+        "cv_auto_accuracy": routing.accuracy,
+        "cv_auto_mean_flops": routing.mean_flops,
         "options": per_option,
         "fixed": fixed,
         "auto_vs_best_fixed": against,
@@ -500,50 +478,57 @@ def fit(
 
 
 @dataclasses.dataclass(frozen=True)
-class _FixedOption:
+class _Measured:
+    """One way of answering, measured on the calibration problems."""
+
     correct: dict[str, bool]  # by problem
     mean_flops: float
-    share: float  # of the client budget
-    width: int | None  # beam width; None: the server's
+    share: float = 1.0  # of the client budget, when served as a fixed strategy
+    width: int | None = None  # beam width; None: the server's
+
+    @classmethod
+    def of(
+        cls, outcomes: dict[str, tuple[bool, float]], share: float = 1.0, width: int | None = None
+    ) -> _Measured:
+        """From (correct, FLOPs) per problem."""
+        flops = sum(f for _, f in outcomes.values()) / len(outcomes)
+        return cls({p: c for p, (c, _) in outcomes.items()}, flops, share, width)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct.values()) / len(self.correct)
+
+    def summary(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "mean_flops": self.mean_flops}
 
 
-def _loses(
-    correct: list[bool], flops: float, best: list[bool], best_flops: float, rule: str
-) -> tuple[bool, float, float]:
+def _loses(option: _Measured, best: _Measured, rule: str) -> tuple[bool, float, float]:
     """(loses, accuracy difference, paired SE) of one option against the best on the same
     problems: less accurate, or as accurate and dearer. With `rule` "one_se", "less accurate"
     means by more than one paired standard error of the difference (the same problems, so their
     luck is shared) and "as accurate" within it; with "max", any difference counts."""
-    difference, paired_se = paired_difference(correct, best)
+    problems = list(best.correct)
+    difference, paired_se = paired_difference(
+        [option.correct[p] for p in problems], [best.correct[p] for p in problems]
+    )
     tolerance = paired_se if rule == "one_se" else 0.0
-    dearer = flops > best_flops
+    dearer = option.mean_flops > best.mean_flops
     loses = difference < -tolerance - 1e-12 or (difference <= tolerance and dearer)
     return loses, difference, paired_se
 
 
-def _serve(
-    held: dict[str, tuple[bool, float]], pool: dict[str, _FixedOption], rule: str
-) -> dict[str, Any]:
+def _serve(routing: _Measured, pool: dict[str, _Measured], rule: str) -> dict[str, Any]:
     """What `auto` should serve: the cheapest of the cross-validated routing ("auto") and the
     fixed options that do not lose to the most accurate of them all (cheaper on ties, routing
     on full ties)."""
-    problems = list(held)
-    rows: dict[str, tuple[list[bool], float, float]] = {
-        "auto": ([c for c, _ in held.values()], sum(f for _, f in held.values()) / len(held), 1.0),
-        **{
-            name: ([option.correct[p] for p in problems], option.mean_flops, option.share)
-            for name, option in pool.items()
-        },
-    }
-    best_name = max(rows, key=lambda n: (sum(rows[n][0]), -rows[n][1], n == "auto"))
-    best, best_flops, _ = rows[best_name]
+    rows = {"auto": routing, **pool}
+    best_name = max(rows, key=lambda n: (rows[n].accuracy, -rows[n].mean_flops, n == "auto"))
     table: dict[str, dict[str, Any]] = {}
-    for name, (correct, flops, share) in rows.items():
-        loses, difference, _ = _loses(correct, flops, best, best_flops, rule)
+    for name, option in rows.items():
+        loses, difference, _ = _loses(option, rows[best_name], rule)
         table[name] = {
-            "accuracy": sum(correct) / len(correct),
-            "mean_flops": flops,
-            "budget_share": share,
+            **option.summary(),
+            "budget_share": option.share,
             "difference_vs_best": difference,
             "loses": loses,
         }
@@ -555,29 +540,19 @@ def _serve(
 
 
 def _against_best(
-    held: dict[str, tuple[bool, float]],
-    fixed: dict[str, dict[str, float]],
-    correct_by_problem: dict[str, dict[str, bool]],
-    rule: str,
+    routing: _Measured, references: dict[str, _Measured], rule: str
 ) -> dict[str, Any] | None:
     """The cross-validated routing against the most accurate fixed strategy on the whole budget
     (cheaper on ties): the comparison a router must win (`_loses` says what losing is)."""
-    if not fixed:
+    if not references:
         return None
-    name, best = max(fixed.items(), key=lambda kv: (kv[1]["accuracy"], -kv[1]["mean_flops"]))
-    flops = sum(f for _, f in held.values()) / len(held)
-    loses, difference, paired_se = _loses(
-        [correct for correct, _ in held.values()],
-        flops,
-        [correct_by_problem[name][p] for p in held],
-        best["mean_flops"],
-        rule,
-    )
+    name, best = max(references.items(), key=lambda kv: (kv[1].accuracy, -kv[1].mean_flops))
+    loses, difference, paired_se = _loses(routing, best, rule)
     return {
         "best_fixed": name,
         "accuracy_difference": difference,
         "paired_se": paired_se,
-        "flops_ratio": flops / best["mean_flops"] if best["mean_flops"] else None,
+        "flops_ratio": routing.mean_flops / best.mean_flops if best.mean_flops else None,
         "auto_loses": loses,
     }
 

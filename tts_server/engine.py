@@ -345,9 +345,9 @@ class TTSEngine:
             # Calibration found no routing that beats this strategy on this model pair. It runs
             # as a request naming it would (no pilot), on the share of the budget calibrated.
             name = table.fixed_strategy
-            total = max(1, round(config.budget * table.fixed_budget_share))
             width = table.fixed_beam_width or self.settings.default_beam_width
-            budget, width = plan_budget(RouterRoute(name, width), total, 0)
+            fixed_route = RouterRoute(name, width, table.fixed_budget_share)
+            budget, width = plan_budget(fixed_route, config.budget, 0)
             decision.append((None, Route(name, budget, width, False)))
             fixed = dataclasses.replace(config, budget=budget, beam_width=width)
             return await STRATEGIES[name](

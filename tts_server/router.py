@@ -259,9 +259,10 @@ def plan_budget(route: Route, client_budget: int, pilot: int) -> tuple[int, int]
     """(N, beam width) of the routed strategy after the pilot, inside the client's budget.
 
     N = 0 means the pilot answers. A search gets the largest multiple of its beam width that
-    fits (at least one beam width); beam widths above what is left shrink to it.
+    fits (at least one beam width); beam widths above what is left shrink to it. With no pilot
+    (a fixed strategy), at least one sample is planned, however small the share.
     """
-    total = max(pilot, round(client_budget * route.budget_share))
+    total = max(pilot, 1, round(client_budget * route.budget_share))
     left = total - pilot
     if route.strategy == "pilot" or left < 1:
         return 0, 1
