@@ -13,7 +13,7 @@ import pytest
 
 from tts_server.calibrate import PILOT, collect, fit
 from tts_server.datasets import Example, load_dataset
-from tts_server.plots import bin_table, markdown_table, plot, versus_table
+from tts_server.plots import bin_table, flops_ticks, markdown_table, plot, versus_table
 from tts_server.router import parse_table, plan_budget
 
 EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
@@ -131,6 +131,21 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     out = plot(reports, tmp_path / "plot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (1.1e11, 2.9e11, [1.2e11, 1.5e11, 2e11, 2.5e11]),  # a third of a decade: fine steps
+        (8e10, 4.5e11, [1e11, 1.5e11, 2e11, 3e11]),
+        (3e9, 4e12, [5e9, 2e10, 1e11, 5e11, 2e12]),  # decades: 1-2-5, every other one kept
+    ],
+)
+def test_flops_ticks_are_few_and_inside_the_axis(
+    low: float, high: float, expected: list[float]
+) -> None:
+    ticks = flops_ticks(low, high)
+    assert ticks == pytest.approx(expected)
 
 
 def test_markdown_table_has_one_row_per_report_with_its_figures() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,23 @@ def _in_order(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(reports, key=lambda r: (r["dataset"], r.get("offset", 0), r["strategy"]))
 
 
+def flops_ticks(low: float, high: float, most: int = 6) -> list[float]:
+    """Readable tick positions on a log axis from low to high: 1-2-5 steps per decade, finer
+    steps when the axis spans too little of a decade for three of those, never more than `most`
+    (matplotlib's own log ticks label every minor tick of a narrow axis, and they overlap)."""
+    for steps in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)):
+        ticks = [
+            step * 10.0**decade
+            for decade in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+            for step in steps
+            if low <= step * 10.0**decade <= high
+        ]
+        if len(ticks) >= 3:
+            break
+    stride = math.ceil(len(ticks) / most)
+    return ticks[::stride]
+
+
 def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> Path:
     import matplotlib
     import matplotlib.ticker
@@ -66,14 +84,16 @@ def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> 
             line = axes.plot(xs, ys, marker="o", label=strategy)[0]
             axes.errorbar(xs, ys, yerr=errors, fmt="none", ecolor=line.get_color(), capsize=3)
         for r, x, y in zip(group, xs, ys, strict=True):
-            n = 1 if strategy == "greedy" else r["budget"]  # greedy ignores the budget
-            axes.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if strategy == "auto":  # the router may spend less than the client's budget
+                note = f"budget {r['budget']}"
+            else:
+                note = f"N={1 if strategy == 'greedy' else r['budget']}"  # greedy ignores it
+            axes.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.set_xscale("log")
-    # Every labelled minor tick (3e10, 4e10, ...) overlaps on a narrow axis: 2x and 5x only.
-    axes.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
-    axes.xaxis.set_minor_formatter(
-        matplotlib.ticker.LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(3, 3))
-    )
+    low, high = axes.get_xlim()
+    axes.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(flops_ticks(low, high)))
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.2g}"))
+    axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes.set_xlabel("mean FLOPs per answer (log scale)")
     axes.set_ylabel("accuracy (%), bars: one standard error")
     axes.set_title(title or ", ".join(sorted({f"{r['dataset']} {_span(r)}" for r in reports})))
