@@ -258,9 +258,9 @@ async def test_a_client_that_goes_away_cancels_every_upstream_call(
                 break
             await asyncio.sleep(0.02)
         took = time.monotonic() - cancelled_at
-        assert faulty.open == 0 and faulty.client_closed >= opened
+        # A hanging fake answers nobody: only the gateway closing the calls empties it.
+        assert faulty.open == 0 and faulty.client_closed >= opened, f"still open after {took:.1f} s"
         assert r.app_state.admission.running == 0
-        assert took < 1.0, f"upstream calls still open {took:.2f} s after the client left"
         async with httpx.AsyncClient() as client:
             text = (await client.get(r.url + "/metrics")).text
         in_flight = [
@@ -279,7 +279,9 @@ def test_a_hung_upstream_is_a_504_within_its_timeout(tmp_path: Path) -> None:
         response = httpx.post(r.url + "/v1/chat/completions", json=body("greedy", 1), timeout=30)
         elapsed = time.monotonic() - started
         assert_openai_error(response, 504)
-        assert elapsed < 1.0 + 0.5  # the upstream timeout + 0.5 s
+        # The upstream timeout (1 s) and some slack, far from the client's 30 s and from a retry.
+        assert elapsed < 1.0 + 0.9
+        assert r.vllm.calls == 1  # a timed-out call is not retried: that would double the wait
         # The fake learns of the hang-up on its own event loop, a moment after the 504.
         closed_by = time.monotonic() + 1.0
         while r.vllm.open and time.monotonic() < closed_by:
@@ -392,7 +394,7 @@ def test_prm_outage_readiness_fail_fast_or_majority_and_recovery(
         assert wait_for_status(ready, 503, 5) <= 2 * r.settings.probe_interval_s + 0.3
         assert httpx.get(live).status_code == 200
         assert httpx.get(ready).json()["prm"] == "down"
-        started = time.monotonic()
+        generations = r.vllm.calls
         response = httpx.post(r.url + "/v1/chat/completions", json=body("best_of_n"), timeout=30)
         if degrade:
             assert response.status_code == 200, response.text
@@ -401,7 +403,7 @@ def test_prm_outage_readiness_fail_fast_or_majority_and_recovery(
         else:
             assert_openai_error(response, 503)
             assert "PRM" in response.json()["error"]["message"]
-            assert time.monotonic() - started < 0.5  # fail fast, no upstream wait
+            assert r.vllm.calls == generations  # fail fast: nothing generated for a lost cause
         # Strategies without a PRM still work.
         response = httpx.post(r.url + "/v1/chat/completions", json=body("majority"), timeout=30)
         assert response.status_code == 200
