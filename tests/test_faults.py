@@ -452,7 +452,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tmp_path
     profile = tmp_path / "plain-chat.json"
     profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     vllm = Faulty(FakeVLLM(script=script, model=MODEL).app(), "/v1/completions", mode="slow")
-    vllm.delay_s = 2.0
+    vllm.delay_s = 4.0  # longer than the wait for readiness to flip below
     prm = Faulty(create_prm_app(ArithBackend()), "/v1/score")
     with ThreadServer(vllm) as vllm_server, ThreadServer(prm) as prm_server:
         port = free_port()
@@ -490,7 +490,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tmp_path
                     headers=headers,
                     timeout=60,
                 )
-                for _ in range(200):
+                for _ in range(500):
                     if vllm.open:
                         break
                     time.sleep(0.02)
@@ -498,7 +498,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tmp_path
                 assert gateway.process is not None
                 gateway.process.send_signal(signal.SIGTERM)
                 # At once, give or take the signal's delivery on a loaded machine.
-                wait_for_status(url + "/health/ready", 503, 1.0)
+                wait_for_status(url + "/health/ready", 503, 3.0)
                 refused = httpx.post(url + "/v1/chat/completions", json=payload, timeout=10)
                 assert_openai_error(refused, 503)
                 assert refused.headers.get("Retry-After") == "1"
