@@ -22,7 +22,7 @@ def test_calibrate_resumes_and_its_table_drives_auto(stack: Stack, tmp_path: Pat
     argv += ["--limit", "2", "--pilot", "2", "--budgets", "4", "--strategies", "best_of_n,dvts"]
     argv += ["--compare", "best_of_n"]
     argv += ["--records", str(records), "--out", str(table_path)]
-    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
     assert first.returncode == 0, first.stderr
     lines = records.read_text().splitlines()
     # 2 problems x (pilot, best_of_n@2, dvts@2, and the reference: best_of_n at the budget)

@@ -223,13 +223,18 @@ async def test_no_request_waits_in_the_queue_past_its_timeout(tmp_path: Path) ->
             holder = asyncio.ensure_future(
                 client.post("/v1/chat/completions", json=body("greedy", 1))
             )
-            await asyncio.sleep(0.3)
+            for _ in range(500):  # the holder must have the one slot before the next comes
+                if r.app_state.admission.running == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert r.app_state.admission.running == 1
             started = time.monotonic()
             waited = await client.post("/v1/chat/completions", json=body("greedy", 1))
             elapsed = time.monotonic() - started
             holder.cancel()
         assert_openai_error(waited, 429)
-        assert 0.4 < elapsed < 2.0
+        # Waited its 0.5 s, then gave up: far from the holder's endless hang.
+        assert 0.4 < elapsed < 5.0
 
 
 # --- 5. client disconnect ---
@@ -284,11 +289,11 @@ def test_a_hung_upstream_is_a_504_within_its_timeout(tmp_path: Path) -> None:
         response = httpx.post(r.url + "/v1/chat/completions", json=body("greedy", 1), timeout=30)
         elapsed = time.monotonic() - started
         assert_openai_error(response, 504)
-        # The upstream timeout (1 s) and some slack, far from the client's 30 s and from a retry.
-        assert elapsed < 1.0 + 0.9
-        assert r.vllm.calls == 1  # a timed-out call is not retried: that would double the wait
+        # The upstream timeout (1 s) and slack for a loaded machine, far from the client's 30 s.
+        assert elapsed < 1.0 + 4.0
+        assert r.vllm.calls == 1  # a timed-out call is not retried
         # The fake learns of the hang-up on its own event loop, a moment after the 504.
-        closed_by = time.monotonic() + 1.0
+        closed_by = time.monotonic() + 5.0
         while r.vllm.open and time.monotonic() < closed_by:
             time.sleep(0.01)
         assert r.vllm.open == 0
@@ -310,7 +315,7 @@ def test_a_deadline_returns_the_best_finished_answer_marked_partial(tmp_path: Pa
         assert tts["partial"] is True
         assert tts["num_candidates"] == 2 and tts["answer"] == "8"
         assert tts["flops"]["policy"] > 0  # what the finished samples cost is still counted
-        assert 1.0 <= elapsed < 2.5
+        assert 1.0 <= elapsed < 5.0  # the deadline, not the hung samples (they never end)
         # Nothing finished by the deadline: 504.
         r.vllm.mode = "hang"
         response = httpx.post(
@@ -396,7 +401,8 @@ def test_prm_outage_readiness_fail_fast_or_majority_and_recovery(
         ready, live = r.url + "/health/ready", r.url + "/health/live"
         assert httpx.get(ready).status_code == 200
         r.prm_server.stop()
-        assert wait_for_status(ready, 503, 5) <= 2 * r.settings.probe_interval_s + 0.3
+        # Two probe intervals and slack for a loaded machine; never-flipping fails at 5 s.
+        assert wait_for_status(ready, 503, 5) <= 2 * r.settings.probe_interval_s + 2.0
         assert httpx.get(live).status_code == 200
         assert httpx.get(ready).json()["prm"] == "down"
         generations = r.vllm.calls
@@ -451,8 +457,8 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tmp_path
     canary_prompt, canary_key = "canary-9b1e How many apples?", "sk-canary-4a0f"
     profile = tmp_path / "plain-chat.json"
     profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
-    vllm = Faulty(FakeVLLM(script=script, model=MODEL).app(), "/v1/completions", mode="slow")
-    vllm.delay_s = 4.0  # longer than the wait for readiness to flip below
+    # The request is held at the fake until the test has seen the drain, then released.
+    vllm = Faulty(FakeVLLM(script=script, model=MODEL).app(), "/v1/completions", mode="gate")
     prm = Faulty(create_prm_app(ArithBackend()), "/v1/score")
     with ThreadServer(vllm) as vllm_server, ThreadServer(prm) as prm_server:
         port = free_port()
@@ -502,6 +508,8 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tmp_path
                 refused = httpx.post(url + "/v1/chat/completions", json=payload, timeout=10)
                 assert_openai_error(refused, 503)
                 assert refused.headers.get("Retry-After") == "1"
+                assert not in_flight.done()  # still draining the held request
+                vllm.gate.set()
                 finished = in_flight.result()
             assert finished.status_code == 200, finished.text
             assert finished.json()["tts"]["answer"] == "8"
