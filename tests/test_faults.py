@@ -240,19 +240,20 @@ async def test_no_request_waits_in_the_queue_past_its_timeout(tmp_path: Path) ->
 # --- 5. client disconnect ---
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(
     ("strategy", "budget", "hang"),
     [("best_of_n", 16, "vllm"), ("beam_search", 4, "prm")],
 )
 async def test_a_client_that_goes_away_cancels_every_upstream_call(
-    tmp_path: Path, strategy: str, budget: int, hang: str
+    tmp_path: Path, strategy: str, budget: int, hang: str, stream: bool
 ) -> None:
     with rig(tmp_path) as r:
         faulty = r.vllm if hang == "vllm" else r.prm
         faulty.mode = "hang"
         async with httpx.AsyncClient(base_url=r.url, timeout=60) as client:
             request = asyncio.ensure_future(
-                client.post("/v1/chat/completions", json=body(strategy, budget))
+                client.post("/v1/chat/completions", json=body(strategy, budget, stream=stream))
             )
             for _ in range(200):
                 if faulty.open > 0 and (hang == "prm" or faulty.open == budget):

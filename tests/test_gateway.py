@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.fake_vllm import EOS, FakeVLLM
 from tts_server.api.app import create_app
 from tts_server.policy import VLLMPolicyClient
+from tts_server.prm import PRMError
 from tts_server.prompting import ProfileError, load_profile
 from tts_server.settings import Settings
 from tts_server.types import PRMUsage
@@ -56,21 +61,36 @@ def prm() -> EquationPRM:
     return EquationPRM()
 
 
+@asynccontextmanager
+async def gateway_with(
+    fake_vllm: FakeVLLM,
+    prm: EquationPRM,
+    tmp_path: Path,
+    call_mode: str = "per_prompt",
+    **settings: Any,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A gateway app over the real vLLM client talking to `fake_vllm`, served in-process."""
+    profile = tmp_path / "plain-chat.json"
+    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
+    config = Settings(policy_model=MODEL, prompt_profiles={MODEL: str(profile)}, **settings)
+    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake_vllm.app()))
+    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream, call_mode=call_mode)
+    app = create_app(config, policy=policy, prm=prm)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client
+    finally:
+        await upstream.aclose()
+
+
 @pytest.fixture
 async def gateway(
     fake_vllm: FakeVLLM, prm: EquationPRM, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[httpx.AsyncClient]:
     call_mode = getattr(request, "param", "per_prompt")
-    profile = tmp_path / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
-    settings = Settings(policy_model=MODEL, prompt_profiles={MODEL: str(profile)})
-    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake_vllm.app()))
-    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream, call_mode=call_mode)
-    app = create_app(settings, policy=policy, prm=prm)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+    async with gateway_with(fake_vllm, prm, tmp_path, call_mode) as client:
         yield client
-    await upstream.aclose()
 
 
 def chat(strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
@@ -141,7 +161,12 @@ async def test_completions_endpoint(gateway: httpx.AsyncClient) -> None:
     ("body", "status", "param"),
     [
         ({**chat("greedy"), "model": "other"}, 404, "model"),
-        ({**chat("greedy"), "stream": True}, 400, "stream"),
+        ({**chat("greedy"), "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        (
+            {**chat("greedy"), "stream": True, "stream_options": {"include_usage": "x"}},
+            400,
+            "stream_options.include_usage",
+        ),
         ({**chat("greedy"), "n": 2}, 400, "n"),
         ({**chat("greedy"), "temperature": "hot"}, 400, "temperature"),
         ({**chat("greedy"), "max_tokens": 10**6}, 400, "max_tokens"),
@@ -271,3 +296,139 @@ def test_a_profile_temperature_out_of_range_is_refused(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"name": "b", "temperature": 5}))
     with pytest.raises(ProfileError, match="temperature"):
         load_profile(str(bad))
+
+
+# --- stream: true ---
+
+
+def events(text: str) -> list[dict[str, Any] | str]:
+    """The `data:` payloads of an SSE body, JSON-decoded; "[DONE]" stays a string."""
+    out: list[dict[str, Any] | str] = []
+    for block in text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                payload = line[len("data: ") :]
+                out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "best_of_n", "beam_search", "dvts", "auto"])
+async def test_a_stream_carries_the_same_answer_and_tts_as_a_whole_response(
+    gateway: httpx.AsyncClient, strategy: str
+) -> None:
+    whole = (await gateway.post("/v1/chat/completions", json=chat(strategy))).json()
+    response = await gateway.post("/v1/chat/completions", json=chat(strategy, stream=True))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-tts-strategy"] == strategy
+    got = events(response.text)
+    assert got[-1] == "[DONE]"
+    chunks = [c for c in got if isinstance(c, dict)]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert content == whole["choices"][0]["message"]["content"]
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    tts = last["tts"]
+    for key in ("strategy", "answer", "votes", "num_candidates", "policy_tokens", "flops"):
+        assert tts[key] == whole["tts"][key], key
+    assert "usage" not in last  # only asked for with stream_options.include_usage
+
+
+async def test_a_completions_stream_and_its_usage_chunk(
+    gateway: httpx.AsyncClient, fake_vllm: FakeVLLM
+) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": "<assistant>",
+        "tts": {"strategy": "best_of_n", "budget": 2},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    response = await gateway.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    chunks = [c for c in events(response.text) if isinstance(c, dict)]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text.startswith("We add the apples.")
+    # The usage chunk comes last, with no choices; every other chunk says usage: null.
+    *rest, usage_chunk = chunks
+    assert usage_chunk["choices"] == []
+    assert all(c["usage"] is None for c in rest)
+    assert usage_chunk["usage"]["prompt_tokens"] == fake_vllm.counters["prompt"]
+    assert usage_chunk["usage"]["completion_tokens"] == fake_vllm.counters["generation"]
+
+
+async def test_the_openai_client_reads_the_stream(gateway: httpx.AsyncClient) -> None:
+    client = openai.AsyncOpenAI(api_key="unused", base_url="http://gateway/v1", http_client=gateway)
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tom has 3 apples and buys 5. How many?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"tts": {"strategy": "best_of_n", "budget": 4}},
+    )
+    content, usage, tts = "", None, None
+    async for chunk in stream:
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+            tts = (chunk.model_extra or {}).get("tts") or tts
+        usage = chunk.usage or usage
+    assert content.endswith("The answer is 8.")
+    assert tts is not None and tts["answer"] == "8"
+    assert usage is not None and usage.completion_tokens > 0
+
+
+class SlowPRM(EquationPRM):
+    """Takes its time, so that a search runs long enough to report progress."""
+
+    async def score(
+        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+    ) -> list[list[float]]:
+        await asyncio.sleep(0.05)
+        return await super().score(question, solutions, usage)
+
+
+async def test_a_running_search_streams_its_progress(fake_vllm: FakeVLLM, tmp_path: Path) -> None:
+    settings = {"stream_progress_interval_s": 0.01}
+    async with gateway_with(fake_vllm, SlowPRM(), tmp_path, **settings) as gateway:
+        response = await gateway.post("/v1/chat/completions", json=chat("beam_search", stream=True))
+    chunks = [c for c in events(response.text) if isinstance(c, dict)]
+    progress = [c["tts"]["progress"] for c in chunks if "progress" in c.get("tts", {})]
+    assert progress, "no progress chunk while the search ran"
+    for c in chunks:
+        if "progress" in c.get("tts", {}):  # an empty delta: nothing to show yet
+            assert c["choices"][0]["delta"] == {} and c["choices"][0]["finish_reason"] is None
+    # Counters only grow, and stay within what the finished request reports.
+    tts = chunks[-1]["tts"]
+    for key in ("policy_calls", "completion_tokens", "prm_steps_scored"):
+        seen = [p[key] for p in progress]
+        assert seen == sorted(seen), key
+    assert progress[-1]["policy_calls"] <= tts["policy_tokens"]["calls"]
+    assert progress[-1]["prm_steps_scored"] <= tts["prm"]["steps_scored"]
+    assert max(p["prm_steps_scored"] for p in progress) > 0
+
+
+class FailingPRM(EquationPRM):
+    async def score(
+        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+    ) -> list[list[float]]:
+        raise PRMError("the worker said 500", status=500)
+
+
+async def test_a_failure_after_the_headers_is_an_error_event(
+    fake_vllm: FakeVLLM, tmp_path: Path
+) -> None:
+    async with gateway_with(fake_vllm, FailingPRM(), tmp_path) as gateway:
+        response = await gateway.post("/v1/chat/completions", json=chat("best_of_n", stream=True))
+    assert response.status_code == 200  # the stream had started
+    got = events(response.text)
+    assert got[-1] == "[DONE]"
+    error = got[-2]
+    assert isinstance(error, dict)
+    assert error["error"]["type"] == "upstream_error"
+    assert "PRM worker" in error["error"]["message"]
+    assert "Traceback" not in response.text

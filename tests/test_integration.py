@@ -106,6 +106,41 @@ def test_completions_every_strategy_body_options(
     assert "\nQuestion:" not in completion.choices[0].text
 
 
+def test_a_streamed_search_on_the_real_stack_counts_what_vllm_counted(stack: Stack) -> None:
+    """stream: true through the official client: the answer, the `tts` object, and a usage chunk
+    whose token counts are exactly what vLLM's own counters grew by."""
+    client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+    before = vllm_counters(stack.policy_url)
+    stream = client.chat.completions.create(
+        model=stack.model,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=96,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=headers("beam_search", 4, 2),
+    )
+    content, finish, tts, usage, progress = "", None, None, None, 0
+    for chunk in stream:
+        extra = (chunk.model_extra or {}).get("tts") or {}
+        if "progress" in extra:
+            progress += 1
+        elif extra:
+            tts = extra
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    after = vllm_counters(stack.policy_url)
+    print(f"{progress} progress chunks")
+    assert content.strip() and finish in ("stop", "length")
+    assert tts is not None
+    check_tts(tts, "beam_search", 4)
+    assert usage is not None
+    assert usage.prompt_tokens == after[COUNTERS[0]] - before[COUNTERS[0]]
+    assert usage.completion_tokens == after[COUNTERS[1]] - before[COUNTERS[1]]
+    assert usage.completion_tokens == tts["policy_tokens"]["completion"]
+
+
 SMOLLM2_PARAMETERS = 134_515_008  # flops.shape_from_config of its config.json (tied embeddings)
 
 

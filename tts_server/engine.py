@@ -95,6 +95,31 @@ class StageClock:
         self.prm_usage = PRMUsage()
 
 
+@dataclass
+class Watch:
+    """A running request's live counters, read by a streaming response for its progress chunks
+    (the engine fills it in at the start of `run`)."""
+
+    progress: Progress | None = None
+    clock: StageClock | None = None
+    decision: list[tuple[Difficulty | None, Route]] | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the request has done so far: calls count once they return."""
+        seen: dict[str, Any] = {}
+        if self.progress is not None:
+            seen["candidates_finished"] = len({id(c) for c in self.progress.finished})
+        if self.clock is not None:
+            seen["policy_calls"] = self.clock.policy_usage.calls
+            seen["completion_tokens"] = self.clock.policy_usage.completion_tokens
+            seen["prm_steps_scored"] = self.clock.prm_usage.steps_scored
+        if self.decision:
+            difficulty, route = self.decision[0]
+            seen["difficulty"] = difficulty.bin if difficulty else None
+            seen["route"] = route.strategy
+        return seen
+
+
 class TimedPolicy:
     def __init__(self, inner: PolicyClient, clock: StageClock) -> None:
         self.inner = inner
@@ -237,9 +262,11 @@ class TTSEngine:
         max_flops: int | None = None,
         deadline_s: float | None = None,
         degraded: str | None = None,
+        watch: Watch | None = None,
     ) -> Outcome:
         """Run `plan`; past `deadline_s`, answer with the best finished candidate (partial) or
-        raise DeadlineExceeded. `degraded` (the PRM is down) runs majority vote instead."""
+        raise DeadlineExceeded. `degraded` (the PRM is down) runs majority vote instead.
+        `watch`, when given, is filled with the live counters of this run."""
         if degraded is not None:
             plan = dataclasses.replace(plan, strategy="majority")
         progress = Progress()
@@ -279,6 +306,8 @@ class TTSEngine:
         stages: dict[str, float] = {}
         partial = False
         decision: list[tuple[Difficulty | None, Route]] = []
+        if watch is not None:
+            watch.progress, watch.clock, watch.decision = progress, clock, decision
         work: Awaitable[StrategyResult]
         if plan.strategy == "auto":
             work = self._route(problem, config, policy, prm, stages, decision)

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     queue_timeout_s: float = 30.0
     # Whole-request deadline: past it, the best finished answer so far (marked partial) or 504.
     request_timeout_s: float = 600.0
+    # `stream: true`: seconds between progress chunks (or keep-alive comments) while a search runs.
+    stream_progress_interval_s: float = Field(default=1.0, gt=0)
     # Readiness probes of vLLM and the PRM worker.
     probe_interval_s: float = 2.0
     # With the PRM worker down, answer PRM strategies by majority vote (stated in `tts`)

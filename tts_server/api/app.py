@@ -9,28 +9,27 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from tts_server import metrics
+from tts_server.api.bodies import finish_reason, response_headers, tts_object, usage_object
 from tts_server.api.errors import APIError, ClientGone, install_error_handlers
 from tts_server.api.guard import Guard
 from tts_server.api.schemas import ChatCompletionRequest, CompletionRequest, _Common
+from tts_server.api.streaming import Chunks, stream_response
 from tts_server.engine import (
     DeadlineExceeded,
     FlopsUnknown,
     Outcome,
     TokenizingPolicy,
     TTSEngine,
+    Watch,
 )
 from tts_server.plan import (
-    HEADER_BUDGET,
-    HEADER_DIFFICULTY,
     HEADER_MAX_FLOPS,
-    HEADER_ROUTED,
-    HEADER_STRATEGY,
     Plan,
     resolve_deadline,
     resolve_max_flops,
@@ -132,60 +131,92 @@ def create_app(
             ],
         }
 
+    async def render_chat(messages: list[dict[str, Any]]) -> RenderedPrompt:
+        try:
+            return await _guard(engine.render_chat(messages))
+        except ProfileError as exc:
+            raise APIError(500, f"prompt profile: {exc}", type_="server_error") from exc
+
+    async def answer(
+        request: Request,
+        body: _Common,
+        plan: Plan,
+        max_tokens: int,
+        kind: Literal["chat", "text"],
+        render: Callable[[], Awaitable[RenderedPrompt]],
+    ) -> Response:
+        """Run a validated request and answer it whole, or as a stream when it asks for one.
+        The header checks come first and the prompt is rendered last: bad input costs no call."""
+        max_flops = resolve_max_flops(request.headers, body.tts)
+        deadline = resolve_deadline(request.headers, body.tts, settings.request_timeout_s)
+        degraded = _check_upstreams(plan, readiness, settings)
+        rendered = await render()
+        _check_prompt_length(rendered, settings, "messages" if kind == "chat" else "prompt")
+
+        def run(watch: Watch | None = None) -> Awaitable[Outcome]:
+            return _run(
+                engine,
+                rendered,
+                plan,
+                body,
+                max_tokens,
+                settings,
+                max_flops,
+                deadline,
+                degraded,
+                watch,
+            )
+
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            if degraded is not None:  # the headers say what will run
+                plan = dataclasses.replace(plan, strategy="majority")
+            chunks = Chunks(kind, settings.policy_model, include_usage)
+            return stream_response(
+                request,
+                plan,
+                run,
+                chunks,
+                interval_s=settings.stream_progress_interval_s,
+                poll_s=DISCONNECT_POLL_S,
+                path=path,
+            )
+        outcome = await _until_disconnect(request, run())
+        best = outcome.result.best
+        choice: dict[str, Any] = {"index": 0}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": best.text.strip()}
+        else:
+            choice["text"] = best.text
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish_reason(best.finish_reason)
+        metrics.observe_answer(outcome, path, settings.policy_model)
+        if kind == "chat":
+            return _respond("chatcmpl", "chat.completion", choice, outcome, settings)
+        return _respond("cmpl", "text_completion", choice, outcome, settings)
+
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         plan, max_tokens = _validate(body, request, settings)
         prompt = body.prompt_text()
         if prompt is None:
             raise APIError(400, "exactly one prompt per request is supported", param="prompt")
         if not prompt.strip():
             raise APIError(400, "the prompt is empty", param="prompt")
-        max_flops = resolve_max_flops(request.headers, body.tts)
-        deadline = resolve_deadline(request.headers, body.tts, settings.request_timeout_s)
-        degraded = _check_upstreams(plan, readiness, settings)
-        rendered = await _guard(engine.render_completion(prompt))
-        _check_prompt_length(rendered, settings, "prompt")
-        outcome = await _until_disconnect(
-            request,
-            _run(engine, rendered, plan, body, max_tokens, settings, max_flops, deadline, degraded),
-        )
-        best = outcome.result.best
-        choice = {
-            "index": 0,
-            "text": best.text,
-            "logprobs": None,
-            "finish_reason": _finish(best.finish_reason),
-        }
-        metrics.observe_answer(outcome, "/v1/completions", settings.policy_model)
-        return _respond("cmpl", "text_completion", choice, outcome, settings)
+
+        def render() -> Awaitable[RenderedPrompt]:
+            return _guard(engine.render_completion(prompt))
+
+        return await answer(request, body, plan, max_tokens, "text", render)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         plan, max_tokens = _validate(body, request, settings, token_limit=body.token_limit())
         messages = body.plain_messages()
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise APIError(400, "messages must contain a non-empty user message", param="messages")
-        max_flops = resolve_max_flops(request.headers, body.tts)
-        deadline = resolve_deadline(request.headers, body.tts, settings.request_timeout_s)
-        degraded = _check_upstreams(plan, readiness, settings)
-        try:
-            rendered = await _guard(engine.render_chat(messages))
-        except ProfileError as exc:
-            raise APIError(500, f"prompt profile: {exc}", type_="server_error") from exc
-        _check_prompt_length(rendered, settings, "messages")
-        outcome = await _until_disconnect(
-            request,
-            _run(engine, rendered, plan, body, max_tokens, settings, max_flops, deadline, degraded),
-        )
-        best = outcome.result.best
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": best.text.strip()},
-            "logprobs": None,
-            "finish_reason": _finish(best.finish_reason),
-        }
-        metrics.observe_answer(outcome, "/v1/chat/completions", settings.policy_model)
-        return _respond("chatcmpl", "chat.completion", choice, outcome, settings)
+        return await answer(request, body, plan, max_tokens, "chat", lambda: render_chat(messages))
 
     return app
 
@@ -201,8 +232,10 @@ def _validate(
             param="model",
             code="model_not_found",
         )
-    if body.stream:
-        raise APIError(400, "streaming is not supported yet; send stream=false", param="stream")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(
+            400, "stream_options is only allowed when stream is true", param="stream_options"
+        )
     if body.n != 1:
         raise APIError(400, "n must be 1: use the tts budget to sample more candidates", param="n")
     stops = body.stop_list()
@@ -243,6 +276,7 @@ async def _run(
     max_flops: int | None,
     deadline_s: float,
     degraded: str | None,
+    watch: Watch | None = None,
 ) -> Outcome:
     # The client's temperature, else the prompt profile's (tuned for its model), else the server's.
     temperature = next(
@@ -262,6 +296,7 @@ async def _run(
             max_flops=max_flops,
             deadline_s=deadline_s,
             degraded=degraded,
+            watch=watch,
         )
     except FlopsUnknown as exc:
         raise APIError(400, str(exc), param=HEADER_MAX_FLOPS) from exc
@@ -331,68 +366,16 @@ async def _until_disconnect(request: Request, work: Awaitable[Outcome]) -> Outco
             await asyncio.gather(task, return_exceptions=True)
 
 
-def _finish(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
-
-
 def _respond(
     prefix: str, obj: str, choice: dict[str, Any], outcome: Outcome, settings: Settings
 ) -> JSONResponse:
-    result, plan = outcome.result, outcome.plan
-    usage = result.policy_usage
     body = {
         "id": f"{prefix}-{uuid.uuid4().hex}",
         "object": obj,
         "created": int(time.time()),
         "model": settings.policy_model,
         "choices": [choice],
-        "usage": {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        },
-        "tts": {
-            "strategy": plan.strategy,
-            "requested_strategy": plan.requested,
-            "budget": plan.budget,
-            "beam_width": plan.beam_width,
-            "aggregation": plan.aggregation,
-            "selection": plan.selection,
-            "temperature": outcome.temperature,
-            "answer": result.answer,
-            "votes": result.votes,
-            "num_candidates": len(result.candidates),
-            "candidates_answers": [c.answer for c in result.candidates],
-            "candidate_scores": [c.score for c in result.candidates],
-            "iterations": result.iterations,
-            "policy_tokens": {
-                "prompt": usage.prompt_tokens,
-                "completion": usage.completion_tokens,
-                "cached": usage.cached_tokens,
-                "calls": usage.calls,
-                "requests": usage.requests,
-            },
-            "prm": {
-                "calls": result.prm_usage.calls,
-                "steps_scored": result.prm_usage.steps_scored,
-                "steps_cached": result.prm_usage.steps_cached,
-                "tokens": result.prm_usage.tokens,
-            },
-            "flops": outcome.flops.as_dict() if outcome.flops else None,
-            "max_flops": outcome.max_flops,
-            "flops_limited": outcome.flops_limited,
-            "difficulty": outcome.difficulty.as_dict() if outcome.difficulty else None,
-            "route": dataclasses.asdict(outcome.route) if outcome.route else None,
-            "partial": outcome.partial,
-            "degraded": outcome.degraded,
-            "wall_time_s": round(outcome.wall_time_s, 4),
-            "stage_seconds": {k: round(v, 4) for k, v in outcome.stages.items()},
-        },
+        "usage": usage_object(outcome),
+        "tts": tts_object(outcome),
     }
-    headers = {HEADER_STRATEGY: plan.strategy, HEADER_BUDGET: str(plan.budget)}
-    if outcome.difficulty is not None:
-        headers[HEADER_DIFFICULTY] = outcome.difficulty.bin
-    if outcome.route is not None:
-        headers[HEADER_ROUTED] = outcome.route.strategy
-    return JSONResponse(body, headers=headers)
+    return JSONResponse(body, headers=response_headers(outcome.plan, outcome))

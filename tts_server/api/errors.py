@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,8 +47,8 @@ class APIError(Exception):
         self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "error")
 
 
-def error_response(error: APIError) -> JSONResponse:
-    body = {
+def error_body(error: APIError) -> dict[str, Any]:
+    return {
         "error": {
             "message": error.message,
             "type": error.type,
@@ -55,7 +56,10 @@ def error_response(error: APIError) -> JSONResponse:
             "code": error.code,
         }
     }
-    return JSONResponse(body, status_code=error.status)
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=error.status)
 
 
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:

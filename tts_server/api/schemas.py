@@ -21,6 +21,13 @@ class TTSOptions(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    # A last chunk with empty choices and the whole request's usage, as OpenAI sends it.
+    include_usage: bool = False
+
+
 class _Common(BaseModel):
     # Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as vLLM does.
     model_config = ConfigDict(extra="allow")
@@ -31,6 +38,7 @@ class _Common(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     tts: TTSOptions | None = None
