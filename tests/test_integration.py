@@ -256,7 +256,7 @@ async def test_continuation_is_what_one_pass_would_generate(policy_url: str) -> 
             {},
             "X-TTS-Budget",
         ),
-        ({}, {"stream": True}, "stream"),
+        ({}, {"stream_options": {"include_usage": True}}, "stream_options"),
         ({}, {"max_tokens": "many"}, "max_tokens"),
         ({}, {"messages": []}, "messages"),
     ],
