@@ -410,6 +410,8 @@ async def test_a_running_search_streams_its_progress(fake_vllm: FakeVLLM, tmp_pa
     assert progress[-1]["policy_calls"] <= tts["policy_tokens"]["calls"]
     assert progress[-1]["prm_steps_scored"] <= tts["prm"]["steps_scored"]
     assert max(p["prm_steps_scored"] for p in progress) > 0
+    assert all(any(p.values()) for p in progress)  # "nothing yet" is a keep-alive, not progress
+    assert ": keep-alive\n\n" in response.text  # while the PRM takes its time, nothing changed
 
 
 class FailingPRM(EquationPRM):

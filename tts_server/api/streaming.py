@@ -110,7 +110,8 @@ async def _events(
                 return  # the `finally` cancels the search and its upstream calls
             if time.monotonic() >= due:
                 seen = watch.snapshot()
-                yield chunks.chunk(tts={"progress": seen}) if seen != last else KEEP_ALIVE
+                moved = seen != last and any(seen.values())  # all zero: nothing to tell yet
+                yield chunks.chunk(tts={"progress": seen}) if moved else KEEP_ALIVE
                 due, last = time.monotonic() + interval_s, seen
         try:
             outcome = task.result()
