@@ -9,13 +9,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from tts_server import metrics
-from tts_server.api.bodies import finish_reason, response_headers, tts_object, usage_object
+from tts_server.api.bodies import (
+    Kind,
+    answer_text,
+    finish_reason,
+    response_headers,
+    tts_object,
+    usage_object,
+)
 from tts_server.api.errors import APIError, ClientGone, install_error_handlers
 from tts_server.api.guard import Guard
 from tts_server.api.schemas import ChatCompletionRequest, CompletionRequest, _Common
@@ -142,7 +149,7 @@ def create_app(
         body: _Common,
         plan: Plan,
         max_tokens: int,
-        kind: Literal["chat", "text"],
+        kind: Kind,
         render: Callable[[], Awaitable[RenderedPrompt]],
     ) -> Response:
         """Run a validated request and answer it whole, or as a stream when it asks for one.
@@ -183,14 +190,14 @@ def create_app(
                 path=path,
             )
         outcome = await _until_disconnect(request, run())
-        best = outcome.result.best
+        text = answer_text(outcome, kind)
         choice: dict[str, Any] = {"index": 0}
         if kind == "chat":
-            choice["message"] = {"role": "assistant", "content": best.text.strip()}
+            choice["message"] = {"role": "assistant", "content": text}
         else:
-            choice["text"] = best.text
+            choice["text"] = text
         choice["logprobs"] = None
-        choice["finish_reason"] = finish_reason(best.finish_reason)
+        choice["finish_reason"] = finish_reason(outcome.result.best.finish_reason)
         metrics.observe_answer(outcome, path, settings.policy_model)
         if kind == "chat":
             return _respond("chatcmpl", "chat.completion", choice, outcome, settings)

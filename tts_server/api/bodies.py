@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from tts_server.engine import Outcome
 from tts_server.plan import HEADER_BUDGET, HEADER_DIFFICULTY, HEADER_ROUTED, HEADER_STRATEGY, Plan
+
+# The endpoint a response answers: chat (a message) or completions (a text).
+Kind = Literal["chat", "text"]
+
+
+def answer_text(outcome: Outcome, kind: Kind) -> str:
+    """The selected solution as the client gets it: a chat message without the whitespace around
+    it, a completion exactly as generated."""
+    text = outcome.result.best.text
+    return text.strip() if kind == "chat" else text
 
 
 def finish_reason(reason: str | None) -> str:

@@ -17,13 +17,20 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from tts_server import metrics
-from tts_server.api.bodies import finish_reason, response_headers, tts_object, usage_object
+from tts_server.api.bodies import (
+    Kind,
+    answer_text,
+    finish_reason,
+    response_headers,
+    tts_object,
+    usage_object,
+)
 from tts_server.api.errors import APIError, error_body
 from tts_server.engine import Outcome, Watch
 from tts_server.plan import Plan
@@ -42,7 +49,7 @@ class Chunks:
     """The chunks of one streamed response: chat (`chat.completion.chunk`, a delta) or text
     (`text_completion`, a text piece), all with the same id and creation time."""
 
-    def __init__(self, kind: Literal["chat", "text"], model: str, include_usage: bool) -> None:
+    def __init__(self, kind: Kind, model: str, include_usage: bool) -> None:
         self.kind = kind
         self.model = model
         self.include_usage = include_usage
@@ -125,9 +132,8 @@ async def _events(
             yield _event(error_body(APIError(500, "internal server error", type_="server_error")))
             yield DONE
             return
+        yield chunks.chunk(content=answer_text(outcome, chunks.kind))
         best = outcome.result.best
-        text = best.text.strip() if chunks.kind == "chat" else best.text
-        yield chunks.chunk(content=text)
         yield chunks.chunk(finish=finish_reason(best.finish_reason), tts=tts_object(outcome))
         if chunks.include_usage:
             yield chunks.usage(outcome)
