@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import FakePolicy, FakePRM, encode, per_step
+from tts_server.accounting import Account
 from tts_server.flops import FlopsCounter, ModelShape, context_sum, shape_from_config
-from tts_server.metering import FlopsMeter, MeteredPolicy, MeteredPRM
-from tts_server.strategies import STRATEGIES
+from tts_server.strategies import REGISTRY
 from tts_server.types import PolicyUsage, PRMUsage, Problem, SearchConfig
 
 SMOLLM2 = {
@@ -121,7 +121,7 @@ def test_flops_ceiling_is_never_exceeded(
     counter = FlopsCounter(
         ModelShape(1000, layers=2, attention_width=4), ModelShape(prm_params), attention
     )
-    meter = FlopsMeter(counter, ceiling)
+    account = Account(counter, ceiling)
     prm = FakePRM(per_step(lambda step: 0.9 if "= 5" in step else 0.4))
 
     # The fake PRM reports tokens like a real worker: bytes of what it read.
@@ -139,25 +139,23 @@ def test_flops_ceiling_is_never_exceeded(
         max_step_tokens=min(40, max_tokens),
         max_iterations=10,
     )
-    policy = MeteredPolicy(FakePolicy(rambling), meter)
-    metered_prm = MeteredPRM(prm, meter)
-    result = asyncio.run(STRATEGIES[strategy](PROBLEM, config, policy, metered_prm))
+    policy, metered_prm = account.wrap(FakePolicy(rambling), prm)
+    result = asyncio.run(REGISTRY[strategy].run(PROBLEM, config, policy, metered_prm))
     spent = counter.count(result.policy_usage, result.prm_usage)
     assert spent is not None
     assert spent.total <= ceiling
-    assert spent.total == meter.spent
+    assert spent.total == account.spent
 
 
 def test_a_binding_ceiling_shrinks_the_request() -> None:
     counter = FlopsCounter(ModelShape(1000), ModelShape(0))
     config = SearchConfig(budget=8, max_tokens=200)
-    free = asyncio.run(STRATEGIES["majority"](PROBLEM, config, FakePolicy(rambling), None))
+    free = asyncio.run(REGISTRY["majority"].run(PROBLEM, config, FakePolicy(rambling), None))
     unlimited = counter.count(free.policy_usage, free.prm_usage)
     assert unlimited is not None
-    meter = FlopsMeter(counter, unlimited.total // 2)
-    capped = asyncio.run(
-        STRATEGIES["majority"](PROBLEM, config, MeteredPolicy(FakePolicy(rambling), meter), None)
-    )
+    account = Account(counter, unlimited.total // 2)
+    policy, _ = account.wrap(FakePolicy(rambling), FakePRM(per_step(lambda step: 0.5)))
+    capped = asyncio.run(REGISTRY["majority"].run(PROBLEM, config, policy, None))
     spent = counter.count(capped.policy_usage, capped.prm_usage)
     assert spent is not None and spent.total <= unlimited.total // 2
-    assert meter.limited
+    assert account.limited

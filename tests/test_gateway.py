@@ -50,6 +50,15 @@ class EquationPRM:
         usage.steps_scored += sum(len(s) for s in solutions)
         return [[0.1 if "= 9" in step or "is 9" in step else 0.9 for step in s] for s in solutions]
 
+    async def parameters(self) -> int | None:
+        return None  # unknown: FLOPs need TTS_PRM_PARAMS
+
+    async def health(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
 
 @pytest.fixture
 def fake_vllm() -> FakeVLLM:

@@ -70,6 +70,9 @@ class CheckingPRM:
     async def health(self) -> bool:
         return True
 
+    async def aclose(self) -> None:
+        pass
+
 
 def _step_score(step: str) -> float:
     if "=" not in step:

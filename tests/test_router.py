@@ -1,4 +1,4 @@
-"""The router: tables, difficulty bins, budgets, and `auto` end to end over fakes."""
+"""The router: tables, difficulty bins, budgets and stopping rules."""
 
 from __future__ import annotations
 
@@ -7,12 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakePolicy, FakePRM, encode, per_step
-from tts_server.engine import TTSEngine
-from tts_server.plan import Plan
-from tts_server.prompting import RenderedPrompt
 from tts_server.router import (
-    BINS,
     Route,
     RouterTable,
     RouterTableError,
@@ -24,7 +19,6 @@ from tts_server.router import (
     stops_sampling,
     true_bin,
 )
-from tts_server.settings import Settings
 from tts_server.types import Candidate
 
 
@@ -152,165 +146,3 @@ def test_adaptive_routes_round_trip_and_bad_rules_are_named(tmp_path: Path) -> N
             parse_table(bad)
     with pytest.raises(RouterTableError, match="fixed_strategy"):
         parse_table({**table.to_json(), "fixed_strategy": "adaptive"})
-
-
-# --- auto through the engine, with fakes ---
-
-PROMPT = "Q: How many?\nA:"
-
-
-def agreeing(prompt: list[int], sample: int) -> str:
-    return "2 + 3 = 5\n\nThe answer is 5."
-
-
-def disagreeing(prompt: list[int], sample: int) -> str:
-    done = "".join(chr(t) for t in prompt)[len(PROMPT) :]
-    if done:  # a continuation: finish the step the search started
-        return "The answer is 7."
-    return f"{sample} + 1 = {sample + 1}\n\nThe answer is {sample + 1}."
-
-
-class TokenizingFake(FakePolicy):
-    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return encode(PROMPT)
-
-    async def tokenize_text(self, text: str) -> list[int]:
-        return encode(text)
-
-
-def plan(budget: int) -> Plan:
-    return Plan("auto", "auto", budget, 1, "last", "weighted")
-
-
-async def run_auto(policy: TokenizingFake, prm: FakePRM, budget: int = 8) -> object:
-    settings = Settings(policy_params=1000, prm_params=0, policy_model="fake")
-    engine = TTSEngine(settings, policy, prm)
-    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
-    return await engine.run(
-        rendered, plan(budget), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
-    )
-
-
-async def test_auto_exits_early_when_the_pilot_agrees() -> None:
-    policy = TokenizingFake(agreeing)
-    outcome = await run_auto(policy, FakePRM(per_step(lambda s: 0.95)))
-    assert outcome.route is not None and outcome.difficulty is not None  # type: ignore[attr-defined]
-    assert outcome.route.early_exit and outcome.route.strategy == "pilot"  # type: ignore[attr-defined]
-    assert outcome.difficulty.bin == "easy"  # type: ignore[attr-defined]
-    assert len(policy.calls) == 1  # only the pilot ran
-    assert outcome.result.answer == "5"  # type: ignore[attr-defined]
-    assert outcome.flops.policy > 0  # type: ignore[attr-defined]
-
-
-async def test_auto_routes_a_hard_question_and_keeps_the_pilot() -> None:
-    policy = TokenizingFake(disagreeing)
-    outcome = await run_auto(policy, FakePRM(per_step(lambda s: 0.2)))
-    route, difficulty = outcome.route, outcome.difficulty  # type: ignore[attr-defined]
-    assert difficulty.bin == "hard" and not route.early_exit
-    assert route.strategy == "beam_search"  # the default table for a small policy
-    assert route.budget == 8  # pilot 4 + one beam of width 4
-    result = outcome.result  # type: ignore[attr-defined]
-    # The pilot's 4 whole solutions are still candidates, beside the search's.
-    pilot_answers = {c.answer for c in result.candidates[:4]}
-    assert pilot_answers == {"1", "2", "3", "4"}
-    assert len(result.candidates) > 4
-    assert result.policy_usage.calls == len(policy.calls)
-
-
-@pytest.mark.parametrize(
-    ("share", "width", "served"),
-    [
-        (1.0, None, (8, 4)),  # the whole budget, the server's beam width
-        (0.5, 2, (4, 2)),  # the share and width calibration measured it with
-    ],
-)
-async def test_a_table_with_a_fixed_strategy_runs_it_without_a_pilot(
-    tmp_path: Path, share: float, width: int | None, served: tuple[int, int]
-) -> None:
-    table = tmp_path / "table.json"
-    fixed = RouterTable(
-        routes=dict.fromkeys(BINS, Route("pilot")),
-        fixed_strategy="dvts",
-        fixed_budget_share=share,
-        fixed_beam_width=width,
-    )
-    table.write_text(json.dumps(fixed.to_json()))
-    policy = TokenizingFake(disagreeing)
-    settings = Settings(policy_params=1000, prm_params=0, policy_model="fake", router_table=table)
-    engine = TTSEngine(settings, policy, FakePRM(per_step(lambda s: 0.2)))
-    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
-    outcome = await engine.run(
-        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
-    )
-    assert outcome.difficulty is None
-    assert outcome.route is not None
-    route = outcome.route
-    assert (route.strategy, route.budget, route.beam_width) == ("dvts", *served)
-    # No pilot: the first call starts the search's beams, not 4 whole samples.
-    first = policy.calls[0]
-    assert len(first.prompts) * first.n == served[0]
-    # A budget too small for the share still runs one sample.
-    outcome = await engine.run(
-        rendered, plan(1), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
-    )
-    assert outcome.route is not None and outcome.route.budget == 1
-
-
-def scripted(answers: list[int]) -> tuple[TokenizingFake, list[int]]:
-    """A policy whose k-th sample, over all calls, answers answers[k]."""
-    drawn: list[int] = []
-
-    def script(prompt: list[int], sample: int) -> str:
-        value = answers[len(drawn)]
-        drawn.append(value)
-        return f"{value} + 0 = {value}\n\nThe answer is {value}."
-
-    return TokenizingFake(script), drawn
-
-
-def adaptive_engine(tmp_path: Path, policy: TokenizingFake, rule: Route) -> TTSEngine:
-    table = tmp_path / "table.json"
-    table.write_text(json.dumps(RouterTable(routes=dict.fromkeys(BINS, rule)).to_json()))
-    settings = Settings(policy_params=1000, prm_params=0, policy_model="fake", router_table=table)
-    return TTSEngine(settings, policy, FakePRM(per_step(lambda s: 0.5)))
-
-
-async def test_adaptive_route_samples_in_rounds_until_one_answer_leads(tmp_path: Path) -> None:
-    # Pilot 5 5 6 7 (one ahead), then rounds of 2: 5 8 (two ahead: stop).
-    policy, drawn = scripted([5, 5, 6, 7, 5, 8, 9, 9, 9, 9])
-    engine = adaptive_engine(tmp_path, policy, Route("adaptive", round_size=2, give_up_after=None))
-    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
-    outcome = await engine.run(
-        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
-    )
-    assert outcome.route is not None
-    assert (outcome.route.strategy, outcome.route.budget) == ("adaptive", 6)
-    assert len(drawn) == 6 and [c.n * len(c.prompts) for c in policy.calls] == [4, 2]
-    result = outcome.result
-    assert len(result.candidates) == 6  # the pilot's samples are candidates too
-    assert result.answer == "5"
-    assert result.policy_usage.calls == 2
-    assert outcome.flops is not None and outcome.flops.policy > 0
-
-
-async def test_adaptive_route_gives_up_or_spends_the_budget(tmp_path: Path) -> None:
-    # No two pilot samples agree: give up after the pilot, one call.
-    policy, drawn = scripted([1, 2, 3, 4, 5, 6, 7, 8])
-    engine = adaptive_engine(tmp_path, policy, Route("adaptive", round_size=2, give_up_after=4))
-    rendered = RenderedPrompt("How many?", encode(PROMPT), [])
-    outcome = await engine.run(
-        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
-    )
-    assert outcome.route is not None
-    assert (outcome.route.strategy, outcome.route.budget) == ("adaptive", 4)
-    assert len(drawn) == 4 and len(outcome.result.candidates) == 4
-    # Never settled, never given up: every sample of the budget, in rounds of 3 (3 + 1).
-    policy, drawn = scripted([1, 1, 2, 2, 3, 3, 4, 4])
-    engine = adaptive_engine(
-        tmp_path, policy, Route("adaptive", round_size=3, stop_margin=2, give_up_after=None)
-    )
-    outcome = await engine.run(
-        rendered, plan(8), max_tokens=64, temperature=0.8, top_p=1.0, stops=[]
-    )
-    assert outcome.route is not None and outcome.route.budget == 8
-    assert [c.n * len(c.prompts) for c in policy.calls] == [4, 3, 1]

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fakes import FakePolicy, FakePRM, decode, encode, gen, per_step
-from tts_server.strategies import STRATEGIES
+from tts_server.strategies import REGISTRY
 from tts_server.strategies.common import expand, solution_candidate, split_steps
 from tts_server.types import Candidate, Generation, PolicyUsage, Problem, SearchConfig
 
@@ -36,8 +36,17 @@ def config(**kwargs: object) -> SearchConfig:
     return SearchConfig(**base)  # type: ignore[arg-type]
 
 
-def test_registry_has_every_strategy() -> None:
-    assert set(STRATEGIES) == {"greedy", "majority", "best_of_n", "beam_search", "dvts"}
+def test_the_registry_says_what_each_strategy_needs() -> None:
+    needs = {name: (s.needs_prm, s.uses_beam_width, s.requestable) for name, s in REGISTRY.items()}
+    assert needs == {
+        "auto": (True, False, True),
+        "greedy": (False, False, True),
+        "majority": (False, False, True),
+        "best_of_n": (True, False, True),
+        "beam_search": (True, True, True),
+        "dvts": (True, True, True),
+        "adaptive": (True, False, False),  # a route of auto only
+    }
 
 
 # --- splitting ---------------------------------------------------------------------------
@@ -69,7 +78,7 @@ def test_split_steps_keeps_the_text(text: str) -> None:
 
 async def test_greedy_one_call_at_temperature_zero() -> None:
     policy = FakePolicy(lambda p, k: "x = 2\n\nThe answer is 2.\nQuestion: next?")
-    result = await STRATEGIES["greedy"](PROBLEM, config(temperature=0.8), policy, None)
+    result = await REGISTRY["greedy"].run(PROBLEM, config(temperature=0.8), policy, None)
     [call] = policy.calls
     assert (call.n, len(call.prompts), call.prompts[0]) == (1, 1, list(PROBLEM.prompt_ids))
     assert call.sampling.temperature == 0.0
@@ -83,7 +92,7 @@ async def test_greedy_one_call_at_temperature_zero() -> None:
 async def test_greedy_scores_with_a_prm_when_given() -> None:
     policy = FakePolicy(lambda p, k: "x = 2\n\nThe answer is 2.")
     prm = FakePRM(per_step(lambda s: 0.25))
-    result = await STRATEGIES["greedy"](PROBLEM, config(), policy, prm)
+    result = await REGISTRY["greedy"].run(PROBLEM, config(), policy, prm)
     assert [c.solutions for c in prm.calls] == [[["x = 2\n\n", "The answer is 2."]]]
     assert result.best.score == 0.25 and result.prm_usage.calls == 1
 
@@ -92,7 +101,7 @@ async def test_majority_one_call_with_n_and_no_prm() -> None:
     answers = ["3", "5", "3", "7", "3.0"]
     policy = FakePolicy(lambda p, k: f"Thinking.\n\nThe answer is {answers[k]}.")
     prm = FakePRM(per_step(lambda s: 1.0))
-    result = await STRATEGIES["majority"](PROBLEM, config(budget=5), policy, prm)
+    result = await REGISTRY["majority"].run(PROBLEM, config(budget=5), policy, prm)
     [call] = policy.calls
     assert (call.n, len(call.prompts)) == (5, 1)
     assert prm.calls == []
@@ -117,7 +126,7 @@ async def test_best_of_n_selection_rules_pick_different_answers(rule: str, answe
     finals = {text.split("\n\n")[1]: score for text, score in BEST_OF_N_TEXTS}
     policy = FakePolicy(lambda p, k: BEST_OF_N_TEXTS[k][0])
     prm = FakePRM(lambda steps: [0.5, finals[steps[1]]])
-    result = await STRATEGIES["best_of_n"](PROBLEM, config(budget=6, selection=rule), policy, prm)
+    result = await REGISTRY["best_of_n"].run(PROBLEM, config(budget=6, selection=rule), policy, prm)
     assert result.answer == answer
     [call] = policy.calls
     assert (call.n, len(call.prompts)) == (6, 1)
@@ -129,7 +138,7 @@ async def test_best_of_n_selection_rules_pick_different_answers(rule: str, answe
 
 async def test_best_of_n_needs_a_prm() -> None:
     with pytest.raises(ValueError, match="PRM"):
-        await STRATEGIES["best_of_n"](PROBLEM, config(), FakePolicy(lambda p, k: "1"), None)
+        await REGISTRY["best_of_n"].run(PROBLEM, config(), FakePolicy(lambda p, k: "1"), None)
 
 
 # --- beam search ------------------------------------------------------------------------
@@ -146,7 +155,7 @@ async def test_beam_search_keeps_top_n_over_m_and_refills_to_n() -> None:
     scores = {f"step0.{k}": s for k, s in enumerate(first)}
     scores |= {f"step1.{k}": s for k, s in enumerate(second)}
     policy, prm = FakePolicy(script), FakePRM(per_step(table_scores(scores)))
-    result = await STRATEGIES["beam_search"](PROBLEM, config(budget=6, beam_width=3), policy, prm)
+    result = await REGISTRY["beam_search"].run(PROBLEM, config(budget=6, beam_width=3), policy, prm)
 
     assert len(policy.calls) == len(prm.calls) == result.iterations == 3
     assert all(call.n == 1 and len(call.prompts) == 6 for call in policy.calls)
@@ -174,7 +183,7 @@ async def test_beam_search_moves_finished_beams_to_the_pool() -> None:
 
     prm = FakePRM(per_step(table_scores({"x = 1": 0.9, "y = 2": 0.8, "Done": 0.1})))
     policy = FakePolicy(script)
-    result = await STRATEGIES["beam_search"](PROBLEM, config(budget=4, beam_width=2), policy, prm)
+    result = await REGISTRY["beam_search"].run(PROBLEM, config(budget=4, beam_width=2), policy, prm)
     # Iteration 1 finished two beams (a final answer, EOS); the other two are refilled to 4.
     assert len(policy.calls) == 2
     assert Counter(prefixes(policy, 1)) == {"x = 1\n\n": 2, "y = 2\n\n": 2}
@@ -191,7 +200,7 @@ async def test_beam_search_moves_finished_beams_to_the_pool() -> None:
 async def test_beam_search_last_iteration_drops_the_delimiter() -> None:
     policy = FakePolicy(lambda p, k: "a = 1\n\nb = 2\n\nThe answer is 2.\nQuestion: next")
     prm = FakePRM(per_step(lambda s: 0.5))
-    result = await STRATEGIES["beam_search"](
+    result = await REGISTRY["beam_search"].run(
         PROBLEM, config(budget=2, beam_width=2, max_iterations=2), policy, prm
     )
     assert [c.sampling.stop for c in policy.calls] == [("\n\n", STOP), (STOP,)]
@@ -212,7 +221,7 @@ async def test_beam_search_length_finished_beam_is_not_continued() -> None:
 
     policy = FakePolicy(script)
     prm = FakePRM(per_step(lambda s: 0.9 if s.startswith("z") else 0.4))
-    result = await STRATEGIES["beam_search"](
+    result = await REGISTRY["beam_search"].run(
         PROBLEM, config(budget=2, beam_width=2, max_step_tokens=50), policy, prm
     )
     truncated = next(c for c in result.candidates if c.text.startswith("z"))
@@ -229,7 +238,7 @@ async def test_beam_search_length_finished_beam_is_not_continued() -> None:
 async def test_beam_search_respects_the_token_budget() -> None:
     policy = FakePolicy(lambda p, k: "abcdefghij\n\n")  # 12 tokens a step, forever
     prm = FakePRM(per_step(lambda s: 0.5))
-    result = await STRATEGIES["beam_search"](
+    result = await REGISTRY["beam_search"].run(
         PROBLEM, config(budget=2, beam_width=2, max_tokens=30, max_step_tokens=20), policy, prm
     )
     assert [c.sampling.max_tokens for c in policy.calls] == [20, 18, 6]
@@ -247,7 +256,7 @@ async def test_beam_search_continues_from_the_returned_token_ids() -> None:
 
     policy = FakePolicy(script)
     prm = FakePRM(per_step(lambda s: 0.5))
-    await STRATEGIES["beam_search"](PROBLEM, config(budget=1, beam_width=1), policy, prm)
+    await REGISTRY["beam_search"].run(PROBLEM, config(budget=1, beam_width=1), policy, prm)
     assert policy.calls[1].prompts == [[*PROBLEM.prompt_ids, 1001, 1002]]
 
 
@@ -256,7 +265,7 @@ async def test_beam_search_solution_stop_ends_and_is_stripped() -> None:
         return "So 2 + 2 = 4.\nQuestion: what next?\n\n" if so_far(prompt) else "Start.\n\n"
 
     prm = FakePRM(per_step(lambda s: 0.5))
-    result = await STRATEGIES["beam_search"](
+    result = await REGISTRY["beam_search"].run(
         PROBLEM, config(budget=2, beam_width=1), FakePolicy(script), prm
     )
     assert result.best.steps == ["Start.\n\n", "So 2 + 2 = 4."]
@@ -287,7 +296,7 @@ async def test_dvts_subtrees_never_exchange_beams_and_return_only_finished() -> 
         return [*(scores[s.strip()] for s in steps[:-1]), final.get(last, scores.get(last, 0))]
 
     policy, prm = FakePolicy(script), FakePRM(scorer)
-    result = await STRATEGIES["dvts"](
+    result = await REGISTRY["dvts"].run(
         PROBLEM, config(budget=4, beam_width=2, selection="weighted"), policy, prm
     )
 
@@ -314,7 +323,7 @@ async def test_dvts_subtrees_never_exchange_beams_and_return_only_finished() -> 
 async def test_dvts_without_any_finished_returns_each_subtrees_best_unfinished() -> None:
     policy = FakePolicy(lambda p, k: "step\n\n")
     prm = FakePRM(per_step(lambda s: 0.5))
-    result = await STRATEGIES["dvts"](
+    result = await REGISTRY["dvts"].run(
         PROBLEM, config(budget=4, beam_width=2, max_iterations=0), policy, prm
     )
     assert len(result.candidates) == 2
@@ -324,7 +333,7 @@ async def test_dvts_without_any_finished_returns_each_subtrees_best_unfinished()
 async def test_dvts_last_iteration_finishes_every_subtree() -> None:
     policy = FakePolicy(lambda p, k: f"s{k}\n\nmore {k}")
     prm = FakePRM(per_step(lambda s: 0.5))
-    result = await STRATEGIES["dvts"](
+    result = await REGISTRY["dvts"].run(
         PROBLEM, config(budget=4, beam_width=2, max_iterations=2), policy, prm
     )
     assert [c.sampling.stop for c in policy.calls] == [("\n\n", STOP), (STOP,)]
@@ -397,7 +406,7 @@ async def test_beam_search_a_stop_spanning_two_steps_ends_the_solution_there() -
 
     prm = FakePRM(per_step(lambda s: 0.5))
     stops = config(budget=2, beam_width=1, solution_stops=("\n\nQuestion:",))
-    result = await STRATEGIES["beam_search"](PROBLEM, stops, FakePolicy(script), prm)
+    result = await REGISTRY["beam_search"].run(PROBLEM, stops, FakePolicy(script), prm)
     assert result.best.text == "So 2 + 2 = 4."
     assert (result.best.finished, result.best.finish_reason) == (True, "stop")
     assert result.answer == "4"

@@ -16,12 +16,17 @@ and matters for long contexts. `include_attention` adds it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tts_server.types import PolicyUsage, PRMUsage
+from tts_server.settings import DEFAULT_MODEL, Settings
+from tts_server.types import PolicyService, PolicyUsage, PRMService, PRMUsage
+
+logger = logging.getLogger("tts_server.flops")
 
 
 class FlopsConfigError(ValueError):
@@ -164,3 +169,41 @@ class FlopsCounter:
                 per_position * samples * sum(context_sum(0, p + max_tokens) for p in prompt_lengths)
             )
         return flops
+
+
+# --- the models' sizes, found from settings and what the servers report ---
+
+
+async def find_policy_shape(settings: Settings, policy: PolicyService) -> ModelShape | None:
+    """The policy's shape from its config.json (`policy_config_path`, else the folder vLLM
+    reports, else the embedded model's), its parameter count overridden by `policy_params`."""
+    s = settings
+    candidates: list[Path] = []
+    if s.policy_config_path is not None:
+        candidates.append(s.policy_config_path)
+    root = await policy.model_root()
+    if root:
+        candidates.append(Path(root))
+    if s.policy_model == DEFAULT_MODEL:
+        candidates.append(s.embedded_model_dir)
+    for path in candidates:
+        if path.exists():
+            try:
+                shape = shape_from_path(path)
+            except FlopsConfigError as exc:
+                logger.warning("policy FLOPs: %s", exc)
+                continue
+            if s.policy_params is not None:
+                shape = dataclasses.replace(shape, parameters=s.policy_params)
+            return shape
+    if s.policy_params is not None:
+        return ModelShape(parameters=s.policy_params)
+    logger.warning("policy parameter count unknown: set TTS_POLICY_PARAMS for FLOPs")
+    return None
+
+
+async def find_prm_shape(settings: Settings, prm: PRMService) -> ModelShape | None:
+    if settings.prm_params is not None:
+        return ModelShape(parameters=settings.prm_params)
+    value = await prm.parameters()
+    return ModelShape(parameters=value) if value is not None else None

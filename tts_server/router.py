@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from tts_server.answers import group_answers
-from tts_server.types import Candidate
+from tts_server.types import STRATEGY_NAMES, Candidate, Difficulty, StopRule
 
 BINS = ("easy", "medium", "hard")
-ROUTE_STRATEGIES = ("pilot", "adaptive", "greedy", "majority", "best_of_n", "beam_search", "dvts")
-# What a request may name and a table may fall back to; "pilot" and "adaptive" exist only in `auto`.
-FIXED_STRATEGIES = ROUTE_STRATEGIES[2:]
+# What a table may fall back to: what a request may name, but `auto` itself.
+FIXED_STRATEGIES = tuple(name for name in STRATEGY_NAMES if name != "auto")
+# A route may also answer from the pilot alone, or sample adaptively (neither a client may name).
+ROUTE_STRATEGIES = ("pilot", "adaptive", *FIXED_STRATEGIES)
 # pass@1 bounds of the bins (Liu et al.): a calibration problem's true bin.
 PASS_AT_1_EASY = 0.5
 PASS_AT_1_MEDIUM = 0.1
@@ -57,8 +58,12 @@ class Route:
     stop_margin: int | None = 2
     give_up_after: int | None = 4
 
+    @property
+    def stopping(self) -> StopRule:
+        return StopRule(self.round_size, self.stop_margin, self.give_up_after)
 
-def stops_sampling(answers: Sequence[str | None], route: Route) -> bool:
+
+def stops_sampling(answers: Sequence[str | None], route: Route | StopRule) -> bool:
     """Whether adaptive sampling stops with these answers drawn (equivalent answers count as one):
     the leading answer is `stop_margin` samples ahead of the next, or `give_up_after` samples
     hold no two equal answers. Unanswered samples vote for nothing."""
@@ -204,26 +209,6 @@ def _optional_int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"expected a whole number or null, got {value!r}")
     return int(value)
-
-
-@dataclass(frozen=True)
-class Difficulty:
-    """The pilot's verdict on a question."""
-
-    bin: str
-    confidence: float
-    mean_score: float
-    agreement: float
-    samples: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "bin": self.bin,
-            "confidence": round(self.confidence, 4),
-            "mean_score": round(self.mean_score, 4),
-            "agreement": round(self.agreement, 4),
-            "pilot_samples": self.samples,
-        }
 
 
 def pilot_features(candidates: Sequence[Candidate], votes: dict[str, float]) -> tuple[float, float]:

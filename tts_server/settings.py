@@ -9,7 +9,11 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tts_server.types import Aggregation, SelectionRule, StrategyName
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# The PRM worker's backends (prm_worker/backends registers one of each).
+PRMBackendName = Literal["arith", "hf"]
 CACHE_DIR = Path.home() / ".cache" / "tts-server"
 
 
@@ -95,11 +99,11 @@ class Settings(BaseSettings):
 
     # --- PRM worker (`tts-server prm-worker`) ---
     prm_port: int = 8200
-    prm_backend: str = "arith"
+    prm_backend: PRMBackendName = "arith"
     prm_model_path: str | None = None
 
     # --- strategy defaults and caps ---
-    default_strategy: str = "auto"
+    default_strategy: StrategyName = "auto"
 
     # --- router (`auto`) ---
     # A table written by `tts-server calibrate`; unset: the shipped default by policy size.
@@ -109,8 +113,8 @@ class Settings(BaseSettings):
     default_budget: int = 8
     max_budget: int = 64
     default_beam_width: int = 4
-    default_aggregation: str = "last"
-    default_selection: str = "weighted"
+    default_aggregation: Aggregation = "last"
+    default_selection: SelectionRule = "weighted"
     default_temperature: float = 0.8
     max_step_tokens: int = 256
     default_max_tokens: int = 512

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+
+if TYPE_CHECKING:  # the router's table is a knob of `auto`; the router imports this module
+    from tts_server.router import RouterTable
 
 FinishReason = Literal["stop", "length"]
 Aggregation = Literal["last", "min", "prod", "mean"]
 SelectionRule = Literal["naive", "weighted", "majority"]
+# What a client may ask for; the registry in `strategies` says what each one needs.
+StrategyName = Literal["auto", "greedy", "majority", "best_of_n", "beam_search", "dvts"]
+STRATEGY_NAMES: tuple[StrategyName, ...] = get_args(StrategyName)
+AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
+SELECTIONS: tuple[SelectionRule, ...] = get_args(SelectionRule)
 
 
 @dataclass
@@ -79,6 +87,90 @@ class SamplingConfig:
     )
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    messages: tuple[dict[str, str], ...]
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    text: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request, resolved once at the API edge from headers, body and settings: what to
+    answer, with which strategy and sampling, within which budget, ceiling and deadline."""
+
+    prompt: ChatPrompt | TextPrompt
+    strategy: StrategyName
+    requested: str  # as the client named it (or the server's default)
+    budget: int
+    beam_width: int  # 1 unless the strategy uses one
+    aggregation: Aggregation
+    selection: SelectionRule
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stops: tuple[str, ...] = ()
+    seed: int | None = None
+    max_flops: int | None = None
+    deadline_s: float | None = None
+    # Why the job is not run as asked (the PRM is down: majority vote instead).
+    degraded: str | None = None
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The pilot's verdict on a question."""
+
+    bin: str
+    confidence: float
+    mean_score: float
+    agreement: float
+    samples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bin": self.bin,
+            "confidence": round(self.confidence, 4),
+            "mean_score": round(self.mean_score, 4),
+            "agreement": round(self.agreement, 4),
+            "pilot_samples": self.samples,
+        }
+
+
+@dataclass
+class Decision:
+    """What `auto` decided: the difficulty bin (None for a table's fixed strategy) and what it
+    served: a strategy ("pilot": the pilot alone) and the samples spent in all."""
+
+    difficulty: Difficulty | None
+    strategy: str
+    budget: int
+    beam_width: int
+    early_exit: bool
+
+    def route(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "budget": self.budget,
+            "beam_width": self.beam_width,
+            "early_exit": self.early_exit,
+        }
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When adaptive sampling stops: after each round of `round_size` samples, once the leading
+    answer is `stop_margin` samples ahead, or `give_up_after` samples hold no two equal answers
+    (None: that rule is off)."""
+
+    round_size: int = 2
+    stop_margin: int | None = 2
+    give_up_after: int | None = 4
+
+
 class PolicyClient(Protocol):
     """Generates continuations of token-id prompts. One call = one batched upstream request."""
 
@@ -107,6 +199,35 @@ class PRMClient(Protocol):
         ...
 
 
+class PolicyService(PolicyClient, Protocol):
+    """The policy server as the engine uses it: generation, and what rendering prompts, the FLOPs
+    count and readiness need (the vLLM client is one; test doubles implement the same)."""
+
+    async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+
+    async def tokenize_text(self, text: str) -> list[int]: ...
+
+    async def model_root(self) -> str | None:
+        """Where the server loaded the model from, if it says (its config.json gives the size)."""
+        ...
+
+    async def health(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+class PRMService(PRMClient, Protocol):
+    """The PRM worker as the engine uses it: scoring, its size and its health."""
+
+    async def parameters(self) -> int | None:
+        """The PRM's parameter count (0 for a checker without weights; None: unknown)."""
+        ...
+
+    async def health(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Problem:
     """What a strategy solves: the question for the PRM and the policy prompt, as token ids."""
@@ -133,15 +254,22 @@ class SearchConfig:
     # Strings that end a whole solution (e.g. the next few-shot "Question:"); removed from text.
     solution_stops: tuple[str, ...] = ()
     seed: int | None = None
+    # `auto`: the table it routes by; `adaptive`: when it stops drawing.
+    router: RouterTable | None = field(default=None, compare=False, repr=False)
+    stopping: StopRule = StopRule()
     # Collects candidates as they finish, so a deadline can answer with the best so far.
     progress: Progress | None = field(default=None, compare=False, repr=False)
 
 
 class Progress:
-    """Finished candidates of one request, in the order they finished (scores fill in later)."""
+    """What one request's search has done so far, read while it runs (streaming progress) and
+    after a deadline: finished candidates in the order they finished (scores fill in later),
+    `auto`'s decision once made, and the seconds of stages a strategy times itself (the pilot)."""
 
     def __init__(self) -> None:
         self.finished: list[Candidate] = []
+        self.decision: Decision | None = None
+        self.stages: dict[str, float] = {}
 
     def add(self, candidate: Candidate) -> None:
         self.finished.append(candidate)

@@ -10,6 +10,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tts_server.api.protocol import HEADER_MAX_FLOPS
+from tts_server.errors import (
+    DeadlineExceeded,
+    FlopsUnknown,
+    JobError,
+    PromptTooLong,
+    UpstreamDown,
+)
+from tts_server.policy import PolicyError
+from tts_server.prm import PRMError
+
 logger = logging.getLogger("tts_server.gateway")
 
 _TYPES = {
@@ -45,6 +56,29 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "error")
+
+
+# What the engine and its clients raise, answered as HTTP.
+ENGINE_ERRORS = (JobError, PolicyError, PRMError)
+
+
+def from_engine(exc: Exception, *, prompt_param: str | None = None) -> APIError:
+    """The one HTTP answer to each engine or upstream failure. `prompt_param` names the prompt's
+    field while it is being rendered (an upstream 400 then is about the prompt)."""
+    if isinstance(exc, UpstreamDown):
+        return APIError(503, str(exc), code="upstream_down")
+    if isinstance(exc, PromptTooLong):
+        return APIError(400, str(exc), param=prompt_param, code="prompt_too_long")
+    if isinstance(exc, FlopsUnknown):
+        return APIError(400, str(exc), param=HEADER_MAX_FLOPS)
+    if isinstance(exc, DeadlineExceeded):
+        return APIError(504, str(exc), code="deadline_exceeded")
+    if isinstance(exc, PolicyError):
+        param = prompt_param if exc.status == 400 else None
+        return APIError(exc.status, exc.message, param=param)
+    if isinstance(exc, PRMError):
+        return APIError(504 if exc.status == 504 else 502, f"PRM worker: {exc}")
+    raise TypeError(f"not an engine error: {type(exc).__name__}")
 
 
 def error_body(error: APIError) -> dict[str, Any]:
@@ -98,6 +132,9 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         return error_response(APIError(exc.status_code, str(exc.detail)))
 
+    async def on_engine_error(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(from_engine(exc))
+
     async def on_client_gone(_: Request, exc: Exception) -> JSONResponse:
         # Nobody reads this; the status is for the metrics.
         return error_response(APIError(499, "the client closed the request", type_="client_closed"))
@@ -109,6 +146,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(ClientGone, on_client_gone)
     app.add_exception_handler(APIError, on_api_error)
+    for kind in ENGINE_ERRORS:
+        app.add_exception_handler(kind, on_engine_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)

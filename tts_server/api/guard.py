@@ -8,10 +8,11 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from tts_server import metrics
+from tts_server.api import metrics
 from tts_server.api.errors import APIError
-from tts_server.plan import HEADER_STRATEGY, STRATEGY_NAMES
+from tts_server.api.protocol import HEADER_STRATEGY
 from tts_server.reliability import Admission, KeyChecker, Readiness, Rejected
+from tts_server.types import STRATEGY_NAMES
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -21,7 +22,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 COUNTED = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 ADMITTED = ("/v1/completions", "/v1/chat/completions")
-STRATEGY_LABELS = frozenset(("auto", *STRATEGY_NAMES))
+STRATEGY_LABELS: frozenset[str] = frozenset(STRATEGY_NAMES)
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 
 

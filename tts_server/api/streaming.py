@@ -22,8 +22,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from tts_server import metrics
-from tts_server.api.bodies import (
+from tts_server.api import metrics
+from tts_server.api.errors import ENGINE_ERRORS, APIError, error_body, from_engine
+from tts_server.api.responses import (
     Kind,
     answer_text,
     finish_reason,
@@ -31,9 +32,8 @@ from tts_server.api.bodies import (
     tts_object,
     usage_object,
 )
-from tts_server.api.errors import APIError, error_body
 from tts_server.engine import Outcome, Watch
-from tts_server.plan import Plan
+from tts_server.types import Job
 
 logger = logging.getLogger("tts_server.gateway")
 
@@ -122,8 +122,8 @@ async def _events(
                 due, last = time.monotonic() + interval_s, seen
         try:
             outcome = task.result()
-        except APIError as exc:
-            yield _event(error_body(exc))
+        except ENGINE_ERRORS as exc:
+            yield _event(error_body(from_engine(exc)))
             yield DONE
             return
         except Exception as exc:  # headers are out: the client can only learn of it here
@@ -147,15 +147,19 @@ async def _events(
 
 def stream_response(
     request: Request,
-    plan: Plan,
+    job: Job,
     run: Callable[[Watch], Awaitable[Outcome]],
-    chunks: Chunks,
     *,
+    kind: Kind,
+    model: str,
+    include_usage: bool,
     interval_s: float,
     poll_s: float,
     path: str,
 ) -> StreamingResponse:
-    headers = {**response_headers(plan), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    """The response for a prepared `job`: its headers say what will run (known before it runs)."""
+    chunks = Chunks(kind, model, include_usage)
+    headers = {**response_headers(job), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(
         _events(request, run, chunks, interval_s, poll_s, path),
         media_type="text/event-stream",

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 from tts_server.prm_worker.backends.arith import ArithBackend
 from tts_server.prm_worker.backends.base import BackendError, PRMBackend, ScoreItem
 from tts_server.prm_worker.backends.hf import HFBackend
+from tts_server.settings import PRMBackendName
 
 # hf.py imports torch and transformers only when an HFBackend is built.
 BACKENDS: dict[str, Callable[..., PRMBackend]] = {
     "arith": ArithBackend,
     "hf": HFBackend,
 }
+assert tuple(BACKENDS) == get_args(PRMBackendName), "settings name every backend"
 
 
 def load_backend(name: str, **options: Any) -> PRMBackend:

@@ -114,8 +114,9 @@ ROUTED = Counter(
 
 
 def observe_answer(outcome: Outcome, endpoint: str, model: str) -> None:
-    strategy = outcome.plan.strategy
-    difficulty = outcome.difficulty.bin if outcome.difficulty else "none"
+    strategy = outcome.job.strategy
+    decision = outcome.decision
+    difficulty = decision.difficulty.bin if decision and decision.difficulty else "none"
     LATENCY.labels(endpoint, strategy).observe(outcome.wall_time_s)
     for stage, seconds in outcome.stages.items():
         STAGE_LATENCY.labels(stage, strategy).observe(seconds)
@@ -131,8 +132,8 @@ def observe_answer(outcome: Outcome, endpoint: str, model: str) -> None:
     votes = sum(result.votes.values())
     if result.answer is not None and votes > 0:
         CONFIDENCE.labels(strategy).observe(result.votes.get(result.answer, 0.0) / votes)
-    if outcome.route is not None:
-        ROUTED.labels(outcome.route.strategy, difficulty).inc()
+    if decision is not None:
+        ROUTED.labels(decision.strategy, difficulty).inc()
 
 
 def status_class(status: int) -> str:

@@ -1,10 +1,23 @@
-"""OpenAI request bodies, plus the `tts` object that carries the search options in the body."""
+"""The OpenAI wire format the gateway speaks: request bodies, and the `tts` object that carries
+the search options in the body."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tts_server.types import Aggregation, SelectionRule
+
+# Request headers: the search options (they win over the body's `tts` object).
+HEADER_STRATEGY = "X-TTS-Strategy"
+HEADER_BUDGET = "X-TTS-Budget"
+HEADER_BEAM_WIDTH = "X-TTS-Beam-Width"
+HEADER_MAX_FLOPS = "X-TTS-Max-FLOPs"
+HEADER_DEADLINE = "X-TTS-Deadline-S"
+# Response headers: what the router decided.
+HEADER_DIFFICULTY = "X-TTS-Difficulty"
+HEADER_ROUTED = "X-TTS-Routed-Strategy"
 
 
 class TTSOptions(BaseModel):
@@ -15,8 +28,8 @@ class TTSOptions(BaseModel):
     strategy: str | None = None
     budget: int | None = None
     beam_width: int | None = None
-    aggregation: Literal["last", "min", "prod", "mean"] | None = None
-    selection: Literal["naive", "weighted", "majority"] | None = None
+    aggregation: Aggregation | None = None
+    selection: SelectionRule | None = None
     max_flops: int | None = Field(default=None, ge=1)
     deadline_s: float | None = Field(default=None, gt=0)
 

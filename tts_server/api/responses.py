@@ -1,12 +1,14 @@
-"""The parts of a gateway response that whole answers and streamed ones share."""
+"""A response from an `Outcome`: the parts whole answers and streamed ones share."""
 
 from __future__ import annotations
 
-import dataclasses
+import time
+import uuid
 from typing import Any, Literal
 
+from tts_server.api.protocol import HEADER_BUDGET, HEADER_DIFFICULTY, HEADER_ROUTED, HEADER_STRATEGY
 from tts_server.engine import Outcome
-from tts_server.plan import HEADER_BUDGET, HEADER_DIFFICULTY, HEADER_ROUTED, HEADER_STRATEGY, Plan
+from tts_server.types import Job
 
 # The endpoint a response answers: chat (a message) or completions (a text).
 Kind = Literal["chat", "text"]
@@ -36,16 +38,17 @@ def usage_object(outcome: Outcome) -> dict[str, Any]:
 
 def tts_object(outcome: Outcome) -> dict[str, Any]:
     """What the search did and what it cost: the `tts` object of a response."""
-    result, plan = outcome.result, outcome.plan
+    result, job, decision = outcome.result, outcome.job, outcome.decision
     usage = result.policy_usage
+    difficulty = decision.difficulty if decision else None
     return {
-        "strategy": plan.strategy,
-        "requested_strategy": plan.requested,
-        "budget": plan.budget,
-        "beam_width": plan.beam_width,
-        "aggregation": plan.aggregation,
-        "selection": plan.selection,
-        "temperature": outcome.temperature,
+        "strategy": job.strategy,
+        "requested_strategy": job.requested,
+        "budget": job.budget,
+        "beam_width": job.beam_width,
+        "aggregation": job.aggregation,
+        "selection": job.selection,
+        "temperature": job.temperature,
         "answer": result.answer,
         "votes": result.votes,
         "num_candidates": len(result.candidates),
@@ -66,23 +69,47 @@ def tts_object(outcome: Outcome) -> dict[str, Any]:
             "tokens": result.prm_usage.tokens,
         },
         "flops": outcome.flops.as_dict() if outcome.flops else None,
-        "max_flops": outcome.max_flops,
+        "max_flops": job.max_flops,
         "flops_limited": outcome.flops_limited,
-        "difficulty": outcome.difficulty.as_dict() if outcome.difficulty else None,
-        "route": dataclasses.asdict(outcome.route) if outcome.route else None,
+        "difficulty": difficulty.as_dict() if difficulty else None,
+        "route": decision.route() if decision else None,
         "partial": outcome.partial,
-        "degraded": outcome.degraded,
+        "degraded": job.degraded,
         "wall_time_s": round(outcome.wall_time_s, 4),
         "stage_seconds": {k: round(v, 4) for k, v in outcome.stages.items()},
     }
 
 
-def response_headers(plan: Plan, outcome: Outcome | None = None) -> dict[str, str]:
+def completion_body(outcome: Outcome, kind: Kind, model: str) -> dict[str, Any]:
+    """A whole response: `chat.completion` or `text_completion`, the selected solution its one
+    choice."""
+    text = answer_text(outcome, kind)
+    choice: dict[str, Any] = {"index": 0}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice["logprobs"] = None
+    choice["finish_reason"] = finish_reason(outcome.result.best.finish_reason)
+    prefix, obj = ("chatcmpl", "chat.completion") if kind == "chat" else ("cmpl", "text_completion")
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage_object(outcome),
+        "tts": tts_object(outcome),
+    }
+
+
+def response_headers(job: Job, outcome: Outcome | None = None) -> dict[str, str]:
     """Strategy and budget; difficulty and route once the router has decided (not yet known
     when a stream starts: its last chunk's `tts` has them)."""
-    headers = {HEADER_STRATEGY: plan.strategy, HEADER_BUDGET: str(plan.budget)}
-    if outcome is not None and outcome.difficulty is not None:
-        headers[HEADER_DIFFICULTY] = outcome.difficulty.bin
-    if outcome is not None and outcome.route is not None:
-        headers[HEADER_ROUTED] = outcome.route.strategy
+    headers = {HEADER_STRATEGY: job.strategy, HEADER_BUDGET: str(job.budget)}
+    decision = outcome.decision if outcome is not None else None
+    if decision is not None and decision.difficulty is not None:
+        headers[HEADER_DIFFICULTY] = decision.difficulty.bin
+    if decision is not None:
+        headers[HEADER_ROUTED] = decision.strategy
     return headers

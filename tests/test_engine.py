@@ -1,0 +1,222 @@
+"""The engine over fakes: what `prepare` refuses or degrades, and what `run` does with a
+deadline, a FLOPs ceiling and a watch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import pytest
+
+from tests.fakes import FakePolicy, FakePRM, encode, per_step
+from tts_server.engine import DEGRADED, TTSEngine, Watch
+from tts_server.errors import DeadlineExceeded, FlopsUnknown, PromptTooLong, UpstreamDown
+from tts_server.prompting import PromptProfile
+from tts_server.settings import Settings
+from tts_server.types import (
+    ChatPrompt,
+    Generation,
+    Job,
+    PolicyUsage,
+    SamplingConfig,
+    TextPrompt,
+)
+
+QUESTION = "How many?"
+
+
+def solution(prompt: list[int], sample: int) -> str:
+    return f"2 + 3 = 5\n\nThe answer is {5 + sample % 2}."
+
+
+class Policy(FakePolicy):
+    """The fake policy with what the engine also needs: tokenizing, the model's folder, health."""
+
+    def __init__(self, script=solution, delay_s: float = 0.0) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(script)
+        self.delay_s = delay_s
+
+    async def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        usage: PolicyUsage,
+        *,
+        n: int = 1,
+    ) -> list[list[Generation]]:
+        await asyncio.sleep(self.delay_s)
+        return await super().generate(prompts, sampling, usage, n=n)
+
+    async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return encode("".join(m["content"] for m in messages) + "\nA:")
+
+    async def tokenize_text(self, text: str) -> list[int]:
+        return encode(text)
+
+    async def model_root(self) -> str | None:
+        return None
+
+    async def health(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+class PRM(FakePRM):
+    def __init__(self, parameters: int | None = 0) -> None:
+        super().__init__(per_step(lambda step: 0.9 if "= 5" in step else 0.5))
+        self._parameters = parameters
+
+    async def parameters(self) -> int | None:
+        return self._parameters
+
+    async def health(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+@dataclass
+class Health:
+    policy_ok: bool = True
+    prm_ok: bool = True
+
+
+def engine(
+    policy: Policy | None = None,
+    prm: PRM | None = None,
+    health: Health | None = None,
+    **settings: object,
+) -> TTSEngine:
+    config = Settings(policy_model="fake", policy_params=1000, **settings)  # type: ignore[arg-type]
+    profile = PromptProfile(name="plain", style="chat")
+    return TTSEngine(config, policy or Policy(), prm or PRM(), health or Health(), profile)
+
+
+def job(strategy: str = "best_of_n", **changes: object) -> Job:
+    base = Job(
+        prompt=ChatPrompt(({"role": "user", "content": QUESTION},)),
+        strategy=strategy,  # type: ignore[arg-type]
+        requested=strategy,
+        budget=4,
+        beam_width=2 if strategy in ("beam_search", "dvts") else 1,
+        aggregation="last",
+        selection="weighted",
+        temperature=0.8,
+        top_p=1.0,
+        max_tokens=64,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+async def test_prepare_renders_the_prompt_and_keeps_the_job() -> None:
+    prepared, rendered = await engine().prepare(job())
+    assert prepared == job()
+    assert rendered.question == QUESTION and rendered.prompt_ids == encode(QUESTION + "\nA:")
+    _, raw = await engine().prepare(job(prompt=TextPrompt("Q: 1+1?")))
+    assert raw.question == "Q: 1+1?" and raw.prompt_ids == encode("Q: 1+1?")
+
+
+async def test_a_policy_down_refuses_every_job() -> None:
+    with pytest.raises(UpstreamDown, match="policy"):
+        await engine(health=Health(policy_ok=False)).prepare(job("majority"))
+
+
+@pytest.mark.parametrize("strategy", ["best_of_n", "beam_search", "dvts", "auto"])
+async def test_with_the_prm_down_a_prm_strategy_fails_fast_or_degrades(strategy: str) -> None:
+    down = Health(prm_ok=False)
+    with pytest.raises(UpstreamDown, match="PRM"):
+        await engine(health=down).prepare(job(strategy))
+    prepared, rendered = await engine(health=down, degrade_to_majority=True).prepare(job(strategy))
+    assert (prepared.strategy, prepared.requested, prepared.degraded) == (
+        "majority",
+        strategy,
+        DEGRADED,
+    )
+    prm = PRM()
+    outcome = await engine(prm=prm, health=down, degrade_to_majority=True).run(prepared, rendered)
+    assert outcome.job.degraded == DEGRADED and not prm.calls  # majority asks no PRM
+    # A strategy without the PRM is not touched.
+    kept, _ = await engine(health=down).prepare(job("majority"))
+    assert kept.degraded is None
+
+
+async def test_a_prompt_over_the_limit_is_refused_before_any_generation() -> None:
+    policy = Policy()
+    with pytest.raises(PromptTooLong) as info:
+        await engine(policy, max_prompt_tokens=5).prepare(job())
+    assert info.value.tokens == len(QUESTION + "\nA:") and info.value.limit == 5
+    assert not policy.calls
+
+
+async def test_a_ceiling_without_parameter_counts_is_refused_at_prepare() -> None:
+    with pytest.raises(FlopsUnknown):
+        await engine(prm=PRM(parameters=None)).prepare(job(max_flops=10**12))
+
+
+async def test_a_ceiling_is_kept_and_said() -> None:
+    e = engine()
+    prepared, rendered = await e.prepare(job(max_flops=10**12))
+    free = await e.run(*await e.prepare(job()))
+    assert free.flops is not None and not free.flops_limited
+    ceiling = free.flops.total // 2
+    capped = await e.run(replace(prepared, max_flops=ceiling), rendered)
+    assert capped.flops is not None and capped.flops.total <= ceiling
+    assert capped.flops_limited
+
+
+async def test_past_the_deadline_the_best_finished_answer_is_partial() -> None:
+    # Whole samples arrive at once; the search's next call never returns in time.
+    class Stalling(Policy):
+        async def generate(self, prompts, sampling, usage, *, n=1):  # type: ignore[no-untyped-def]
+            if self.calls:
+                await asyncio.sleep(30)
+            return await super().generate(prompts, sampling, usage, n=n)
+
+    e = engine(Stalling(lambda p, k: "2 + 3 = 5\n\nmore"))
+    prepared, rendered = await e.prepare(job("auto", budget=8, deadline_s=0.3))
+    outcome = await e.run(prepared, rendered)
+    assert outcome.partial
+    assert len(outcome.result.candidates) == 4  # the pilot's samples, finished by then
+    assert outcome.decision is not None  # auto had decided before the deadline
+    assert outcome.decision.strategy != "pilot"
+
+
+async def test_a_deadline_before_anything_finished_raises() -> None:
+    e = engine(Policy(delay_s=30))
+    with pytest.raises(DeadlineExceeded, match=r"\(0.2 s\)"):
+        await e.run(*await e.prepare(job(deadline_s=0.2)))
+
+
+async def test_the_stages_add_up_to_the_wall_time_and_count_what_ran() -> None:
+    e = engine(Policy(delay_s=0.05))
+    outcome = await e.run(*await e.prepare(job("beam_search")))
+    stages = outcome.stages
+    assert set(stages) == {"generation", "prm_scoring", "selection"}
+    calls = outcome.result.policy_usage.calls
+    assert calls >= 2 and stages["generation"] >= 0.05 * calls  # every call slept 50 ms
+    assert stages["selection"] < outcome.wall_time_s
+    auto = await e.run(*await e.prepare(job("auto", budget=8)))
+    assert "pilot" in auto.stages and auto.stages["pilot"] >= 0.05
+
+
+async def test_a_watch_sees_the_running_job() -> None:
+    e = engine(Policy(delay_s=0.2))
+    watch = Watch()
+    prepared, rendered = await e.prepare(job("auto", budget=8))
+    task = asyncio.ensure_future(e.run(prepared, rendered, watch))
+    await asyncio.sleep(0.05)
+    assert watch.snapshot() == {
+        "candidates_finished": 0,
+        "policy_calls": 0,
+        "completion_tokens": 0,
+        "prm_steps_scored": 0,
+    }
+    outcome = await task
+    seen = watch.snapshot()
+    assert seen["policy_calls"] == outcome.result.policy_usage.calls
+    assert outcome.decision is not None and seen["route"] == outcome.decision.strategy
+    assert seen["difficulty"] in ("easy", "medium", "hard")

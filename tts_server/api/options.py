@@ -1,0 +1,221 @@
+"""A request's options, resolved once into a `Job`: the X-TTS-* headers first, then the body
+(its `tts` object and the OpenAI fields), then the prompt profile (temperature), then settings.
+Every invalid choice is a 400 naming the header or field."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from tts_server.api.errors import APIError
+from tts_server.api.protocol import (
+    HEADER_BEAM_WIDTH,
+    HEADER_BUDGET,
+    HEADER_DEADLINE,
+    HEADER_MAX_FLOPS,
+    HEADER_STRATEGY,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TTSOptions,
+)
+from tts_server.settings import Settings
+from tts_server.strategies import REGISTRY
+from tts_server.types import STRATEGY_NAMES, ChatPrompt, Job, StrategyName, TextPrompt
+
+
+def resolve_job(
+    body: CompletionRequest | ChatCompletionRequest,
+    headers: Mapping[str, str],
+    settings: Settings,
+    *,
+    profile_temperature: float | None = None,
+) -> Job:
+    """The job a request asks for. `headers` have lower-case names; `profile_temperature` is
+    the chat prompt profile's (completions prompts get no profile)."""
+    if body.model != settings.policy_model:
+        raise APIError(
+            404,
+            f"the model {body.model!r} does not exist; "
+            f"this server serves {settings.policy_model!r}",
+            param="model",
+            code="model_not_found",
+        )
+    if body.stream_options is not None and not body.stream:
+        raise APIError(
+            400, "stream_options is only allowed when stream is true", param="stream_options"
+        )
+    if body.n != 1:
+        raise APIError(400, "n must be 1: use the tts budget to sample more candidates", param="n")
+    stops = body.stop_list()
+    if len(stops) > settings.max_stop_strings:
+        raise APIError(400, f"at most {settings.max_stop_strings} stop strings", param="stop")
+    if any(len(stop) > settings.max_stop_length for stop in stops):
+        raise APIError(
+            400, f"stop strings must be at most {settings.max_stop_length} characters", param="stop"
+        )
+    if isinstance(body, ChatCompletionRequest) and len(body.messages) > settings.max_messages:
+        raise APIError(400, f"at most {settings.max_messages} messages", param="messages")
+
+    opts = body.tts or TTSOptions()
+    requested, strategy = _strategy(headers, opts, settings)
+    budget = _budget(headers, opts, settings, strategy)
+    beam_width = _beam_width(headers, opts, settings, strategy, budget)
+    max_tokens = _max_tokens(body, settings)
+    # Only now the prompt: bad options are found first, whatever the prompt.
+    prompt = _prompt(body)
+    profile_default = profile_temperature if isinstance(body, ChatCompletionRequest) else None
+    # The client's temperature, else the prompt profile's (tuned for its model), else the server's.
+    temperature = next(
+        t
+        for t in (body.temperature, profile_default, settings.default_temperature)
+        if t is not None
+    )
+    return Job(
+        prompt=prompt,
+        strategy=strategy,
+        requested=requested,
+        budget=budget,
+        beam_width=beam_width,
+        aggregation=opts.aggregation or settings.default_aggregation,
+        selection=opts.selection or settings.default_selection,
+        temperature=temperature,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        max_tokens=max_tokens,
+        stops=tuple(stops),
+        seed=body.seed,
+        max_flops=_max_flops(headers, opts),
+        deadline_s=_deadline(headers, opts, settings.request_timeout_s),
+    )
+
+
+def _strategy(
+    headers: Mapping[str, str], opts: TTSOptions, settings: Settings
+) -> tuple[str, StrategyName]:
+    param = HEADER_STRATEGY if HEADER_STRATEGY.lower() in headers else "tts.strategy"
+    requested = (
+        headers.get(HEADER_STRATEGY.lower()) or opts.strategy or settings.default_strategy
+    ).strip()
+    requested = requested.lower().replace("-", "_")
+    for name in STRATEGY_NAMES:
+        if requested == name:
+            return requested, name
+    allowed = ", ".join(STRATEGY_NAMES)
+    raise APIError(400, f"unknown strategy {requested!r}; use one of: {allowed}", param=param)
+
+
+def _int(value: str, param: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise APIError(400, f"'{param}' must be an integer, got {value!r}", param=param) from None
+
+
+def _budget(
+    headers: Mapping[str, str], opts: TTSOptions, settings: Settings, strategy: StrategyName
+) -> int:
+    if HEADER_BUDGET.lower() in headers:
+        param = HEADER_BUDGET
+        budget = _int(headers[HEADER_BUDGET.lower()], param)
+    else:
+        param = "tts.budget"
+        budget = opts.budget if opts.budget is not None else settings.default_budget
+    if strategy == "greedy":
+        return 1
+    if not 1 <= budget <= settings.max_budget:
+        raise APIError(
+            400, f"budget must be between 1 and {settings.max_budget}, got {budget}", param=param
+        )
+    return budget
+
+
+def _beam_width(
+    headers: Mapping[str, str],
+    opts: TTSOptions,
+    settings: Settings,
+    strategy: StrategyName,
+    budget: int,
+) -> int:
+    if HEADER_BEAM_WIDTH.lower() in headers:
+        param = HEADER_BEAM_WIDTH
+        width = _int(headers[HEADER_BEAM_WIDTH.lower()], param)
+    else:
+        param = "tts.beam_width"
+        width = opts.beam_width if opts.beam_width is not None else settings.default_beam_width
+    if not REGISTRY[strategy].uses_beam_width:
+        return 1
+    if width < 1 or width > budget:
+        raise APIError(
+            400, f"beam width must be between 1 and the budget ({budget}), got {width}", param=param
+        )
+    if budget % width:
+        budget_param = HEADER_BUDGET if HEADER_BUDGET.lower() in headers else "tts.budget"
+        raise APIError(
+            400, f"budget {budget} is not a multiple of the beam width {width}", param=budget_param
+        )
+    return width
+
+
+def _max_tokens(body: CompletionRequest | ChatCompletionRequest, settings: Settings) -> int:
+    token_limit = body.token_limit() if isinstance(body, ChatCompletionRequest) else None
+    limit = token_limit if token_limit is not None else body.max_tokens
+    max_tokens = limit or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_cap:
+        param = "max_completion_tokens" if token_limit and not body.max_tokens else "max_tokens"
+        raise APIError(400, f"{param} must be at most {settings.max_tokens_cap}", param=param)
+    return max_tokens
+
+
+def _prompt(body: CompletionRequest | ChatCompletionRequest) -> ChatPrompt | TextPrompt:
+    if isinstance(body, ChatCompletionRequest):
+        messages = body.plain_messages()
+        if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+            raise APIError(400, "messages must contain a non-empty user message", param="messages")
+        return ChatPrompt(tuple(messages))
+    text = body.prompt_text()
+    if text is None:
+        raise APIError(400, "exactly one prompt per request is supported", param="prompt")
+    if not text.strip():
+        raise APIError(400, "the prompt is empty", param="prompt")
+    return TextPrompt(text)
+
+
+def _positive(
+    headers: Mapping[str, str],
+    header: str,
+    option: float | None,
+    option_name: str,
+    parse: Callable[[str], float],
+) -> float | None:
+    """A positive number from the header, else from the body's `tts` option; None if neither."""
+    if header.lower() in headers:
+        raw, param = headers[header.lower()].strip(), header
+        try:
+            value = parse(raw)
+        except ValueError:
+            raise APIError(400, f"'{param}' must be a number, got {raw!r}", param=param) from None
+    elif option is not None:
+        value, param = option, f"tts.{option_name}"
+    else:
+        return None
+    if not value > 0:
+        raise APIError(400, f"'{param}' must be positive", param=param)
+    return value
+
+
+def _flops_number(raw: str) -> float:
+    return int(float(raw)) if any(c in raw for c in ".eE") else int(raw)
+
+
+def _max_flops(headers: Mapping[str, str], opts: TTSOptions) -> int | None:
+    """The request's FLOPs ceiling: the header, else `tts.max_flops`; None means none."""
+    value = _positive(headers, HEADER_MAX_FLOPS, opts.max_flops, "max_flops", _flops_number)
+    if value is None:
+        return None
+    if value < 1:
+        raise APIError(400, f"'{HEADER_MAX_FLOPS}' must be at least 1", param=HEADER_MAX_FLOPS)
+    return int(value)
+
+
+def _deadline(headers: Mapping[str, str], opts: TTSOptions, cap_s: float) -> float:
+    """Seconds the request may run: the header, else `tts.deadline_s`, at most the server's cap."""
+    value = _positive(headers, HEADER_DEADLINE, opts.deadline_s, "deadline_s", float)
+    return cap_s if value is None else min(value, cap_s)

@@ -1,0 +1,139 @@
+"""The gateway's routes, thin: options -> Job (`options`), prepare and run it (`engine`), answer
+whole or streamed (`responses`, `streaming`). Errors raised on the way are answered by the
+handlers in `errors`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from tts_server.api import metrics
+from tts_server.api.errors import ENGINE_ERRORS, ClientGone, from_engine
+from tts_server.api.options import resolve_job
+from tts_server.api.protocol import ChatCompletionRequest, CompletionRequest
+from tts_server.api.responses import Kind, completion_body, response_headers
+from tts_server.api.streaming import stream_response
+from tts_server.engine import Outcome, TTSEngine
+from tts_server.reliability import Readiness
+from tts_server.settings import Settings
+
+# How often a running request checks that its client is still there.
+DISCONNECT_POLL_S = 0.2
+PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
+
+router = APIRouter()
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """What the routes need, built once by the app factory (`app.state.gateway`)."""
+
+    settings: Settings
+    engine: TTSEngine
+    readiness: Readiness
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+@router.get("/health")
+@router.get("/health/live")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers. Upstream trouble never fails it (no restart loops)."""
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: both upstreams answered the last probe and the server is not draining."""
+    readiness = _gateway(request).readiness
+    body = {
+        "status": "ready" if readiness.ready else "not ready",
+        "policy": "up" if readiness.policy_ok else "down",
+        "prm": "up" if readiness.prm_ok else "down",
+        "draining": readiness.draining,
+    }
+    return JSONResponse(body, status_code=200 if readiness.ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    model = _gateway(request).settings.policy_model
+    card = {"id": model, "object": "model", "created": 0, "owned_by": "tts-server"}
+    return {"object": "list", "data": [card]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return await _answer(request, body, "text")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return await _answer(request, body, "chat")
+
+
+async def _answer(
+    request: Request, body: CompletionRequest | ChatCompletionRequest, kind: Kind
+) -> Response:
+    """Resolve, prepare and run the job, and answer it whole or as a stream. Everything that can
+    refuse it (options, upstream health, the prompt) is checked before a generation is paid for
+    and before a stream's headers go out."""
+    gateway = _gateway(request)
+    engine, model = gateway.engine, gateway.settings.policy_model
+    job = resolve_job(
+        body, request.headers, gateway.settings, profile_temperature=engine.profile.temperature
+    )
+    try:
+        job, rendered = await engine.prepare(job)
+    except ENGINE_ERRORS as exc:
+        raise from_engine(exc, prompt_param="messages" if kind == "chat" else "prompt") from exc
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return stream_response(
+            request,
+            job,
+            lambda watch: engine.run(job, rendered, watch),
+            kind=kind,
+            model=model,
+            include_usage=include_usage,
+            interval_s=gateway.settings.stream_progress_interval_s,
+            poll_s=DISCONNECT_POLL_S,
+            path=PATHS[kind],
+        )
+    outcome = await _until_disconnect(request, engine.run(job, rendered))
+    metrics.observe_answer(outcome, PATHS[kind], model)
+    return JSONResponse(
+        completion_body(outcome, kind, model), headers=response_headers(job, outcome)
+    )
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Outcome]) -> Outcome:
+    """Run `work`, cancelling it (and so every upstream call) when the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise ClientGone
+    finally:
+        if not task.done():  # this handler itself was cancelled
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

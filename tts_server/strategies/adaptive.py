@@ -1,0 +1,70 @@
+"""Adaptive sampling (adaptive consistency): best-of-N in small rounds, stopping as soon as more
+samples are unlikely to change the answer (`StopRule`). The samples not drawn are the saving."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from tts_server.router import stops_sampling
+from tts_server.strategies.common import finish, require_prm, score, whole_solutions
+from tts_server.types import (
+    Candidate,
+    PolicyClient,
+    PolicyUsage,
+    PRMClient,
+    PRMUsage,
+    Problem,
+    SearchConfig,
+    StrategyResult,
+)
+
+
+async def draw_until_settled(
+    problem: Problem,
+    config: SearchConfig,
+    policy: PolicyClient,
+    prm: PRMClient,
+    answers: Sequence[str | None] = (),
+) -> StrategyResult:
+    """Rounds of scored whole solutions, up to `config.budget`, until the stopping rule holds over
+    `answers` (those drawn before, e.g. `auto`'s pilot) and the new ones. Returns only the new
+    samples, not yet selected among (`chosen` 0, no answer): the caller selects once, over all."""
+    rule = config.stopping
+    seen = list(answers)
+    candidates: list[Candidate] = []
+    policy_usage, prm_usage = PolicyUsage(), PRMUsage()
+    rounds = 0
+    # Answer equivalence (math-verify) is CPU work: off the event loop, as selection is.
+    while len(candidates) < config.budget and not await asyncio.to_thread(
+        stops_sampling, seen, rule
+    ):
+        size = min(rule.round_size, config.budget - len(candidates))
+        drawn = await whole_solutions(policy, problem, config, policy_usage, n=size)
+        await score(prm, problem, drawn, config, prm_usage)
+        candidates.extend(drawn)
+        seen.extend(c.answer for c in drawn)
+        rounds += 1
+    return StrategyResult(
+        candidates=candidates,
+        chosen=0,
+        answer=None,
+        votes={},
+        iterations=rounds,
+        policy_usage=policy_usage,
+        prm_usage=prm_usage,
+    )
+
+
+async def adaptive(
+    problem: Problem, config: SearchConfig, policy: PolicyClient, prm: PRMClient | None
+) -> StrategyResult:
+    drawn = await draw_until_settled(problem, config, policy, require_prm(prm, "adaptive"))
+    return await finish(
+        drawn.candidates,
+        config.selection,
+        config,
+        iterations=drawn.iterations,
+        policy_usage=drawn.policy_usage,
+        prm_usage=drawn.prm_usage,
+    )

@@ -1,0 +1,95 @@
+"""`auto`: the compute-optimal router as a strategy. A pilot of whole samples estimates the
+question's difficulty; the rest of the budget goes as the router table routes that bin, and the
+pilot's samples stay candidates. A table with a fixed strategy runs that, with no pilot."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from tts_server.router import Route, estimate, plan_budget
+from tts_server.strategies.adaptive import draw_until_settled
+from tts_server.strategies.best_of_n import best_of_n
+from tts_server.strategies.common import StrategyFn, finish, require_prm
+from tts_server.types import (
+    Decision,
+    PolicyClient,
+    PolicyUsage,
+    PRMClient,
+    PRMUsage,
+    Problem,
+    Progress,
+    SearchConfig,
+    StrategyResult,
+)
+
+
+async def auto(
+    problem: Problem, config: SearchConfig, policy: PolicyClient, prm: PRMClient | None
+) -> StrategyResult:
+    """Routes by `config.router`; the decision is on `config.progress` as soon as it is made
+    (a stream shows it, a deadline keeps it). `config.beam_width` is the width a fixed strategy
+    gets when its table names none."""
+    table = config.router
+    if table is None:
+        raise ValueError("auto needs a router table")
+    verifier = require_prm(prm, "auto")
+    progress = config.progress if config.progress is not None else Progress()
+
+    if table.fixed_strategy is not None:
+        # Calibration found no routing that beats this strategy on this model pair. It runs
+        # as a request naming it would (no pilot), on the share of the budget calibrated.
+        name = table.fixed_strategy
+        width = table.fixed_beam_width or config.beam_width
+        budget, width = plan_budget(Route(name, width, table.fixed_budget_share), config.budget, 0)
+        progress.decision = Decision(None, name, budget, width, False)
+        run, needs_prm = _strategy(name)
+        fixed = dataclasses.replace(config, budget=budget, beam_width=width)
+        return await run(problem, fixed, policy, verifier if needs_prm else None)
+
+    k = min(table.pilot_samples, config.budget)
+    started = time.perf_counter()
+    pilot = await best_of_n(problem, dataclasses.replace(config, budget=k), policy, verifier)
+    progress.stages["pilot"] = time.perf_counter() - started
+    difficulty = estimate(table, pilot.candidates)
+    chosen = table.routes[difficulty.bin]
+    early = table.exits_early(difficulty.mean_score, difficulty.agreement)
+    n, width = plan_budget(chosen, config.budget, k)
+    if early or n == 0:
+        progress.decision = Decision(difficulty, "pilot", k, 1, early)
+        return pilot
+    decision = Decision(difficulty, chosen.strategy, k + n, width, False)
+    progress.decision = decision
+
+    routed = dataclasses.replace(config, budget=n, beam_width=width, stopping=chosen.stopping)
+    if chosen.strategy == "adaptive":
+        answers = [c.answer for c in pilot.candidates]
+        main = await draw_until_settled(problem, routed, policy, verifier, answers)
+        decision.budget = k + len(main.candidates)
+        if not main.candidates:
+            return pilot
+    else:
+        run, needs_prm = _strategy(chosen.strategy)
+        main = await run(problem, routed, policy, verifier if needs_prm else None)
+    policy_usage, prm_usage = PolicyUsage(), PRMUsage()
+    for part in (pilot, main):
+        policy_usage.add(part.policy_usage)
+        prm_usage.add(part.prm_usage)
+    # The pilot's samples stay candidates: nothing it computed is thrown away.
+    rule = "majority" if chosen.strategy == "majority" else config.selection
+    return await finish(
+        [*pilot.candidates, *main.candidates],
+        rule,
+        config,
+        iterations=pilot.iterations + main.iterations,
+        policy_usage=policy_usage,
+        prm_usage=prm_usage,
+    )
+
+
+def _strategy(name: str) -> tuple[StrategyFn, bool]:
+    # Imported here: the registry imports this module.
+    from tts_server.strategies import REGISTRY
+
+    strategy = REGISTRY[name]
+    return strategy.run, strategy.needs_prm
