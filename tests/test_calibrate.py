@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tts_server.calibrate import PILOT, collect, fit
-from tts_server.datasets import Example, load_dataset
-from tts_server.plots import bin_table, flops_ticks, markdown_table, plot, versus_table
 from tts_server.router import parse_table, plan_budget
+from tts_server.tools.calibrate import PILOT, collect, fit
+from tts_server.tools.datasets import Example, load_dataset
+from tts_server.tools.plots import bin_table, flops_ticks, markdown_table, plot, versus_table
 
 EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
 
@@ -276,7 +276,7 @@ def test_a_route_measured_with_fewer_samples_keeps_that_share_of_the_budget() ->
 
 
 def test_report_lines_break_where_prometheus_had_no_data() -> None:
-    from tts_server.report import parse_duration, with_gaps
+    from tts_server.tools.report import parse_duration, with_gaps
 
     times, values = with_gaps([0, 10, 20, 100, 110], [1.0, 2.0, 3.0, 4.0, 5.0], step=10)
     assert times == [0, 10, 20, 60, 100, 110]
@@ -289,7 +289,7 @@ def test_refit_uses_only_the_problems_and_options_asked_for(
 ) -> None:
     """A records file from a wider run (another option on some problems, other problems) refits
     to what the command names, without sending a request."""
-    from tts_server.calibrate import add_calibrate_arguments, main_calibrate
+    from tts_server.tools.calibrate import add_calibrate_arguments, main_calibrate
 
     ids = [e.id for e in load_dataset("mawps_singleop")[:3]]
     lines = []
@@ -468,7 +468,7 @@ def test_adaptive_options_replay_the_recorded_best_of_n_samples_in_order() -> No
     of 2 and a margin of 2 the replay stops after 9 7 (7 leads 3 to 1) and serves 7, right, for
     the pilot's FLOPs and half the best-of-N call's; all four samples serve 9 (scored higher).
     Problem b: no two pilot answers agree, so giving up after 4 draws nothing."""
-    from tts_server.calibrate import adaptive_option
+    from tts_server.tools.calibrate import adaptive_option
 
     def record(problem: str, option: str, answers: list[str], score: float) -> dict[str, Any]:
         return {"id": problem, "option": option, "expected": "7" if problem == "a" else "5",

@@ -104,20 +104,20 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tts_server.evaluate import main_eval
+    from tts_server.tools.evaluate import main_eval
 
     status: int = main_eval(args)
     return status
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from tts_server.calibrate import main_calibrate
+    from tts_server.tools.calibrate import main_calibrate
 
     return main_calibrate(args)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from tts_server.plots import main_plot
+    from tts_server.tools.plots import main_plot
 
     return main_plot(args)
 
@@ -134,13 +134,13 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tts_server.report import main_report
+    from tts_server.tools.report import main_report
 
     return main_report(args)
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
-    from tts_server.dashboards import write_all
+    from tts_server.tools.dashboards import write_all
 
     for path in write_all(args.out):
         print(path)
@@ -200,15 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="run a dataset through a running gateway")
     try:
-        from tts_server.evaluate import add_eval_arguments
+        from tts_server.tools.evaluate import add_eval_arguments
 
         add_eval_arguments(ev)
     except ImportError:  # pragma: no cover - evaluate is part of the package
         pass
     ev.set_defaults(func=cmd_eval)
 
-    from tts_server.calibrate import add_calibrate_arguments
-    from tts_server.plots import add_plot_arguments
+    from tts_server.tools.calibrate import add_calibrate_arguments
+    from tts_server.tools.plots import add_plot_arguments
 
     cal = sub.add_parser(
         "calibrate", help="fit the router's bins and routes on a dataset through a running gateway"
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_arguments(plo)
     plo.set_defaults(func=cmd_plot)
 
-    from tts_server.report import add_report_arguments
+    from tts_server.tools.report import add_report_arguments
 
     rep = sub.add_parser("report", help="draw the main dashboard panels to a PNG from Prometheus")
     add_report_arguments(rep)

@@ -17,7 +17,7 @@ import httpx
 from tqdm import tqdm
 
 from tts_server.answers import answers_equal, extract_answer
-from tts_server.datasets import DatasetError, Example, load_dataset
+from tts_server.tools.datasets import DatasetError, Example, load_dataset
 
 
 def _percentile(values: list[float], q: float) -> float | None:

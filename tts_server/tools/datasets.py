@@ -1,4 +1,4 @@
-"""Benchmarks shipped in tts_server/data/, or any JSON-lines file in one of their formats."""
+"""Benchmarks shipped in tts_server/tools/data/, or any JSON-lines file in their formats."""
 
 from __future__ import annotations
 

@@ -38,8 +38,6 @@ import httpx
 from tqdm import tqdm
 
 from tts_server.answers import answers_equal
-from tts_server.datasets import DatasetError, Example, load_dataset
-from tts_server.evaluate import binomial_se, paired_difference
 from tts_server.router import (
     BINS,
     FIXED_STRATEGIES,
@@ -50,6 +48,8 @@ from tts_server.router import (
     true_bin,
 )
 from tts_server.selection import select
+from tts_server.tools.datasets import DatasetError, Example, load_dataset
+from tts_server.tools.evaluate import binomial_se, paired_difference
 from tts_server.types import Candidate, SelectionRule
 
 SEARCH_WIDTH = 4

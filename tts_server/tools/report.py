@@ -1,7 +1,7 @@
 """`tts-server report`: the main dashboard panels as one PNG, for people who don't run Grafana.
 
-Same panels, same PromQL as the Grafana dashboards (tts_server/dashboards.py), evaluated through
-Prometheus' HTTP API (`/api/v1/query_range`).
+Same panels, same PromQL as the Grafana dashboards (tts_server/tools/dashboards.py), evaluated
+through Prometheus' HTTP API (`/api/v1/query_range`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from tts_server.dashboards import DASHBOARDS, Panel, substitute
+from tts_server.tools.dashboards import DASHBOARDS, Panel, substitute
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
