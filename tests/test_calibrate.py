@@ -12,8 +12,10 @@ import httpx
 import pytest
 
 from tts_server.router import parse_table, plan_budget
-from tts_server.tools.calibrate import PILOT, collect, fit
+from tts_server.tools.calibrate import collect
 from tts_server.tools.datasets import Example, load_dataset
+from tts_server.tools.fit import fit
+from tts_server.tools.options import PILOT
 from tts_server.tools.plots import bin_table, flops_ticks, markdown_table, plot, versus_table
 
 EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
@@ -468,7 +470,7 @@ def test_adaptive_options_replay_the_recorded_best_of_n_samples_in_order() -> No
     of 2 and a margin of 2 the replay stops after 9 7 (7 leads 3 to 1) and serves 7, right, for
     the pilot's FLOPs and half the best-of-N call's; all four samples serve 9 (scored higher).
     Problem b: no two pilot answers agree, so giving up after 4 draws nothing."""
-    from tts_server.tools.calibrate import adaptive_option
+    from tts_server.tools.options import adaptive_option
 
     def record(problem: str, option: str, answers: list[str], score: float) -> dict[str, Any]:
         return {"id": problem, "option": option, "expected": "7" if problem == "a" else "5",

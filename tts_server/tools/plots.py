@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tts_server.tools.evaluate import binomial_se, flops_summary, paired_difference
+from tts_server.tools.stats import binomial_se, flops_summary, paired_difference
 
 
 def with_flops(paths: list[Path], reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
