@@ -151,43 +151,6 @@ async def collect(
     return [done[_key(e.id, o)] for e, o, _, _ in jobs]
 
 
-def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
-    parser.add_argument("--dataset", required=True, help="packaged name or .jsonl path")
-    parser.add_argument(
-        "--strategies",
-        default="adaptive,best_of_n,beam_search,dvts,majority",
-        help="comma-separated; adaptive is replayed from best-of-N samples (which it runs)",
-    )
-    parser.add_argument(
-        "--budgets", default="8", help="client budgets B (comma-separated); routes run B - pilot"
-    )
-    parser.add_argument("--pilot", type=int, default=4, help="pilot samples k")
-    parser.add_argument(
-        "--compare",
-        default=None,
-        help="fixed strategies to run at the largest budget, no pilot, as the reference `auto` "
-        "must beat (comma-separated; default: --strategies; 'none' to skip)",
-    )
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--offset", type=int, default=0)
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--records", type=Path, default=Path("reports/calibration-records.jsonl"))
-    parser.add_argument(
-        "--rule",
-        choices=("one_se", "max"),
-        default="one_se",
-        help="per bin: the cheapest option within one standard error of the most accurate "
-        "(one_se), or the most accurate (max)",
-    )
-    parser.add_argument(
-        "--refit",
-        action="store_true",
-        help="fit from the records file only, sending no request",
-    )
-    parser.add_argument("--out", type=Path, default=Path("reports/router-table.json"))
-
-
 def main_calibrate(args: argparse.Namespace) -> int:
     try:
         examples = load_dataset(args.dataset)[args.offset :]

@@ -8,7 +8,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -161,20 +160,6 @@ def _by(records: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any
         if record.get(key) is not None:
             groups.setdefault(str(record[key]), []).append(record)
     return groups
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
-    parser.add_argument("--dataset", required=True, help="packaged name or .jsonl path")
-    parser.add_argument("--strategy", default="auto")
-    parser.add_argument("--budget", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--offset", type=int, default=0)
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument(
-        "--temperature", type=float, default=None, help="sampling temperature (server default)"
-    )
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
 
 
 def main_eval(args: argparse.Namespace) -> int:

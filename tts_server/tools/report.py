@@ -159,15 +159,6 @@ def _unit_label(unit: str) -> str:
     }.get(unit, unit)
 
 
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus URL")
-    parser.add_argument("--since", default="1h", help="how far back (e.g. 15m, 1h, 1d)")
-    parser.add_argument(
-        "--window", default=None, help="rate window for $__rate_interval (default: 4 steps, >= 60s)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("reports/tts-report.png"))
-
-
 def main_report(args: argparse.Namespace) -> int:
     try:
         since = parse_duration(args.since)
