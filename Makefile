@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "==> gateway venv ($(VENV))"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0 $(QUIET_PIP)
-	$(BIN)/pip install -q -e '.[hf,dev]' $(QUIET_PIP)
+	$(BIN)/pip install -q -e '.[hf,dev,tools]' $(QUIET_PIP)
 	touch $@
 
 # Compared by content, not time: a fresh clone's files are always newer than the cached venv.

@@ -1,4 +1,4 @@
-"""`tts-server calibrate` (fit and resume) and `tts-server plot`, over a scripted gateway."""
+"""`tts-server calibrate` (collect, fit and resume), over a scripted gateway."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tts_server.calibrate import PILOT, collect, fit
-from tts_server.datasets import Example, load_dataset
-from tts_server.plots import bin_table, flops_ticks, markdown_table, plot, versus_table
 from tts_server.router import parse_table, plan_budget
+from tts_server.tools.calibrate import collect
+from tts_server.tools.datasets import Example, load_dataset
+from tts_server.tools.fit import fit
+from tts_server.tools.options import PILOT
 
 EXAMPLES = [Example(id=f"p{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(12)]
 
@@ -118,85 +119,6 @@ def test_collect_fit_and_resume(tmp_path: Path) -> None:
     assert pilot_record["pass_at_1"] == 0.0 and pilot_record["agreement"] == 0.25
 
 
-def test_plot_writes_a_png(tmp_path: Path) -> None:
-    reports = [
-        {"dataset": "d", "strategy": s, "budget": b, "n": 10, "accuracy": a, "mean_flops": f}
-        for s, b, a, f in [
-            ("best_of_n", 4, 0.2, 1e11),
-            ("best_of_n", 8, 0.25, 2e11),
-            ("beam_search", 8, 0.3, 4e11),
-            ("auto", 8, 0.3, 1.5e11),
-        ]
-    ]
-    out = plot(reports, tmp_path / "plot.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.stat().st_size > 10_000
-
-
-@pytest.mark.parametrize(
-    ("low", "high", "expected"),
-    [
-        (1.1e11, 2.9e11, [1.2e11, 1.5e11, 2e11, 2.5e11]),  # a third of a decade: fine steps
-        (8e10, 4.5e11, [1e11, 1.5e11, 2e11, 3e11]),
-        (3e9, 4e12, [5e9, 2e10, 1e11, 5e11, 2e12]),  # decades: 1-2-5, every other one kept
-    ],
-)
-def test_flops_ticks_are_few_and_inside_the_axis(
-    low: float, high: float, expected: list[float]
-) -> None:
-    ticks = flops_ticks(low, high)
-    assert ticks == pytest.approx(expected)
-
-
-def test_markdown_table_has_one_row_per_report_with_its_figures() -> None:
-    base = {"budget": 8, "latency_p50_s": 1.25, "latency_p95_s": 3.5, "errors": 0}
-    reports = [
-        {
-            **base,
-            "dataset": "d",
-            "strategy": "auto",
-            "n": 80,
-            "offset": 281,
-            "accuracy": 0.125,
-            "pass_at_n": 0.25,
-            "mean_flops": 1.5e11,
-            "flops_per_correct": 1.2e12,
-        },
-        {
-            **base,
-            "dataset": "d",
-            "strategy": "greedy",
-            "n": 100,
-            "accuracy": 0.08,
-            "mean_flops": None,
-        },
-    ]
-    rows = markdown_table(reports).splitlines()
-    assert len(rows) == 4
-    # SE: sqrt(0.08 * 0.92 / 100) = 2.7 points; sqrt(0.125 * 0.875 / 80) = 3.7.
-    assert rows[2].startswith("| d | 0-99 | greedy | 8.0% ± 2.7 | 0.0% | n/a | n/a |")
-    assert rows[3] == (
-        "| d | 281-360 | auto@8 | 12.5% ± 3.7 | 25.0% | 1.5e+11 | 1.2e+12 | 1.2 / 3.5 | 0 |"
-    )
-
-
-def test_versus_table_pairs_auto_with_each_fixed_strategy_on_shared_problems() -> None:
-    def report(strategy: str, outcomes: list[tuple[str, bool, float]]) -> dict[str, Any]:
-        return {
-            "dataset": "d",
-            "strategy": strategy,
-            "budget": 8,
-            "records": [{"id": i, "correct": c, "flops": f} for i, c, f in outcomes],
-        }
-
-    auto = report("auto", [("a", True, 10), ("b", True, 10), ("c", False, 20), ("x", True, 5)])
-    dvts = report("dvts", [("a", True, 40), ("b", False, 40), ("c", True, 40)])
-    rows = versus_table([dvts, auto]).splitlines()
-    # On a, b, c: differences 0, +1, -1: mean 0, sd 1, paired SE 1 / sqrt(3) = 57.7 points.
-    assert rows[2] == "| d | 3 | auto@8 | dvts@8 | +0.0 ± 57.7 points | 0.33 |"
-    assert versus_table([dvts]) == "no `auto` report among these reports"
-
-
 def test_fit_skips_problems_an_interrupted_run_left_incomplete() -> None:
     def pilot(problem: str, correct: bool) -> dict[str, Any]:
         return {
@@ -220,28 +142,6 @@ def test_fit_skips_problems_an_interrupted_run_left_incomplete() -> None:
     assert report["problems"] == 2 and report["incomplete_problems_skipped"] == 1
     with pytest.raises(ValueError, match="every option"):
         fit([pilot("c", False), {"id": "d", "option": "beam_search@4", "correct": 1}], pilot=4)
-
-
-def test_bin_table_scores_fixed_strategies_on_the_bins_auto_estimated() -> None:
-    def rec(problem: str, correct: bool, flops: float, bin_: str | None = None) -> dict[str, Any]:
-        return {"id": problem, "correct": correct, "flops": flops, "difficulty": bin_}
-
-    auto = {
-        "dataset": "d",
-        "strategy": "auto",
-        "budget": 8,
-        "records": [rec("a", True, 10, "easy"), rec("b", False, 30, "hard"), rec("c", True, 20)],
-    }
-    fixed = {
-        "dataset": "d",
-        "strategy": "dvts",
-        "budget": 8,
-        "records": [rec("a", False, 40), rec("b", True, 60), rec("c", True, 50)],
-    }
-    rows = bin_table([fixed, auto]).splitlines()
-    assert rows[2] == "| d | auto@8 | 100% / 10 (n=1) | 0% / n/a (n=0) | 0% / 30 (n=1) |"
-    assert rows[3] == "| d | dvts@8 | 0% / 40 (n=1) | 0% / n/a (n=0) | 100% / 60 (n=1) |"
-    assert "no `auto` report" in bin_table([fixed])
 
 
 def test_a_dearer_route_must_win_by_more_than_one_standard_error() -> None:
@@ -275,21 +175,13 @@ def test_a_route_measured_with_fewer_samples_keeps_that_share_of_the_budget() ->
     assert parse_table(table.to_json()).routes["hard"].budget_share == 0.75
 
 
-def test_report_lines_break_where_prometheus_had_no_data() -> None:
-    from tts_server.report import parse_duration, with_gaps
-
-    times, values = with_gaps([0, 10, 20, 100, 110], [1.0, 2.0, 3.0, 4.0, 5.0], step=10)
-    assert times == [0, 10, 20, 60, 100, 110]
-    assert values[:3] == [1.0, 2.0, 3.0] and values[3] != values[3] and values[4:] == [4.0, 5.0]
-    assert parse_duration("90m") == 5400 and parse_duration("1h") == 3600
-
-
 def test_refit_uses_only_the_problems_and_options_asked_for(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A records file from a wider run (another option on some problems, other problems) refits
     to what the command names, without sending a request."""
-    from tts_server.calibrate import add_calibrate_arguments, main_calibrate
+    from tts_server.tools.calibrate import main_calibrate
+    from tts_server.tools.cli import add_calibrate_arguments
 
     ids = [e.id for e in load_dataset("mawps_singleop")[:3]]
     lines = []
@@ -468,7 +360,7 @@ def test_adaptive_options_replay_the_recorded_best_of_n_samples_in_order() -> No
     of 2 and a margin of 2 the replay stops after 9 7 (7 leads 3 to 1) and serves 7, right, for
     the pilot's FLOPs and half the best-of-N call's; all four samples serve 9 (scored higher).
     Problem b: no two pilot answers agree, so giving up after 4 draws nothing."""
-    from tts_server.calibrate import adaptive_option
+    from tts_server.tools.options import adaptive_option
 
     def record(problem: str, option: str, answers: list[str], score: float) -> dict[str, Any]:
         return {"id": problem, "option": option, "expected": "7" if problem == "a" else "5",

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from tests.conftest import Stack
-from tts_server.datasets import load_dataset
-from tts_server.evaluate import run_eval
+from tts_server.tools.datasets import load_dataset
+from tts_server.tools.evaluate import run_eval
 
 SINGLEOP = load_dataset("mawps_singleop")
 

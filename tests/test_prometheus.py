@@ -24,7 +24,7 @@ import yaml
 
 from tests.conftest import Stack
 from tests.servers import ServerProcess, free_port
-from tts_server.dashboards import DASHBOARDS, every_query, substitute, to_grafana
+from tts_server.tools.dashboards import DASHBOARDS, every_query, substitute, to_grafana
 
 pytestmark = pytest.mark.integration
 

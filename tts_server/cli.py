@@ -1,5 +1,5 @@
-"""`tts-server`: up | gateway | prm-worker | policy | prepare-model | eval | calibrate | plot |
-report | dashboards."""
+"""`tts-server`: up | gateway | prm-worker | policy | prepare-model | hash-key, and the offline
+tools' eval | calibrate | plot | report | dashboards (registered by tts_server/tools/cli.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -103,25 +102,6 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from tts_server.evaluate import main_eval
-
-    status: int = main_eval(args)
-    return status
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from tts_server.calibrate import main_calibrate
-
-    return main_calibrate(args)
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    from tts_server.plots import main_plot
-
-    return main_plot(args)
-
-
 def cmd_hash_key(args: argparse.Namespace) -> int:
     from tts_server.reliability import hash_key
 
@@ -130,20 +110,6 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
         print("error: give a key as an argument or on standard input", file=sys.stderr)
         return 2
     print(hash_key(key))
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from tts_server.report import main_report
-
-    return main_report(args)
-
-
-def cmd_dashboards(args: argparse.Namespace) -> int:
-    from tts_server.dashboards import write_all
-
-    for path in write_all(args.out):
-        print(path)
     return 0
 
 
@@ -198,41 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-model", help="prepare the embedded SmolLM2 folder once")
     prep.set_defaults(func=cmd_prepare_model)
 
-    ev = sub.add_parser("eval", help="run a dataset through a running gateway")
-    try:
-        from tts_server.evaluate import add_eval_arguments
-
-        add_eval_arguments(ev)
-    except ImportError:  # pragma: no cover - evaluate is part of the package
-        pass
-    ev.set_defaults(func=cmd_eval)
-
-    from tts_server.calibrate import add_calibrate_arguments
-    from tts_server.plots import add_plot_arguments
-
-    cal = sub.add_parser(
-        "calibrate", help="fit the router's bins and routes on a dataset through a running gateway"
-    )
-    add_calibrate_arguments(cal)
-    cal.set_defaults(func=cmd_calibrate)
-
-    plo = sub.add_parser("plot", help="accuracy against FLOPs per answer from eval reports")
-    add_plot_arguments(plo)
-    plo.set_defaults(func=cmd_plot)
-
-    from tts_server.report import add_report_arguments
-
-    rep = sub.add_parser("report", help="draw the main dashboard panels to a PNG from Prometheus")
-    add_report_arguments(rep)
-    rep.set_defaults(func=cmd_report)
-
     hk = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for TTS_API_KEY_HASHES")
     hk.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
     hk.set_defaults(func=cmd_hash_key)
 
-    dash = sub.add_parser("dashboards", help="write the Grafana dashboards as JSON")
-    dash.add_argument("--out", type=Path, default=Path("deploy/grafana/dashboards"))
-    dash.set_defaults(func=cmd_dashboards)
+    try:
+        from tts_server.tools.cli import add_tool_commands
+    except ModuleNotFoundError as exc:
+        # The gateway image leaves tts_server/tools out (Dockerfile): serve without the tools.
+        if exc.name not in ("tts_server.tools", "tts_server.tools.cli"):
+            raise
+    else:
+        add_tool_commands(sub)
+
     return parser
 
 

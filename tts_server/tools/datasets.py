@@ -1,10 +1,12 @@
-"""Benchmarks shipped in tts_server/data/, or any JSON-lines file in one of their formats."""
+"""Benchmarks shipped in tts_server/tools/data/, or any JSON-lines file in their formats."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from tts_server.answers import answers_equal
 
 DATA_DIR = Path(__file__).parent / "data"
 PACKAGED = {
@@ -67,3 +69,8 @@ def load_dataset(name_or_path: str) -> list[Example]:
             if line.strip():
                 examples.append(_example(json.loads(line), index, path.stem))
     return examples
+
+
+def is_correct(answer: str | None, expected: str) -> bool:
+    """Whether an extracted answer (None: none found) is the example's expected one."""
+    return answer is not None and answers_equal(answer, expected)

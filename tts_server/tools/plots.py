@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tts_server.evaluate import binomial_se, flops_summary, paired_difference
+from tts_server.tools.stats import binomial_se, flops_summary, paired_difference
 
 
 def with_flops(paths: list[Path], reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,26 +200,6 @@ def bin_table(reports: list[dict[str, Any]]) -> str:
             )
         lines.append(f"| {r['dataset']} | {_label(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("reports", nargs="+", type=Path, help="JSON reports of `tts-server eval`")
-    parser.add_argument("--out", type=Path, default=Path("reports/accuracy-vs-flops.png"))
-    parser.add_argument("--title", default=None)
-    parser.add_argument(
-        "--table", action="store_true", help="also print the reports as a markdown table"
-    )
-    parser.add_argument(
-        "--versus",
-        action="store_true",
-        help="also print each `auto` report against each fixed one on the same problems "
-        "(paired accuracy difference, FLOPs ratio)",
-    )
-    parser.add_argument(
-        "--by-difficulty",
-        action="store_true",
-        help="also print accuracy and FLOPs per difficulty bin (bins from the first `auto` report)",
-    )
 
 
 def main_plot(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """`tts-server report`: the main dashboard panels as one PNG, for people who don't run Grafana.
 
-Same panels, same PromQL as the Grafana dashboards (tts_server/dashboards.py), evaluated through
-Prometheus' HTTP API (`/api/v1/query_range`).
+Same panels, same PromQL as the Grafana dashboards (tts_server/tools/dashboards.py), evaluated
+through Prometheus' HTTP API (`/api/v1/query_range`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from tts_server.dashboards import DASHBOARDS, Panel, substitute
+from tts_server.tools.dashboards import DASHBOARDS, Panel, substitute
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -157,15 +157,6 @@ def _unit_label(unit: str) -> str:
         "s": "seconds",
         "short": "",
     }.get(unit, unit)
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus URL")
-    parser.add_argument("--since", default="1h", help="how far back (e.g. 15m, 1h, 1d)")
-    parser.add_argument(
-        "--window", default=None, help="rate window for $__rate_interval (default: 4 steps, >= 60s)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("reports/tts-report.png"))
 
 
 def main_report(args: argparse.Namespace) -> int:

@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm import tqdm
 
-from tts_server.answers import answers_equal, extract_answer
-from tts_server.datasets import DatasetError, Example, load_dataset
+from tts_server.answers import extract_answer
+from tts_server.tools.datasets import DatasetError, Example, is_correct, load_dataset
+from tts_server.tools.stats import flops_summary
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -25,10 +22,6 @@ def _percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _correct(answer: str | None, expected: str) -> bool:
-    return answer is not None and answers_equal(answer, expected)
 
 
 async def _one(
@@ -69,9 +62,11 @@ async def _one(
     return {
         **record,
         "answer": answer,
-        "correct": _correct(answer, example.answer),
+        "correct": is_correct(answer, example.answer),
         "any_correct": (
-            any(_correct(a, example.answer) for a in candidates) if candidates is not None else None
+            any(is_correct(a, example.answer) for a in candidates)
+            if candidates is not None
+            else None
         ),
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "completion_tokens": usage.get("completion_tokens", 0),
@@ -102,6 +97,8 @@ async def run_eval(
     timeout_s: float = 900.0,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> dict[str, Any]:
+    from tqdm import tqdm  # the tools extra: needed to run, not to import this module
+
     examples = load_dataset(dataset)[offset:]
     if limit is not None:
         examples = examples[:limit]
@@ -163,45 +160,6 @@ def _by(records: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any
         if record.get(key) is not None:
             groups.setdefault(str(record[key]), []).append(record)
     return groups
-
-
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of an accuracy p measured on n problems (0 for none)."""
-    return math.sqrt(p * (1 - p) / n) if n else 0.0
-
-
-def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> tuple[float, float]:
-    """Mean of a - b over the same problems, and its paired standard error: the per-problem
-    differences, so the luck both runs share cancels (0 with fewer than two problems)."""
-    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    return statistics.mean(diffs), se
-
-
-def flops_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy and mean FLOPs per answer and per correct answer (None when FLOPs unknown)."""
-    counted = [r for r in records if r.get("flops") is not None]
-    correct = sum(bool(r.get("correct")) for r in records)
-    total = sum(int(r["flops"]) for r in counted)
-    return {
-        "accuracy_answered": correct / len(records) if records else None,
-        "mean_flops": total / len(counted) if counted else None,
-        "flops_per_correct": total / correct if counted and correct else None,
-    }
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="gateway base URL")
-    parser.add_argument("--dataset", required=True, help="packaged name or .jsonl path")
-    parser.add_argument("--strategy", default="auto")
-    parser.add_argument("--budget", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--offset", type=int, default=0)
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument(
-        "--temperature", type=float, default=None, help="sampling temperature (server default)"
-    )
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
 
 
 def main_eval(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Offline tools beside the server: eval, calibration, plots, reports, dashboards, benchmarks."""
