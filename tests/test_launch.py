@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -49,3 +50,20 @@ def test_a_bad_setting_is_one_clear_line_not_a_traceback() -> None:
     with pytest.raises(ValidationError):
         Settings(policy_block_size=48)
     assert Settings(policy_block_size=64).policy_block_size == 64
+
+
+def test_a_bad_choice_setting_fails_at_start_naming_it(tmp_path: Path) -> None:
+    """Strategy, aggregation, selection and PRM backend are checked when settings load, not on
+    the first request; a broken prompt profile fails the gateway's start with one line too."""
+    env = {**os.environ, "TTS_DEFAULT_SELECTION": "best", "TTS_PRM_BACKEND": "oracle"}
+    result = subprocess.run(cli("gateway"), env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert any(line.startswith("error: invalid setting TTS_DEFAULT_SELECTION:") for line in lines)
+    assert any(line.startswith("error: invalid setting TTS_PRM_BACKEND:") for line in lines)
+    profile = tmp_path / "bad.json"
+    profile.write_text(json.dumps({"name": "b", "temperature": 9}))
+    env = {**os.environ, "TTS_PROMPT_PROFILES": json.dumps({"SmolLM2-135M-Instruct": str(profile)})}
+    result = subprocess.run(cli("gateway"), env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: bad.json: temperature must be a number from 0 to 2"

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tts_server.prompting import ProfileError
+from tts_server.router import RouterTableError
 from tts_server.settings import Settings
 
 
@@ -199,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         for line in settings_problems(exc):
             print(f"error: invalid setting {line}", file=sys.stderr)
+        return 2
+    except (ProfileError, RouterTableError) as exc:  # found when the gateway is built, at start
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return result
 
