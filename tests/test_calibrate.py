@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tts_server.router import parse_table, plan_budget
+from tts_server.router import parse_table
+from tts_server.strategies.auto import plan_budget
 from tts_server.tools.calibrate import collect
 from tts_server.tools.datasets import Example, load_dataset
 from tts_server.tools.fit import fit

@@ -15,10 +15,10 @@ from tts_server.router import (
     estimate,
     load_table,
     parse_table,
-    plan_budget,
     stops_sampling,
     true_bin,
 )
+from tts_server.strategies.auto import plan_budget
 from tts_server.types import Candidate
 
 

@@ -238,22 +238,3 @@ def true_bin(pass_at_1: float) -> str:
     if pass_at_1 >= PASS_AT_1_MEDIUM:
         return "medium"
     return "hard"
-
-
-def plan_budget(route: Route, client_budget: int, pilot: int) -> tuple[int, int]:
-    """(N, beam width) of the routed strategy after the pilot, inside the client's budget.
-
-    N = 0 means the pilot answers. A search gets the largest multiple of its beam width that
-    fits (at least one beam width); beam widths above what is left shrink to it. With no pilot
-    (a fixed strategy), at least one sample is planned, however small the share.
-    """
-    total = max(pilot, 1, round(client_budget * route.budget_share))
-    left = total - pilot
-    if route.strategy == "pilot" or left < 1:
-        return 0, 1
-    if route.strategy in ("beam_search", "dvts"):
-        width = min(route.beam_width, left)
-        return left - left % width, width
-    if route.strategy == "greedy":
-        return 1, 1
-    return left, 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from tts_server.router import Route, estimate, plan_budget
+from tts_server.router import Route, estimate
 from tts_server.strategies.adaptive import draw_until_settled
 from tts_server.strategies.best_of_n import best_of_n
 from tts_server.strategies.common import StrategyFn, finish, require_prm
@@ -93,3 +93,29 @@ def _strategy(name: str) -> tuple[StrategyFn, bool]:
 
     strategy = REGISTRY[name]
     return strategy.run, strategy.needs_prm
+
+
+def _uses_beam_width(name: str) -> bool:
+    from tts_server.strategies import REGISTRY
+
+    strategy = REGISTRY.get(name)  # "pilot" is a route, not a strategy
+    return strategy is not None and strategy.uses_beam_width
+
+
+def plan_budget(route: Route, client_budget: int, pilot: int) -> tuple[int, int]:
+    """(N, beam width) of the routed strategy after the pilot, inside the client's budget.
+
+    N = 0 means the pilot answers. A search gets the largest multiple of its beam width that
+    fits (at least one beam width); beam widths above what is left shrink to it. With no pilot
+    (a fixed strategy), at least one sample is planned, however small the share.
+    """
+    total = max(pilot, 1, round(client_budget * route.budget_share))
+    left = total - pilot
+    if route.strategy == "pilot" or left < 1:
+        return 0, 1
+    if _uses_beam_width(route.strategy):
+        width = min(route.beam_width, left)
+        return left - left % width, width
+    if route.strategy == "greedy":
+        return 1, 1
+    return left, 1

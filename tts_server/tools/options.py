@@ -15,11 +15,12 @@ from typing import Any
 
 from tts_server.router import Route, stops_sampling
 from tts_server.selection import select
+from tts_server.strategies import REGISTRY
 from tts_server.tools.datasets import is_correct
 from tts_server.types import Candidate, SelectionRule
 
 SEARCH_WIDTH = 4
-SEARCHES = ("beam_search", "dvts")
+SEARCHES = tuple(name for name, s in REGISTRY.items() if s.uses_beam_width)
 
 
 def width_for(strategy: str, n: int) -> int:
