@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.servers import free_port
-from tts_server.prm import HTTPPRMClient, PRMError
+from tts_server.clients import HTTPPRMClient, PRMError
 from tts_server.prm_worker.backends.arith import ArithBackend
 from tts_server.reliability import RetryPolicy
 from tts_server.types import PRMClient, PRMUsage

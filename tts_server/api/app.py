@@ -11,9 +11,8 @@ from fastapi import FastAPI
 from tts_server.api.errors import install_error_handlers
 from tts_server.api.guard import Guard
 from tts_server.api.routes import Gateway, router
+from tts_server.clients import HTTPPRMClient, VLLMPolicyClient
 from tts_server.engine import TTSEngine
-from tts_server.policy import VLLMPolicyClient
-from tts_server.prm import HTTPPRMClient
 from tts_server.prompting import load_profile
 from tts_server.reliability import Admission, KeyChecker, Readiness
 from tts_server.settings import Settings
