@@ -8,17 +8,18 @@ from typing import Any
 
 import httpx
 
-from tts_server.reliability import RetryPolicy, send_with_retries
+from tts_server.clients.http import RetryPolicy, Upstream, UpstreamError
 from tts_server.types import PRMUsage
 
 
-class PRMError(Exception):
-    """The PRM worker failed, refused or could not be reached. `status` is its HTTP status."""
+class PRMError(UpstreamError):
+    """The PRM worker failed, refused or could not be reached. Unlike the policy's, `status`
+    keeps the worker's own status when it refused; the gateway answers 502 for anything but a
+    timeout (504)."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+    @classmethod
+    def answer_status(cls, upstream_status: int) -> int:
+        return upstream_status
 
 
 class HTTPPRMClient:
@@ -30,16 +31,12 @@ class HTTPPRMClient:
         client: httpx.AsyncClient | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.retry = retry or RetryPolicy()
-        self.timeout = timeout
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=128, max_keepalive_connections=32),
+        self._upstream = Upstream(
+            base_url, error=PRMError, timeout=timeout, connections=128, retry=retry, client=client
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._upstream.aclose()
 
     async def score(
         self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
@@ -47,7 +44,7 @@ class HTTPPRMClient:
         if not any(solutions):
             return [[] for _ in solutions]  # nothing to score: no call
         body = {"question": question, "solutions": [list(steps) for steps in solutions]}
-        data = await self._post("/v1/score", body)
+        data = await self._upstream.post_json("/v1/score", body)
         scores = _parse_scores(data, solutions)
         usage.calls += 1
         usage.steps_scored += _count(data, "steps_scored", sum(len(s) for s in solutions))
@@ -58,40 +55,14 @@ class HTTPPRMClient:
     async def parameters(self) -> int | None:
         """The PRM's parameter count as the worker reports it (0 for a checker without weights)."""
         try:
-            response = await self._client.get(self.base_url + "/v1/models", timeout=5.0)
-            cards = response.json().get("data", [])
-            value = cards[0].get("parameters")
-        except (httpx.HTTPError, ValueError, AttributeError, IndexError, TypeError):
+            data = await self._upstream.get_json("/v1/models")
+            value = data["data"][0].get("parameters")
+        except (PRMError, LookupError, AttributeError, TypeError):
             return None
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     async def health(self) -> bool:
-        try:
-            response = await self._client.get(self.base_url + "/health", timeout=5.0)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
-
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = self.base_url + path
-        try:
-            response = await send_with_retries(
-                lambda: self._client.post(url, json=body), self.retry
-            )
-        except httpx.TimeoutException as exc:
-            raise PRMError(f"no answer within {self.timeout:g} s", status=504) from exc
-        except httpx.HTTPError as exc:
-            raise PRMError(f"unreachable ({type(exc).__name__})") from exc
-        if response.status_code != 200:
-            status = response.status_code
-            raise PRMError(f"HTTP {status}: {_error_message(response)}", status=status)
-        try:
-            data = response.json()
-        except ValueError as exc:
-            raise PRMError("answered with invalid JSON", status=200) from exc
-        if not isinstance(data, dict):
-            raise PRMError(f"answered with a JSON {type(data).__name__}, not an object")
-        return data
+        return await self._upstream.health()
 
 
 def _parse_scores(data: dict[str, Any], solutions: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -114,15 +85,3 @@ def _parse_scores(data: dict[str, Any], solutions: Sequence[Sequence[str]]) -> l
 def _count(data: dict[str, Any], key: str, default: int) -> int:
     value = data.get(key, default)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.reason_phrase or "no error message"
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-    return response.reason_phrase or "no error message"
