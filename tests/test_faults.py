@@ -355,6 +355,21 @@ def test_502_and_503_are_retried_a_bounded_number_of_times(tmp_path: Path) -> No
         assert r.vllm.calls == 1
 
 
+@pytest.mark.parametrize("retries", [0, 1])
+def test_the_retry_setting_reaches_both_clients(tmp_path: Path, retries: int) -> None:
+    # The default (2) would also pass a test of the retries only: check the setting's own count.
+    with rig(tmp_path, upstream_retries=retries) as r:
+        r.vllm.mode, r.vllm.status = "status", 503
+        response = httpx.post(r.url + "/v1/chat/completions", json=body("greedy", 1), timeout=30)
+        assert_openai_error(response, 502)
+        assert r.vllm.calls == retries + 1
+        r.vllm.mode = "ok"
+        r.prm.mode, r.prm.status = "status", 503
+        response = httpx.post(r.url + "/v1/chat/completions", json=body(), timeout=30)
+        assert_openai_error(response, 502)
+        assert r.prm.calls == retries + 1
+
+
 def test_an_upstream_that_dies_mid_request_is_a_502_then_recovers(tmp_path: Path) -> None:
     with rig(tmp_path, upstream_retries=0) as r:
         r.vllm.mode = "close"

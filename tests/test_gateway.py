@@ -15,8 +15,7 @@ import pytest
 
 from tests.fake_vllm import EOS, FakeVLLM
 from tts_server.api.app import create_app
-from tts_server.policy import VLLMPolicyClient
-from tts_server.prm import PRMError
+from tts_server.clients import PRMError, VLLMPolicyClient
 from tts_server.prompting import ProfileError, load_profile
 from tts_server.settings import Settings
 from tts_server.types import PRMUsage

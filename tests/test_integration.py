@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import Stack
-from tts_server.policy import VLLMPolicyClient
+from tts_server.clients import VLLMPolicyClient
 from tts_server.types import PolicyUsage, SamplingConfig
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fake_vllm import FakeVLLM
 from tests.test_gateway import MODEL, EquationPRM, script
 from tts_server.api.app import create_app
-from tts_server.policy import VLLMPolicyClient
+from tts_server.clients import VLLMPolicyClient
 from tts_server.settings import Settings
 
 CANARY_PROMPT = "canary-prompt-7f3a9 Tom has 3 apples and buys 5. How many?"

@@ -9,9 +9,8 @@ import httpx
 import pytest
 
 from tests.servers import free_port
-from tts_server.prm import HTTPPRMClient, PRMError
+from tts_server.clients import HTTPPRMClient, PRMError, RetryPolicy
 from tts_server.prm_worker.backends.arith import ArithBackend
-from tts_server.reliability import RetryPolicy
 from tts_server.types import PRMClient, PRMUsage
 
 QUESTION = "Tom has 3 apples and buys 4 more, then doubles them. How many?"

@@ -1,6 +1,7 @@
 """What keeps the gateway trustworthy under bad input, load and faults: API keys, admission
-control (bounded in-flight + bounded queue, else 429), upstream retries with jittered backoff,
-readiness probing of the upstreams, and draining on shutdown. No HTTP framework here.
+control (bounded in-flight + bounded queue, else 429), readiness probing of the upstreams, and
+draining on shutdown. No HTTP framework here; retrying upstream calls is the clients' part
+(tts_server/clients/http.py).
 """
 
 from __future__ import annotations
@@ -9,16 +10,10 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import TypeVar
-
-import httpx
 
 logger = logging.getLogger("tts_server.gateway")
-T = TypeVar("T")
 
 
 # --- API keys ---
@@ -102,48 +97,6 @@ class Admission:
         finally:
             self.running -= 1
             self._slots.release()
-
-
-# --- retries ---
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Connection errors and 502/503 answers are retried `retries` times with capped, jittered
-    exponential backoff; 4xx never (the request itself is wrong)."""
-
-    retries: int = 2
-    backoff_s: float = 0.2
-    backoff_cap_s: float = 2.0
-
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.backoff_cap_s, self.backoff_s * (2**attempt))
-        return random.uniform(0, ceiling)  # full jitter
-
-
-RETRYABLE_STATUS = frozenset((502, 503))
-
-
-async def send_with_retries(
-    send: Callable[[], Awaitable[httpx.Response]], policy: RetryPolicy
-) -> httpx.Response:
-    """`send()` again after a connection error or a 502/503, up to `policy.retries` times.
-
-    Timeouts are not retried: the upstream may still be working on the first attempt.
-    """
-    attempt = 0
-    while True:
-        try:
-            response = await send()
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
-            if attempt >= policy.retries:
-                raise
-        else:
-            if response.status_code not in RETRYABLE_STATUS or attempt >= policy.retries:
-                return response
-            await response.aclose()
-        await asyncio.sleep(policy.delay(attempt))
-        attempt += 1
 
 
 # --- readiness ---

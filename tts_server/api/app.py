@@ -11,9 +11,8 @@ from fastapi import FastAPI
 from tts_server.api.errors import install_error_handlers
 from tts_server.api.guard import Guard
 from tts_server.api.routes import Gateway, router
+from tts_server.clients import HTTPPRMClient, RetryPolicy, VLLMPolicyClient
 from tts_server.engine import TTSEngine
-from tts_server.policy import VLLMPolicyClient
-from tts_server.prm import HTTPPRMClient
 from tts_server.prompting import load_profile
 from tts_server.reliability import Admission, KeyChecker, Readiness
 from tts_server.settings import Settings
@@ -30,16 +29,20 @@ def create_app(
     closes them on shutdown). A bad prompt profile or router table fails here, at start."""
     settings = settings or Settings()
     owned: list[PolicyService | PRMService] = []
+    retry = RetryPolicy(
+        settings.upstream_retries, settings.retry_backoff_s, settings.retry_backoff_cap_s
+    )
     if policy is None:
         policy = VLLMPolicyClient(
             settings.policy_url,
             settings.policy_model,
             timeout=settings.policy_timeout_s,
             call_mode=settings.policy_call_mode,
+            retry=retry,
         )
         owned.append(policy)
     if prm is None:
-        prm = HTTPPRMClient(settings.prm_url, timeout=settings.prm_timeout_s)
+        prm = HTTPPRMClient(settings.prm_url, timeout=settings.prm_timeout_s, retry=retry)
         owned.append(prm)
     readiness = Readiness(policy.health, prm.health, interval_s=settings.probe_interval_s)
     admission = Admission(settings.max_in_flight, settings.max_queue, settings.queue_timeout_s)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tts_server.api.protocol import HEADER_MAX_FLOPS
+from tts_server.clients import PolicyError, PRMError
 from tts_server.errors import (
     DeadlineExceeded,
     FlopsUnknown,
@@ -18,8 +19,6 @@ from tts_server.errors import (
     PromptTooLong,
     UpstreamDown,
 )
-from tts_server.policy import PolicyError
-from tts_server.prm import PRMError
 
 logger = logging.getLogger("tts_server.gateway")
 

@@ -20,21 +20,22 @@ from typing import Any, Literal
 
 import httpx
 
+from tts_server.clients.http import RetryPolicy, Upstream, UpstreamError
 from tts_server.flops import context_sum
-from tts_server.reliability import RetryPolicy, send_with_retries
 from tts_server.types import Generation, PolicyUsage, SamplingConfig
 
 CallMode = Literal["per_prompt", "batched"]
 
 
-class PolicyError(Exception):
-    """The policy server failed or refused a call. `status` is the HTTP status to answer with."""
+class PolicyError(UpstreamError):
+    """The policy server failed or refused a call. `status` is the HTTP status to answer with:
+    400 for its 4xx (the request is wrong), 504 when it timed out, else 502."""
 
-    def __init__(self, message: str, *, status: int = 502, upstream_status: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.upstream_status = upstream_status
+    TIMEOUT = "the policy server timed out"
+    UNREACHABLE = "the policy server is unreachable ({error})"
+    REFUSED = "policy server: {message}"
+    UNEXPLAINED = "HTTP {status}"
+    UNREADABLE = "the policy server answered with {what}"
 
 
 class VLLMPolicyClient:
@@ -48,36 +49,20 @@ class VLLMPolicyClient:
         call_mode: CallMode = "per_prompt",
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.retry = retry or RetryPolicy()
         self.model = model
         self.call_mode = call_mode
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        # Up to 256 connections: a step sends each of its prompts as its own request.
+        self._upstream = Upstream(
+            base_url,
+            error=PolicyError,
+            timeout=timeout,
+            connections=256,
+            retry=retry,
+            client=client,
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await send_with_retries(
-                lambda: self._client.post(self.base_url + path, json=body), self.retry
-            )
-        except httpx.TimeoutException as exc:
-            raise PolicyError("the policy server timed out", status=504) from exc
-        except httpx.HTTPError as exc:
-            raise PolicyError(f"the policy server is unreachable ({type(exc).__name__})") from exc
-        if response.status_code != 200:
-            message = _upstream_message(response)
-            # The upstream's 4xx is about the request (e.g. prompt over the context length).
-            status = 400 if 400 <= response.status_code < 500 else 502
-            raise PolicyError(
-                f"policy server: {message}", status=status, upstream_status=response.status_code
-            )
-        data: dict[str, Any] = response.json()
-        return data
+        await self._upstream.aclose()
 
     async def generate(
         self,
@@ -150,7 +135,7 @@ class VLLMPolicyClient:
         if seed is not None:
             # In a batched call a shared seed would make duplicate prompts sample identically.
             body["seed"] = seed
-        data = await self._post("/v1/completions", body)
+        data = await self._upstream.post_json("/v1/completions", body)
         choices = sorted(data.get("choices", []), key=lambda c: int(c["index"]))
         if len(choices) != len(prompts):
             raise PolicyError(
@@ -178,32 +163,28 @@ class VLLMPolicyClient:
     async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The chat template applied once, with the generation prompt, as vLLM renders it."""
         body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
-        data = await self._post("/tokenize", body)
+        data = await self._upstream.post_json("/tokenize", body)
         return [int(t) for t in data["tokens"]]
 
     async def tokenize_text(self, text: str) -> list[int]:
         body = {"model": self.model, "prompt": text, "add_special_tokens": True}
-        data = await self._post("/tokenize", body)
+        data = await self._upstream.post_json("/tokenize", body)
         return [int(t) for t in data["tokens"]]
 
     async def model_root(self) -> str | None:
         """Where vLLM loaded the served model from (`root` in /v1/models), if it says."""
         try:
-            response = await self._client.get(self.base_url + "/v1/models", timeout=5.0)
-            cards = response.json().get("data", [])
-        except (httpx.HTTPError, ValueError, AttributeError):
+            data = await self._upstream.get_json("/v1/models")
+        except PolicyError:
             return None
+        cards = data.get("data")
         for card in cards if isinstance(cards, list) else []:
             if isinstance(card, dict) and card.get("id") == self.model and card.get("root"):
                 return str(card["root"])
         return None
 
     async def health(self) -> bool:
-        try:
-            response = await self._client.get(self.base_url + "/health", timeout=5.0)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        return await self._upstream.health()
 
 
 def _to_generation(choice: dict[str, Any]) -> Generation:
@@ -216,17 +197,3 @@ def _to_generation(choice: dict[str, Any]) -> Generation:
         # An int stop_reason is a stop token id: treat like EOS.
         stop_reason=stop_reason if isinstance(stop_reason, str) else None,
     )
-
-
-def _upstream_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return f"HTTP {response.status_code}"
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if body.get("message"):
-            return str(body["message"])
-    return f"HTTP {response.status_code}"

@@ -1,0 +1,184 @@
+"""What the policy and PRM clients share: one pooled HTTP client per upstream, retries with
+jittered backoff, and every transport or protocol failure as one `UpstreamError`."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+
+# Health probes and metadata lookups: short, so a stuck upstream cannot stall readiness.
+PROBE_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+class UpstreamError(Exception):
+    """An upstream failed, refused or could not be reached.
+
+    `status` is the HTTP status the gateway answers with (504 timed out, 502 unreachable or
+    unusable, else `answer_status` of the upstream's own status); `upstream_status` is the
+    upstream's status when it answered. A subclass says how its failures read: the templates
+    below are `str.format`ted by `Upstream` with the fields named in each comment.
+    """
+
+    TIMEOUT: ClassVar[str] = "no answer within {timeout:g} s"
+    UNREACHABLE: ClassVar[str] = "unreachable ({error})"  # the httpx exception's class name
+    REFUSED: ClassVar[str] = "HTTP {status}: {message}"
+    # The message of a refusal whose body carries none ({reason}: the status line's phrase).
+    UNEXPLAINED: ClassVar[str] = "{reason}"
+    UNREADABLE: ClassVar[str] = "answered with {what}"  # a 200 whose body is not a JSON object
+
+    def __init__(self, message: str, *, status: int = 502, upstream_status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.upstream_status = upstream_status
+
+    @classmethod
+    def answer_status(cls, upstream_status: int) -> int:
+        """The gateway's status for an upstream's non-200: its 4xx is about the request (e.g. a
+        prompt over the context length), anything else is the upstream's fault."""
+        return 400 if 400 <= upstream_status < 500 else 502
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Connection errors and 502/503 answers are retried `retries` times with capped, jittered
+    exponential backoff; 4xx never (the request itself is wrong)."""
+
+    retries: int = 2
+    backoff_s: float = 0.2
+    backoff_cap_s: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self.backoff_cap_s, self.backoff_s * (2**attempt))
+        return random.uniform(0, ceiling)  # full jitter
+
+
+RETRYABLE_STATUS = frozenset((502, 503))
+
+
+async def send_with_retries(
+    send: Callable[[], Awaitable[httpx.Response]], policy: RetryPolicy
+) -> httpx.Response:
+    """`send()` again after a connection error or a 502/503, up to `policy.retries` times.
+
+    Timeouts are not retried: the upstream may still be working on the first attempt.
+    """
+    attempt = 0
+    while True:
+        try:
+            response = await send()
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+            if attempt >= policy.retries:
+                raise
+        else:
+            if response.status_code not in RETRYABLE_STATUS or attempt >= policy.retries:
+                return response
+            await response.aclose()
+        await asyncio.sleep(policy.delay(attempt))
+        attempt += 1
+
+
+def error_message(response: httpx.Response) -> str | None:
+    """The message in an error body: OpenAI's `{"error": {"message": ...}}` or a plain
+    `{"message": ...}`; None for any other body (which may be a proxy's HTML page)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if body.get("message"):
+        return str(body["message"])
+    return None
+
+
+class Upstream:
+    """One upstream server: its base URL, one pooled `httpx.AsyncClient`, the retry policy, and
+    `error`, the `UpstreamError` subclass its failures are raised as."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        error: type[UpstreamError],
+        timeout: float,
+        connections: int,
+        retry: RetryPolicy | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.error = error
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(
+                max_connections=connections, max_keepalive_connections=connections // 4
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST `body`, retried per the policy; the answer's JSON object, else `error`."""
+        url = self.base_url + path
+        return await self._json(
+            lambda: send_with_retries(lambda: self._client.post(url, json=body), self.retry),
+            self.timeout,
+        )
+
+    async def get_json(self, path: str) -> dict[str, Any]:
+        """GET, once and with the probes' short timeout: these are lookups whose callers fall
+        back when they fail, and a retry would only delay the fallback."""
+        url = self.base_url + path
+        return await self._json(
+            lambda: self._client.get(url, timeout=PROBE_TIMEOUT_S), PROBE_TIMEOUT_S
+        )
+
+    async def health(self, path: str = "/health") -> bool:
+        try:
+            response = await self._client.get(self.base_url + path, timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _json(
+        self, send: Callable[[], Awaitable[httpx.Response]], limit_s: float
+    ) -> dict[str, Any]:
+        error = self.error
+        try:
+            response = await send()
+        except httpx.TimeoutException as exc:
+            raise error(error.TIMEOUT.format(timeout=limit_s), status=504) from exc
+        except httpx.HTTPError as exc:
+            raise error(error.UNREACHABLE.format(error=type(exc).__name__)) from exc
+        status = response.status_code
+        if status != 200:
+            reason = response.reason_phrase or "no error message"
+            message = error_message(response) or error.UNEXPLAINED.format(
+                status=status, reason=reason
+            )
+            raise error(
+                error.REFUSED.format(status=status, message=message),
+                status=error.answer_status(status),
+                upstream_status=status,
+            )
+        try:
+            data = response.json()
+        except ValueError as exc:
+            what = "invalid JSON"
+            raise error(error.UNREADABLE.format(what=what), upstream_status=status) from exc
+        if not isinstance(data, dict):
+            what = f"a JSON {type(data).__name__}, not an object"
+            raise error(error.UNREADABLE.format(what=what), upstream_status=status)
+        return data
