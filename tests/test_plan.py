@@ -16,9 +16,23 @@ def plan_error(headers: dict[str, str], options: TTSOptions | None = None) -> AP
     return info.value
 
 
-def test_defaults_auto_maps_to_documented_strategy() -> None:
+def test_defaults_are_the_documented_ones() -> None:
+    """README: strategy `auto` (the router picks the route later), budget 8, aggregation `last`,
+    selection `weighted`; `auto` needs the PRM and no beam width of its own."""
+    declared = {  # as declared, whatever TTS_* the shell sets
+        name: Settings.model_fields[f"default_{name}"].default
+        for name in ("strategy", "budget", "beam_width", "aggregation", "selection")
+    }
+    assert declared == {
+        "strategy": "auto",
+        "budget": 8,
+        "beam_width": 4,
+        "aggregation": "last",
+        "selection": "weighted",
+    }
     plan = resolve_plan({}, None, SETTINGS)
-    assert (plan.requested, plan.strategy, plan.budget) == ("auto", "auto", 8)
+    assert (plan.requested, plan.strategy, plan.budget, plan.beam_width) == ("auto", "auto", 8, 1)
+    assert (plan.aggregation, plan.selection, plan.needs_prm) == ("last", "weighted", True)
 
 
 def test_header_wins_over_body() -> None:
