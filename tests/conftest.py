@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from hypothesis import settings
 
@@ -29,6 +30,27 @@ class Stack:
     model: str = MODEL
 
 
+def check_is_vllm(url: str, client: httpx.Client | None = None) -> str:
+    """`url` if a vLLM server serving MODEL answers there; else the session fails, naming why
+    (the "real vLLM" tests would otherwise test whatever server the variable points at)."""
+    where = f"TTS_TEST_POLICY_URL={url}"
+    http = client or httpx.Client(timeout=10)
+    try:
+        version = http.get(url + "/version").json().get("version")
+        models = http.get(url + "/v1/models").json().get("data") or []
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        pytest.fail(f"{where} is not a vLLM server: {type(exc).__name__}: {exc}")
+    finally:
+        if client is None:
+            http.close()
+    if not isinstance(version, str) or not version:
+        pytest.fail(f"{where} is not a vLLM server: GET /version has no version")
+    served = [m.get("id") for m in models if isinstance(m, dict)]
+    if MODEL not in served:
+        pytest.fail(f"{where} (vLLM {version}) does not serve {MODEL}: it serves {served}")
+    return url
+
+
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("server-logs")
@@ -39,7 +61,7 @@ def policy_url(log_dir: Path) -> Iterator[str]:
     # A developer may point the tests at a vLLM server that is already running.
     existing = os.environ.get("TTS_TEST_POLICY_URL")
     if existing:
-        yield existing.rstrip("/")
+        yield check_is_vllm(existing.rstrip("/"))
         return
     server = ServerProcess("vllm", cli("policy", "--port", str(free_port())), 0, log_dir)
     port = int(server.argv[-1])

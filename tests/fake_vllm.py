@@ -6,6 +6,7 @@ prompts, return_token_ids, stop strings, /health, /metrics) and records every ca
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,11 @@ class FakeVLLM:
     counters: dict[str, int] = field(
         default_factory=lambda: {"prompt": 0, "generation": 0, "cached": 0}
     )
+    # Prefix-cache hits to report: each prompt's first `cached_tokens` tokens (at most all of
+    # it) count as cached in `usage` (summed over a request's prompts). 0: never a hit.
+    cached_tokens: int = 0
+    # Seconds each /v1/completions request takes (a slow model), 0: none.
+    delay_s: float = 0.0
 
     def complete(self, prompt: list[int], sample: int, body: dict[str, Any]) -> dict[str, Any]:
         prompt_text = decode(prompt)
@@ -76,11 +82,13 @@ class FakeVLLM:
         async def completions(request: Request) -> JSONResponse:
             body = await request.json()
             self.calls.append(body)
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
             prompts = body["prompt"]
             if prompts and isinstance(prompts[0], int):
                 prompts = [prompts]
-            choices = []
-            prompt_tokens = completion_tokens = 0
+            choices: list[dict[str, Any]] = []
+            prompt_tokens = completion_tokens = cached = 0
             for i, prompt in enumerate(prompts):
                 for j in range(int(body.get("n", 1))):
                     choice = self.complete(prompt, j, body)
@@ -88,14 +96,16 @@ class FakeVLLM:
                     choices.append(choice)
                     prompt_tokens += len(prompt)
                     completion_tokens += len(choice["token_ids"])
+                    cached += min(self.cached_tokens, len(prompt))
                 del i
             self.counters["prompt"] += prompt_tokens
             self.counters["generation"] += completion_tokens
+            self.counters["cached"] += cached
             usage = {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": 0},
+                "prompt_tokens_details": {"cached_tokens": cached},
             }
             return JSONResponse({"id": "cmpl-fake", "choices": choices, "usage": usage})
 

@@ -41,6 +41,20 @@ from tts_server.answers import (
         ("Three quarters: 3/4 of the cake", "3/4"),
         ("The difference 5-3", "3"),
         ("6 * 12 = 72\n#### 72", "72"),
+        # Labels and other "answer is" phrasings the arith PRM always read (issue 13).
+        ("Answer: 5", "5"),
+        ("**Final Answer:** $18", "18"),
+        ("She has 7 apples. So, answer: 7.", "7"),
+        ("The correct answer is 12.", "12"),
+        ("The answer equals 3/4.", "3/4"),
+        ("Answer: 7 + 7 = 14", "14"),
+        # A heading, a negation, a verdict and a label inside a sentence state nothing: last number.
+        ("#### Step 2: add 3", "3"),
+        ("The answer is not 5, it is 6 or 7", "7"),
+        ("I think 4 + 4 = 8 and the answer is right", "8"),
+        ("To get the answer: we add 3 and 4", "4"),
+        # An earlier statement counts when the last phrase states nothing.
+        ("The answer is 5. Check 2 more: is the answer is going to be", "5"),
         # A cut-off box is no answer: the last number is the fallback.
         (r"so 4 + 4 = 8 and \boxed{8", "8"),
         ("no digits at all", None),
@@ -68,6 +82,16 @@ def test_boxed_wins_over_a_later_answer_phrase() -> None:
         ("So the answer is Monday.", True),
         ("The final answer is (C).", True),
         (r"\boxed{}", False),
+        ("Answer: 5", True),
+        ("Final Answer: $\\frac{1}{2}$", True),
+        ("The correct answer is 12.", True),
+        ("the answer equals 5", True),
+        ("answer = 5", True),
+        ("#### Step 2: add the apples", False),  # a markdown heading
+        ("The answer is not 5.", False),
+        ("I'm not sure the answer is right.", False),
+        ("To get the answer: we add 3 and 4.", False),
+        ("The answer is 5. Is the answer is going to be", True),
     ],
 )
 def test_has_final_answer(step: str, final: bool) -> None:

@@ -407,7 +407,8 @@ def test_auto_falls_back_only_when_it_loses_by_more_than_the_paired_standard_err
     table, report = fit(records, pilot=4)
     against = report["auto_vs_best_fixed"]
     assert against["accuracy_difference"] == pytest.approx(-0.05)
-    assert 0.05 < against["paired_se"] < 0.2
+    # Differences: three -1, two +1, fifteen 0; sample sd sqrt(4.95 / 19) = 0.5104, / sqrt(20).
+    assert against["paired_se"] == pytest.approx(0.11413, abs=1e-5)
     assert against["flops_ratio"] == pytest.approx(10 / 80)
     assert against["auto_loses"] is False and table.fixed_strategy is None
     table, report = fit(records, pilot=4, rule="max")

@@ -40,44 +40,56 @@ def test_calibrate_resumes_and_its_table_drives_auto(stack: Stack, tmp_path: Pat
     assert report["auto_vs_best_fixed"]["best_fixed"] == "best_of_n@4"
     assert report["fixed"]["best_of_n@4"]["mean_flops"] > 0
 
-    port = free_port()
-    gateway_argv = cli("gateway", "--port", str(port), "--policy-url", stack.policy_url)
-    gateway_argv += ["--prm-url", stack.prm_url]
-    gateway = ServerProcess("gateway-calibrated", gateway_argv, port, tmp_path)
-    gateway.start({"TTS_ROUTER_TABLE": str(table_path)})
-    try:
-        gateway.wait_healthy(60)
-        body = {
-            "model": "SmolLM2-135M-Instruct",
-            "messages": [
-                {"role": "user", "content": "Tom has 3 apples and buys 5 more. How many?"}
-            ],
-        }
-        response = httpx.post(
-            gateway.url + "/v1/chat/completions",
-            json=body,
-            headers={"X-TTS-Strategy": "auto", "X-TTS-Budget": "4"},
-            timeout=300,
-        )
+    def ask_auto(path: Path) -> httpx.Response:
+        """One `auto` request to a gateway that serves the table at `path`."""
+        port = free_port()
+        gateway_argv = cli("gateway", "--port", str(port), "--policy-url", stack.policy_url)
+        gateway_argv += ["--prm-url", stack.prm_url]
+        gateway = ServerProcess(f"gateway-{path.stem}", gateway_argv, port, tmp_path)
+        gateway.start({"TTS_ROUTER_TABLE": str(path)})
+        try:
+            gateway.wait_healthy(60)
+            body = {
+                "model": "SmolLM2-135M-Instruct",
+                "messages": [
+                    {"role": "user", "content": "Tom has 3 apples and buys 5 more. How many?"}
+                ],
+            }
+            response = httpx.post(
+                gateway.url + "/v1/chat/completions",
+                json=body,
+                headers={"X-TTS-Strategy": "auto", "X-TTS-Budget": "4"},
+                timeout=300,
+            )
+        finally:
+            gateway.stop()
         assert response.status_code == 200, response.text
+        return response
+
+    response = ask_auto(table_path)
+    if table.fixed_strategy is not None:
+        # Routing did not pay on these 2 problems: the table serves the reference, or a
+        # strategy measured with 2 samples, on its share of the budget; no pilot.
         tts = response.json()["tts"]
-        difficulty, route = tts["difficulty"], tts["route"]
-        if table.fixed_strategy is not None:
-            # Routing did not pay on these 2 problems: the table serves the reference, or a
-            # strategy measured with 2 samples, on its share of the budget; no pilot.
-            assert report["fixed_strategy"] == table.fixed_strategy
-            assert report["served"]["choice"] in ("best_of_n@4", "best_of_n@2", "dvts@2")
-            assert difficulty is None and "X-TTS-Difficulty" not in response.headers
-            served = report["served"]["choice"].partition("@")
-            assert (route["strategy"], route["budget"]) == (served[0], int(served[2]))
-            return
-        assert difficulty["pilot_samples"] == 2  # the table's pilot, not the default 4
-        assert difficulty["bin"] == table.bin_of(difficulty["confidence"])
-        expected = table.routes[difficulty["bin"]].strategy
-        assert route["strategy"] == ("pilot" if route["early_exit"] else expected)
-        assert response.headers["X-TTS-Difficulty"] == difficulty["bin"]
-    finally:
-        gateway.stop()
+        assert report["fixed_strategy"] == table.fixed_strategy
+        assert report["served"]["choice"] in ("best_of_n@4", "best_of_n@2", "dvts@2")
+        assert tts["difficulty"] is None and "X-TTS-Difficulty" not in response.headers
+        served = report["served"]["choice"].partition("@")
+        assert (tts["route"]["strategy"], tts["route"]["budget"]) == (served[0], int(served[2]))
+        # The routes it measured must drive `auto` all the same: serve them without the fallback,
+        # so that the routed checks below run whichever table calibration wrote.
+        routed = {**json.loads(table_path.read_text()), "fixed_strategy": None}
+        table_path = tmp_path / "routed.json"
+        table_path.write_text(json.dumps(routed))
+        table = load_table(table_path)
+        response = ask_auto(table_path)
+    tts = response.json()["tts"]
+    difficulty, route = tts["difficulty"], tts["route"]
+    assert difficulty["pilot_samples"] == 2  # the table's pilot, not the default 4
+    assert difficulty["bin"] == table.bin_of(difficulty["confidence"])
+    expected = table.routes[difficulty["bin"]].strategy
+    assert route["strategy"] == ("pilot" if route["early_exit"] else expected)
+    assert response.headers["X-TTS-Difficulty"] == difficulty["bin"]
 
 
 def test_adaptive_route_on_the_real_stack(stack: Stack, tmp_path: Path) -> None:

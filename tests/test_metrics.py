@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,7 @@ from tests.test_gateway import MODEL, EquationPRM, script
 from tts_server.api.app import create_app
 from tts_server.clients import VLLMPolicyClient
 from tts_server.settings import Settings
+from tts_server.types import PRMClient, PRMUsage
 
 CANARY_PROMPT = "canary-prompt-7f3a9 Tom has 3 apples and buys 5. How many?"
 CANARY_KEY = "sk-canary-key-51c2e"
@@ -22,6 +25,16 @@ CANARY_KEY = "sk-canary-key-51c2e"
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with open_gateway(
+        tmp_path, FakeVLLM(script=script, model=MODEL), EquationPRM()
+    ) as client:
+        yield client
+
+
+@asynccontextmanager
+async def open_gateway(
+    tmp_path: Path, fake: FakeVLLM, prm: PRMClient
+) -> AsyncIterator[httpx.AsyncClient]:
     profile = tmp_path / "plain-chat.json"
     profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     settings = Settings(
@@ -30,10 +43,9 @@ async def gateway(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         policy_params=1_000_000,
         prm_params=0,
     )
-    fake = FakeVLLM(script=script, model=MODEL)
     upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake.app()))
     policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
-    app = create_app(settings, policy=policy, prm=EquationPRM())
+    app = create_app(settings, policy=policy, prm=prm)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         yield client
@@ -119,25 +131,51 @@ async def test_no_prompt_key_or_request_id_in_metrics(gateway: httpx.AsyncClient
         assert canary not in text
 
 
-async def test_stage_seconds_add_up_and_are_exported(gateway: httpx.AsyncClient) -> None:
-    before = await scrape(gateway)
-    stages_seen: dict[str, set[str]] = {}
-    for strategy in ("greedy", "beam_search", "auto"):
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Tom has 3 apples and buys 5. How many?"}],
-            "tts": {"strategy": strategy, "budget": 4, "beam_width": 2},
-        }
-        tts = (await gateway.post("/v1/chat/completions", json=body)).json()["tts"]
-        stages = tts["stage_seconds"]
-        stages_seen[strategy] = set(stages)
-        assert all(v >= 0 for v in stages.values())
-        # generation + PRM scoring + selection is the wall time (pilot overlaps the first two).
-        parts = stages["generation"] + stages["prm_scoring"] + stages["selection"]
-        assert abs(parts - tts["wall_time_s"]) < 0.01
-    assert stages_seen["greedy"] == {"generation", "prm_scoring", "selection"}
-    assert stages_seen["auto"] == {"pilot", "generation", "prm_scoring", "selection"}
-    after = await scrape(gateway)
+class SlowPRM(EquationPRM):
+    """EquationPRM taking `delay_s` a call."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def score(
+        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+    ) -> list[list[float]]:
+        await asyncio.sleep(self.delay_s)
+        return await super().score(question, solutions, usage)
+
+
+async def test_stage_seconds_measure_each_stage_and_are_exported(tmp_path: Path) -> None:
+    """Each policy call and each PRM call takes at least `delay`: the generation and PRM
+    scoring stages are at least that per call made, and, not overlapping, fit in the wall time.
+    (Selection is the rest of the wall time by definition: nothing to check there.)"""
+    delay = 0.02
+    fake = FakeVLLM(script=script, model=MODEL, delay_s=delay)
+    prm = SlowPRM(delay)
+    async with open_gateway(tmp_path, fake, prm) as gateway:
+        before = await scrape(gateway)
+        stages_seen: dict[str, set[str]] = {}
+        for strategy in ("greedy", "beam_search", "auto"):
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Tom has 3 apples and buys 5. How many?"}],
+                "tts": {"strategy": strategy, "budget": 4, "beam_width": 2},
+            }
+            prm_calls = prm.calls
+            tts = (await gateway.post("/v1/chat/completions", json=body)).json()["tts"]
+            stages = tts["stage_seconds"]
+            stages_seen[strategy] = set(stages)
+            assert all(v >= 0 for v in stages.values())
+            policy_calls, prm_calls = tts["policy_tokens"]["calls"], prm.calls - prm_calls
+            assert policy_calls >= 1 and tts["prm"]["calls"] == prm_calls
+            assert (prm_calls == 0) == (strategy == "greedy")
+            # Each call is timed whole (rounded to 0.1 ms); the stages run one after the other.
+            assert stages["generation"] >= policy_calls * delay - 1e-4, strategy
+            assert stages["prm_scoring"] >= prm_calls * delay - 1e-4, strategy
+            assert stages["generation"] + stages["prm_scoring"] <= tts["wall_time_s"] + 2e-4
+        assert stages_seen["greedy"] == {"generation", "prm_scoring", "selection"}
+        assert stages_seen["auto"] == {"pilot", "generation", "prm_scoring", "selection"}
+        after = await scrape(gateway)
     for stage in ("pilot", "generation", "prm_scoring", "selection"):
         key = ("tts_stage_duration_seconds_count", (("stage", stage), ("strategy", "auto")))
         assert after.get(key, 0) - before.get(key, 0) == 1, stage

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import pytest
 
+from tts_server.answers import has_final_answer
 from tts_server.prm_worker.backends import load_backend
 from tts_server.prm_worker.backends.arith import (
     ArithBackend,
@@ -122,6 +123,12 @@ def test_unjudged_text_is_neutral(text: str) -> None:
         ("The answer is 7, so she is done.", Fraction(7)),
         ("\\boxed{20\\%}", Fraction(20)),
         ("\\boxed{12 apples}", Fraction(12)),
+        # Read since the decision is the gateway's rule (answers.stated_answer):
+        ("The answer is **5**.", Fraction(5)),
+        ("The answer is 1/2.", Fraction(1, 2)),
+        ("The final answer is $\\frac{3}{4}$.", Fraction(3, 4)),
+        ("\\fbox{9}", Fraction(9)),
+        ("answer: 3 + 4 = 7", Fraction(7)),  # states 7, as "the answer is 7 + 7 = 14" states 14
     ],
 )
 def test_final_answers(text: str, value: Fraction) -> None:
@@ -130,11 +137,58 @@ def test_final_answers(text: str, value: Fraction) -> None:
 
 
 def test_non_numeric_and_absent_answers() -> None:
-    for text in ("\\boxed{x + 1}", "\\boxed{x}", "\\boxed{A}"):
+    for text in ("\\boxed{x + 1}", "\\boxed{x}", "\\boxed{A}", "The answer is Monday."):
         found = find_final_answer(text)
         assert found is not None and found[0] is None
-    assert find_final_answer("answer: 3 + 4 = 7") is None  # a calculation, not an answer
     assert find_final_answer("We need to find the answer.") is None
+    assert find_final_answer("\\boxed{}") is None  # an empty box states nothing
+
+
+_FINAL_SCORES = {S.final_supported, S.final_unsupported, S.final_after_error}
+
+
+@pytest.mark.parametrize(
+    ("step", "final"),
+    [
+        ("The answer is 14.", True),
+        ("Therefore, the final answer is: $\\boxed{14}$. I hope it is correct.", True),
+        ("#### 72", True),
+        ("Answer: 5", True),
+        ("**Final Answer:** 5", True),
+        ("She has 7 apples. Answer: 7", True),
+        ("The correct answer is 5.", True),
+        ("the answer equals 5", True),
+        ("answer = 5", True),
+        ("The answer is **5**.", True),
+        ("The answer is 1/2.", True),
+        ("The answer is $\\frac{1}{2}$.", True),
+        ("The answer is 7 + 7 = 14.", True),
+        ("The answer is 16 - 3 = 13 dollars.", True),
+        ("The answer is x <= 3.", True),
+        ("The answer is Monday.", True),
+        ("The final answer is (C).", True),
+        ("\\fbox{5}", True),
+        ("The answer is \\boxed 5.", True),
+        ("The answer is 5. Is the answer is going to be", True),
+        ("\\boxed{}", False),
+        ("so 4 + 4 = 8 and \\boxed{8", False),  # cut off inside the box
+        ("#### Step 2: add the apples", False),  # a markdown heading
+        ("The answer is not 5.", False),
+        ("I'm not sure the answer is right.", False),
+        ("To get the answer: we add 3 and 4.", False),
+        ("We need to find the answer.", False),
+        ("Now we compute the answer is", False),
+        ("We ask what the answer is going to be.", False),
+        ("She has 16 - 3 = 13 eggs.", False),
+        ("First, count the apples.", False),
+    ],
+)
+def test_final_step_exactly_when_the_gateway_sees_a_final_answer(step: str, final: bool) -> None:
+    """One rule (issue 13): the gateway ends a solution at the step the PRM scores as final."""
+    assert has_final_answer(step) is final
+    assert (find_final_answer(step) is not None) is final
+    [score] = score_steps([step])
+    assert (score in _FINAL_SCORES) is final
 
 
 def test_final_step_supported_by_an_earlier_equation() -> None:

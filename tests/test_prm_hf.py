@@ -15,7 +15,17 @@ from tts_server.prm_worker import create_app, load_backend
 from tts_server.prm_worker.backends import BackendError
 from tts_server.prm_worker.backends.hf import STEP_TAG, SYSTEM_PROMPT, HFBackend, step_logits
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # failed below, not skipped: a skip went unseen in `make test-unit`
+    torch = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _needs_torch() -> None:
+    if torch is None:
+        pytest.fail("torch is not installed: the hf backend tests need it (make install-gateway)")
+
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 STEPS = ["Tom starts with 3 apples.", "He buys 4 more: 3 + 4 = 7.", "The answer is \\boxed{7}."]

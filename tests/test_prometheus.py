@@ -26,7 +26,10 @@ from tests.conftest import Stack
 from tests.servers import ServerProcess, free_port
 from tts_server.tools.dashboards import DASHBOARDS, every_query, substitute, to_grafana
 
-pytestmark = pytest.mark.integration
+# Per test, not for the module: the dashboards check and the bad-URL report need neither the
+# stack nor Prometheus, so `make test-unit` runs them. promtool needs no server but comes with
+# the Prometheus package that only `make test` installs, so it stays with the integration tests.
+integration = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -41,6 +44,7 @@ def _binary(name: str) -> str:
     return found
 
 
+@integration
 def test_promtool_accepts_the_shipped_config_and_rules() -> None:
     promtool = _binary("promtool")
     for args in (
@@ -174,10 +178,12 @@ def problems_of(prometheus: Prometheus, expr: str) -> str | None:
     return None
 
 
+@integration
 def test_flops_sum_in_prometheus_equals_what_clients_were_told(traffic: float) -> None:
     assert traffic > 0  # the equality itself is asserted when the traffic is sent
 
 
+@integration
 def test_every_dashboard_query_parses_and_returns_data(
     prometheus: Prometheus, traffic: float
 ) -> None:
@@ -191,6 +197,7 @@ def test_every_dashboard_query_parses_and_returns_data(
     assert failures == {}
 
 
+@integration
 def test_a_query_naming_a_metric_we_do_not_export_is_caught(
     prometheus: Prometheus, traffic: float
 ) -> None:
@@ -198,6 +205,7 @@ def test_a_query_naming_a_metric_we_do_not_export_is_caught(
     assert problems_of(prometheus, "sum(rate(tts_requests_total[5m]") is not None  # no parse
 
 
+@integration
 def test_every_alert_rule_parses_and_is_evaluated_healthy(
     prometheus: Prometheus, traffic: float
 ) -> None:
@@ -219,6 +227,7 @@ def test_every_alert_rule_parses_and_is_evaluated_healthy(
     assert {r["name"]: r.get("health") for r in loaded} == {r["name"]: "ok" for r in loaded}
 
 
+@integration
 def test_no_prompt_or_key_in_any_scraped_metric(
     stack: Stack, prometheus: Prometheus, traffic: float
 ) -> None:
@@ -233,6 +242,7 @@ def test_no_prompt_or_key_in_any_scraped_metric(
         assert not any("canary" in v for v in values["data"]), label
 
 
+@integration
 def test_report_draws_every_panel_with_data(
     prometheus: Prometheus, traffic: float, tmp_path: Path
 ) -> None:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
-
-from math_verify import parse, verify
 
 
 class _KnownTimeoutWarning(logging.Filter):
@@ -34,7 +33,19 @@ _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
 _LAST_NUMBER_RE = re.compile(rf"(?<![\w.]){_NUMBER}(?:/\d+)?")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
-_PHRASE_RE = re.compile(r"(?:final answer|the answer)\s+is\b", re.IGNORECASE)
+# "the answer is 5", "The correct answer equals 5"; and a label opening a line or a sentence
+# ("Answer: 5", "**Final Answer:** 5", "7 apples. So, answer: 7"), not mid-sentence, where
+# "to get the answer: we add 3 and 4" is prose.
+_PHRASE_RE = re.compile(
+    r"\banswer\s+(?:is|equals)\b"
+    r"|(?:^|(?<=[.!?;,])[ \t]+)[ \t*#]*(?:(?:so|thus|therefore|hence),?\s+)?"
+    r"(?:the\s+)?(?:final\s+)?answer\**\s*[:=]",
+    re.IGNORECASE | re.MULTILINE,
+)
+# A markdown heading, not GSM8K's "#### 72": a capitalised word and more ("#### Step 2: add").
+_HEADING_RE = re.compile(r"[A-Z][a-z]+\s+\S")
+# What "the answer is" may be followed by without stating one: a negation, a verdict.
+_NOT_STATED_RE = re.compile(r"(?:not\b.*|right|correct|wrong|incorrect)", re.IGNORECASE)
 _NUMBER_WITH_UNIT_RE = re.compile(rf"({_NUMBER}(?:/\d+)?)\s+[A-Za-z][A-Za-z\s]*")
 _MATHLIKE_RE = re.compile(r"[\d\\=+*/^<>()\[\]{}]")
 _SENTENCE_END_RE = re.compile(r"[.;!?](?=\s|$)|,\s+(?=[A-Za-z])")
@@ -49,7 +60,7 @@ _SPACE_RE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])|\s+")
 
 def extract_answer(text: str) -> str | None:
     """The final answer of a solution: the last `\\boxed{}`, else a stated answer ("#### 5",
-    "the answer is 5"), else the last number in the text. None if there is none."""
+    "the answer is 5", "Answer: 5"), else the last number in the text. None if there is none."""
     explicit = _explicit_answer(text)
     if explicit is not None:
         return explicit
@@ -58,36 +69,62 @@ def extract_answer(text: str) -> str | None:
 
 
 def has_final_answer(step: str) -> bool:
-    """Whether a step states a final answer explicitly (the last-number fallback does not count)."""
-    return _explicit_answer(step) is not None
+    """Whether a step states a final answer explicitly (the last-number fallback does not count).
+
+    The one rule for "this step states its final answer": the gateway ends a solution there and
+    the arith PRM scores the step as a final step (`stated_answer` gives what it states)."""
+    return stated_answer(step) is not None
+
+
+@dataclass(frozen=True)
+class StatedAnswer:
+    """The final answer a text states, and every span of the text that states an answer."""
+
+    answer: str
+    spans: tuple[tuple[int, int], ...]
+
+
+def stated_answer(text: str) -> StatedAnswer | None:
+    """The explicitly stated final answer: the last `\\boxed{}`, else the last "#### 5", else the
+    last "the answer is 5" / "Answer: 5". None if the text states none."""
+    boxed: list[tuple[int, int, str]] = []
+    for match in _BOXED_RE.finditer(text):
+        argument = _boxed_argument(text, match.end())
+        if argument is not None and argument[0]:
+            boxed.append((match.start(), argument[1], argument[0]))
+    hashes: list[tuple[int, int, str]] = []
+    for match in _HASHES_RE.finditer(text):
+        if _HEADING_RE.match(match.group(1)):
+            continue
+        # Only the rest of the "####" line: `text` cut at its end.
+        found = _stated_answer(text[: match.end()], match.start(1))
+        if found is not None:
+            hashes.append((match.start(), found[1], found[0]))
+    phrases: list[tuple[int, int, str]] = []
+    for match in _PHRASE_RE.finditer(text):
+        found = _stated_answer(text, match.end())
+        if found is not None:
+            phrases.append((match.start(), found[1], found[0]))
+    chosen = next((kind[-1] for kind in (boxed, hashes, phrases) if kind), None)
+    if chosen is None:
+        return None
+    spans = tuple(sorted((start, end) for start, end, _ in boxed + hashes + phrases))
+    return StatedAnswer(chosen[2], spans)
 
 
 def _explicit_answer(text: str) -> str | None:
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    for pattern in (_HASHES_RE, _PHRASE_RE):
-        matches = list(pattern.finditer(text))
-        if matches:
-            last = matches[-1]
-            rest = last.group(1) if pattern is _HASHES_RE else text[last.end() :]
-            stated = _stated_answer(rest)
-            if stated:
-                return stated
-    return None
-
-
-def _last_boxed(text: str) -> str | None:
-    found: str | None = None
-    for match in _BOXED_RE.finditer(text):
-        content = _boxed_content(text, match.end())
-        if content:
-            found = content
-    return found
+    found = stated_answer(text)
+    return found.answer if found is not None else None
 
 
 def _boxed_content(text: str, start: int) -> str | None:
-    """The argument of a `\\boxed` ending at `start`: `{...}` with nested braces, or `\\boxed 5`."""
+    argument = _boxed_argument(text, start)
+    return argument[0] if argument is not None else None
+
+
+def _boxed_argument(text: str, start: int) -> tuple[str, int] | None:
+    """The argument of a `\\boxed` ending at `start`, `{...}` with nested braces or `\\boxed 5`,
+    and where it ends."""
     i = start
     while i < len(text) and text[i] in " \t":
         i += 1
@@ -103,18 +140,22 @@ def _boxed_content(text: str, start: int) -> str | None:
             elif char == "}":
                 depth -= 1
                 if depth == 0:
-                    return _tidy(text[i + 1 : j])
+                    return _tidy(text[i + 1 : j]), j + 1
             j += 1
         return None  # unbalanced: the solution was cut off inside the box
     if i == start:
         return None
     token = re.match(r"[^\s$]+", text[i:])
-    return _tidy(token.group(0)) if token else None
+    return (_tidy(token.group(0)), i + token.end()) if token else None
 
 
-def _stated_answer(rest: str) -> str | None:
-    """What follows "the answer is": up to the end of the sentence, or the first `$...$`."""
-    line = rest.lstrip().lstrip(":").lstrip().split("\n", 1)[0].replace("**", "")
+def _stated_answer(text: str, pos: int) -> tuple[str, int] | None:
+    """What a phrase ending at `pos` states ("the answer is" ...): up to the end of the
+    sentence, or the first `$...$`; and where that sentence ends in `text`."""
+    after = text[pos:]
+    i = pos + len(after) - len(after.lstrip().lstrip(":").lstrip())
+    raw = text[i:].split("\n", 1)[0]
+    line = raw.replace("**", "")
     delimited = _DELIMITED_RE.match(line)
     if delimited:
         content = next(g for g in delimited.groups() if g is not None)
@@ -130,7 +171,11 @@ def _stated_answer(rest: str) -> str | None:
     # Prose ("what the answer is going to be") is no answer: want math or a single word.
     if not _MATHLIKE_RE.search(content) and not re.fullmatch(r"\S+", content):
         return None
-    return content or None
+    if not content or _NOT_STATED_RE.fullmatch(content):
+        return None
+    math = _DELIMITED_RE.search(raw) if delimited else None
+    sentence_end = _SENTENCE_END_RE.search(raw, math.end() if math else 0)
+    return content, i + (sentence_end.end() if sentence_end else len(raw))
 
 
 def _right_hand_side(content: str) -> str:
@@ -187,6 +232,8 @@ def _verified_equal(a: str, b: str) -> bool:
     parsed_a, parsed_b = _parsed(a), _parsed(b)
     if not parsed_a or not parsed_b:
         return False
+    from math_verify import verify  # imported late: the arith PRM uses this module, not sympy
+
     return bool(
         verify(parsed_a, parsed_b, timeout_seconds=None)
         or verify(parsed_b, parsed_a, timeout_seconds=None)
@@ -197,6 +244,8 @@ def _verified_equal(a: str, b: str) -> bool:
 def _parsed(answer: str) -> list[Any]:
     if len(answer) > MAX_VERIFIED_CHARS:
         return []
+    from math_verify import parse
+
     try:
         return list(parse(f"${answer}$", parsing_timeout=None))
     except Exception:  # math-verify reports failures as an empty parse; be as lenient

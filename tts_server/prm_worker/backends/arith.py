@@ -21,7 +21,8 @@ side's value).
 
 Scores, per step, looking only at this step and the steps before it:
 - a step with any wrong equation: `wrong` (0.05);
-- a step stating a final answer (`\\boxed{14}`, "the answer is 14", "#### 14"):
+- a step stating a final answer (`\\boxed{14}`, "the answer is 14", "Answer: 14", "#### 14", as
+  `tts_server.answers.has_final_answer` decides, the rule the gateway ends solutions by):
   `final_after_error` (0.1) if an earlier step had a wrong equation; else `final_supported`
   (0.95) if the answer equals a side of a right equation in this or an earlier step, or another
   number stated in this step; else `final_unsupported` (0.6) (also for non-numeric answers);
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal, cast
 
+from tts_server.answers import stated_answer
 from tts_server.prm_worker.backends.base import PRMBackend, ScoreItem
 
 Kind = Literal["num", "op", "eq", "lp", "rp", "word", "punct", "sym"]
@@ -67,12 +69,6 @@ _OPS = {"+": "+", "-": "-", "−": "-", "*": "*", "×": "*", "·": "*", "⋅": "
 _LATEX_OPS = {r"\times": "*", r"\cdot": "*", r"\div": "/"}
 _LATEX_IGNORED = {r"\left", r"\right"}
 _RUN_KINDS = frozenset({"num", "op", "eq", "lp", "rp"})
-
-_BOXED_RE = re.compile(r"\\boxed\s*\{")
-# A stated answer: a lone number (not the start of an expression).
-_VALUE = rf"(?P<value>-?(?>{_NUMBER}))(?!\s*[-+*/×÷=\d])"
-_ANSWER_RE = re.compile(rf"\banswer\s*(?:is|:|=|equals)\s*:?\s*(?:\*\*|\\\(|\$)?\s*{_VALUE}", re.I)
-_HASHES_RE = re.compile(rf"####\s*{_VALUE}")
 
 
 @dataclass(frozen=True)
@@ -373,18 +369,6 @@ def check_step(text: str) -> StepCheck:
     return check
 
 
-def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
-    spans = []
-    for match in _BOXED_RE.finditer(text):
-        depth, i = 1, match.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            spans.append((match.start(), i, text[match.end() : i - 1]))
-    return spans
-
-
 def _answer_value(content: str) -> Fraction | None:
     """The number an answer states (`14`, `$1,234`, `\\frac{1}{2}`, `20\\%`, `12 apples`)."""
     content = re.sub(r"\\text\s*\{[^{}]*\}", " ", content).replace("\\%", "").replace("%", "")
@@ -400,22 +384,17 @@ def _answer_value(content: str) -> Fraction | None:
 def find_final_answer(text: str) -> tuple[Fraction | None, str] | None:
     """The stated final answer (None if not a number) and the text without answer statements.
 
-    None when the text states no final answer. The last `\\boxed{}` wins, else the last phrase.
+    None when the text states no final answer. Whether it does, and which answer it states, is
+    the gateway's rule (`answers.stated_answer`), so a step is scored as a final step exactly
+    when the gateway ends a solution with it; here the answer is only read as a number.
     """
-    boxed = _boxed_spans(text)
-    phrases = [
-        (m.start(), m.end(), m.group("value"))
-        for pattern in (_ANSWER_RE, _HASHES_RE)
-        for m in pattern.finditer(text)
-    ]
-    if not boxed and not phrases:
+    stated = stated_answer(text)
+    if stated is None:
         return None
-    chosen = boxed[-1] if boxed else max(phrases)
-    hidden: set[int] = set()
-    for start, end, _ in boxed + phrases:
-        hidden.update(range(start, end))
-    rest = "".join(" " if i in hidden else char for i, char in enumerate(text))
-    return _answer_value(chosen[2]), rest
+    rest = list(text)
+    for start, end in stated.spans:
+        rest[start:end] = " " * (end - start)
+    return _answer_value(stated.answer), "".join(rest)
 
 
 def _numbers(text: str) -> set[Fraction]:
