@@ -123,13 +123,17 @@ async def _events(
         try:
             outcome = task.result()
         except ENGINE_ERRORS as exc:
-            yield _event(error_body(from_engine(exc)))
+            yield _event(error_body(from_engine(exc)).model_dump())
             yield DONE
             return
         except Exception as exc:  # headers are out: the client can only learn of it here
             # The type only: the message could carry prompt text.
             logger.error("unhandled %s in a streamed request", type(exc).__name__)
-            yield _event(error_body(APIError(500, "internal server error", type_="server_error")))
+            yield _event(
+                error_body(
+                    APIError(500, "internal server error", type_="server_error")
+                ).model_dump()
+            )
             yield DONE
             return
         yield chunks.chunk(content=answer_text(outcome, chunks.kind))
