@@ -14,7 +14,8 @@ import pytest
 
 from tests.fake_vllm import EOS, FakeVLLM
 from tests.test_gateway import MODEL, EquationPRM, chat, gateway_with, script
-from tts_server.clients import CallMode, VLLMPolicyClient
+from tts_server.clients import VLLMPolicyClient
+from tts_server.clients.policy import CallMode
 from tts_server.types import PolicyUsage, SamplingConfig
 
 PARAMETERS = 1_000_000

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tts_server.api.protocol import HEADER_MAX_FLOPS
+from tts_server.api.protocol import HEADER_MAX_FLOPS, ErrorDetail, ErrorResponse
 from tts_server.clients import PolicyError, PRMError
 from tts_server.errors import (
     DeadlineExceeded,
@@ -80,19 +79,13 @@ def from_engine(exc: Exception, *, prompt_param: str | None = None) -> APIError:
     raise TypeError(f"not an engine error: {type(exc).__name__}")
 
 
-def error_body(error: APIError) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": error.message,
-            "type": error.type,
-            "param": error.param,
-            "code": error.code,
-        }
-    }
+def error_body(error: APIError) -> ErrorResponse:
+    detail = ErrorDetail(message=error.message, type=error.type, param=error.param, code=error.code)
+    return ErrorResponse(error=detail)
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error), status_code=error.status)
+    return JSONResponse(error_body(error).model_dump(), status_code=error.status)
 
 
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from tts_server.api import metrics
-from tts_server.api.errors import APIError
+from tts_server.api.errors import APIError, error_body
 from tts_server.api.protocol import HEADER_STRATEGY
 from tts_server.reliability import Admission, KeyChecker, Readiness, Rejected
 from tts_server.types import STRATEGY_NAMES
@@ -27,16 +27,8 @@ CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 
 
 async def send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "message": error.message,
-                "type": error.type,
-                "param": error.param,
-                "code": error.code,
-            }
-        }
-    ).encode()
+    # The app's error model, encoded as the guard always has (json.dumps' default spacing).
+    body = json.dumps(error_body(error).model_dump()).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": error.status, "headers": raw})

@@ -1,5 +1,8 @@
-"""The OpenAI wire format the gateway speaks: request bodies, and the `tts` object that carries
-the search options in the body."""
+"""The OpenAI wire format the gateway speaks: request bodies, the `tts` object that carries the
+search options in the body, and the one error shape of the gateway, its guard and the PRM worker.
+What the gateway answers is in `protocol_responses`.
+
+Imports pydantic and `tts_server.types` only: the PRM worker uses the error shape too."""
 
 from __future__ import annotations
 
@@ -102,3 +105,20 @@ class ChatCompletionRequest(_Common):
 
     def plain_messages(self) -> list[dict[str, Any]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -16,7 +15,8 @@ from tts_server.api import metrics
 from tts_server.api.errors import ENGINE_ERRORS, ClientGone, from_engine
 from tts_server.api.options import resolve_job
 from tts_server.api.protocol import ChatCompletionRequest, CompletionRequest
-from tts_server.api.responses import Kind, completion_body, response_headers
+from tts_server.api.protocol_responses import ModelCard, ModelList
+from tts_server.api.responses import Kind, completion, response_headers
 from tts_server.api.streaming import stream_response
 from tts_server.engine import Outcome, TTSEngine
 from tts_server.reliability import Readiness
@@ -70,10 +70,9 @@ async def prometheus_metrics() -> Response:
 
 
 @router.get("/v1/models")
-async def models(request: Request) -> dict[str, Any]:
+async def models(request: Request) -> ModelList:
     model = _gateway(request).settings.policy_model
-    card = {"id": model, "object": "model", "created": 0, "owned_by": "tts-server"}
-    return {"object": "list", "data": [card]}
+    return ModelList(data=[ModelCard(id=model, created=0, owned_by="tts-server")])
 
 
 @router.post("/v1/completions")
@@ -116,9 +115,8 @@ async def _answer(
         )
     outcome = await _until_disconnect(request, engine.run(job, rendered))
     metrics.observe_answer(outcome, PATHS[kind], model)
-    return JSONResponse(
-        completion_body(outcome, kind, model), headers=response_headers(job, outcome)
-    )
+    answer = completion(outcome, kind, model).model_dump()
+    return JSONResponse(answer, headers=response_headers(job, outcome))
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Outcome]) -> Outcome:

@@ -15,22 +15,23 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from tts_server.api import metrics
 from tts_server.api.errors import ENGINE_ERRORS, APIError, error_body, from_engine
+from tts_server.api.protocol_responses import TTSProgress
 from tts_server.api.responses import (
+    ENDPOINTS,
     Kind,
-    answer_text,
     finish_reason,
     response_headers,
-    tts_object,
-    usage_object,
+    tts_report,
+    usage_of,
 )
 from tts_server.engine import Outcome, Watch
 from tts_server.types import Job
@@ -41,58 +42,49 @@ DONE = b"data: [DONE]\n\n"
 KEEP_ALIVE = b": keep-alive\n\n"
 
 
-def _event(body: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+def _event(body: BaseModel) -> bytes:
+    # json.dumps, not model_dump_json: the same bytes as before the models (ASCII escapes,
+    # Python's float repr), so a client sees no difference.
+    return b"data: " + json.dumps(body.model_dump(), separators=(",", ":")).encode() + b"\n\n"
 
 
 class Chunks:
-    """The chunks of one streamed response: chat (`chat.completion.chunk`, a delta) or text
-    (`text_completion`, a text piece), all with the same id and creation time."""
+    """The chunks of one streamed response (`chat.completion.chunk` with a delta, or
+    `text_completion` with a text piece), all with the same id and creation time."""
 
     def __init__(self, kind: Kind, model: str, include_usage: bool) -> None:
-        self.kind = kind
+        self.endpoint = ENDPOINTS[kind]
         self.model = model
         self.include_usage = include_usage
-        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.id = self.endpoint.new_id()
         self.created = int(time.time())
 
-    def _body(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
+    def _chunk(self, choices: list[BaseModel], **sparse: Any) -> bytes:
+        """One chunk; `sparse` sets the keys left out unless set (`usage`, `tts`)."""
         if self.include_usage:
-            body["usage"] = None  # OpenAI: null on every chunk but the last
-        return body
+            sparse.setdefault("usage", None)  # OpenAI: null on every chunk but the last
+        chunk = self.endpoint.chunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, **sparse
+        )
+        return _event(chunk)
 
-    def chunk(
-        self,
-        *,
-        content: str | None = None,
-        role: bool = False,
-        finish: str | None = None,
-        tts: dict[str, Any] | None = None,
-    ) -> bytes:
-        choice: dict[str, Any]
-        if self.kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if content is not None:
-                delta["content"] = content
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish}
-        body = self._body([choice])
-        if tts is not None:
-            body["tts"] = tts
-        return _event(body)
+    def opening(self) -> bytes | None:
+        choice = self.endpoint.chunk.opening()
+        return None if choice is None else self._chunk([choice])
+
+    def progress(self, seen: dict[str, Any]) -> bytes:
+        return self._chunk([self.endpoint.chunk.choice(None)], tts=TTSProgress(progress=seen))
+
+    def answer(self, outcome: Outcome) -> bytes:
+        text = self.endpoint.answer_text(outcome)
+        return self._chunk([self.endpoint.chunk.choice(text)])
+
+    def finish(self, outcome: Outcome) -> bytes:
+        reason = finish_reason(outcome.result.best.finish_reason)
+        return self._chunk([self.endpoint.chunk.choice(None, reason)], tts=tts_report(outcome))
 
     def usage(self, outcome: Outcome) -> bytes:
-        body = self._body([])
-        body["usage"] = usage_object(outcome)
-        return _event(body)
+        return self._chunk([], usage=usage_of(outcome))
 
 
 async def _events(
@@ -106,8 +98,9 @@ async def _events(
     watch = Watch()
     task = asyncio.ensure_future(run(watch))
     try:
-        if chunks.kind == "chat":
-            yield chunks.chunk(role=True, content="")  # OpenAI opens with the role
+        opening = chunks.opening()
+        if opening is not None:
+            yield opening
         due, last = time.monotonic() + interval_s, watch.snapshot()
         while not task.done():
             await asyncio.wait({task}, timeout=min(poll_s, interval_s))
@@ -118,7 +111,7 @@ async def _events(
             if time.monotonic() >= due:
                 seen = watch.snapshot()
                 moved = seen != last and any(seen.values())  # all zero: nothing to tell yet
-                yield chunks.chunk(tts={"progress": seen}) if moved else KEEP_ALIVE
+                yield chunks.progress(seen) if moved else KEEP_ALIVE
                 due, last = time.monotonic() + interval_s, seen
         try:
             outcome = task.result()
@@ -132,9 +125,8 @@ async def _events(
             yield _event(error_body(APIError(500, "internal server error", type_="server_error")))
             yield DONE
             return
-        yield chunks.chunk(content=answer_text(outcome, chunks.kind))
-        best = outcome.result.best
-        yield chunks.chunk(finish=finish_reason(best.finish_reason), tts=tts_object(outcome))
+        yield chunks.answer(outcome)
+        yield chunks.finish(outcome)
         if chunks.include_usage:
             yield chunks.usage(outcome)
         yield DONE

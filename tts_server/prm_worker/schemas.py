@@ -8,6 +8,8 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictStr
 
+from tts_server.api.protocol import ErrorDetail, ErrorResponse
+
 _ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
@@ -55,7 +57,7 @@ class ScoreLimits:
 
 
 class WorkerError(Exception):
-    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+    """An error answered in the gateway's shape (`ErrorResponse`)."""
 
     def __init__(
         self, status: int, message: str, *, param: str | None = None, code: str | None = None
@@ -71,15 +73,8 @@ class WorkerError(Exception):
         return _ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "error")
 
     def response(self) -> JSONResponse:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-        return JSONResponse(body, status_code=self.status)
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=self.status)
 
 
 def validation_error(errors: list[Any]) -> WorkerError:

@@ -1,0 +1,277 @@
+"""What the gateway answers, as OpenAI's wire format plus the `tts` report: whole responses,
+stream chunks, usage and the model list. Shapes only: `api.responses` fills them from an
+`Outcome`. Fields are declared in the order they go out on the wire.
+
+Each endpoint has its own classes (`ChatCompletion` and `ChatCompletionChunk`, `TextCompletion`
+and `TextCompletionChunk`). They differ only in `object` and in what a choice carries, so the
+common fields live on `Completion` and `CompletionChunk`, and each subclass says in `choice` how
+a text goes into its choice: picking the class is the one thing that depends on the endpoint.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+
+from tts_server.types import Aggregation, FinishReason, SelectionRule, StrategyName
+
+
+class _Wire(BaseModel):
+    # The shapes are the spec: a stray key is a bug on our side, not something to pass along.
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sparse(_Wire):
+    """A model whose `sparse` keys are left out of the JSON until set (set to None: null), as
+    OpenAI leaves them out of a stream chunk rather than sending null."""
+
+    sparse: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in self.sparse - self.model_fields_set:
+            data.pop(name, None)
+        return data
+
+
+# --- usage ---
+
+
+class PromptTokensDetails(_Wire):
+    cached_tokens: int
+
+
+class Usage(_Wire):
+    """Every token the request cost the policy, all candidates included."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+# --- the `tts` report: what the search did and what it cost ---
+
+
+class PolicyTokens(_Wire):
+    prompt: int
+    completion: int
+    cached: int
+    calls: int
+    requests: int
+
+
+class PRMReport(_Wire):
+    calls: int
+    steps_scored: int
+    steps_cached: int
+    tokens: int
+
+
+class FlopsReport(_Wire):
+    policy: int
+    prm: int
+    total: int
+    saved_by_prefix_cache: int
+    attention_included: bool
+
+
+class DifficultyReport(_Wire):
+    bin: str
+    confidence: float
+    mean_score: float
+    agreement: float
+    pilot_samples: int
+
+
+class RouteReport(_Wire):
+    strategy: str  # a strategy name, or "pilot": the pilot alone answered
+    budget: int
+    beam_width: int
+    early_exit: bool
+
+
+class TTSReport(_Wire):
+    """The `tts` object of a whole response and of a stream's finishing chunk."""
+
+    strategy: StrategyName
+    requested_strategy: str
+    budget: int
+    beam_width: int
+    aggregation: Aggregation
+    selection: SelectionRule
+    temperature: float
+    answer: str | None
+    votes: dict[str, float]
+    num_candidates: int
+    candidates_answers: list[str | None]
+    candidate_scores: list[float | None]
+    iterations: int
+    policy_tokens: PolicyTokens
+    prm: PRMReport
+    flops: FlopsReport | None  # None: a model's parameter count is unknown
+    max_flops: int | None
+    flops_limited: bool
+    difficulty: DifficultyReport | None  # `auto` only
+    route: RouteReport | None  # `auto` only
+    partial: bool
+    degraded: str | None
+    wall_time_s: float
+    stage_seconds: dict[str, float]
+
+
+class TTSProgress(_Wire):
+    """The `tts` object of a progress chunk: the running search's counters, as the engine's
+    `Watch.snapshot` reports them (a counter not known yet is left out)."""
+
+    progress: dict[str, int | str | None]
+
+
+# --- whole responses ---
+
+
+class AssistantMessage(_Wire):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Wire):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class TextChoice(_Wire):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class Completion(_Wire):
+    """The fields every whole response has; a subclass fixes `object` and the choice."""
+
+    id: str
+    object: str = ""  # each subclass fixes it (this class is abstract: never sent)
+    created: int
+    model: str
+    choices: list[Any]
+    usage: Usage
+    tts: TTSReport
+
+    @classmethod
+    @abstractmethod
+    def choice(cls, text: str, finish_reason: FinishReason) -> BaseModel: ...
+
+
+class ChatCompletion(Completion):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+    @classmethod
+    def choice(cls, text: str, finish_reason: FinishReason) -> ChatChoice:
+        return ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+
+
+class TextCompletion(Completion):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[TextChoice]
+
+    @classmethod
+    def choice(cls, text: str, finish_reason: FinishReason) -> TextChoice:
+        return TextChoice(text=text, finish_reason=finish_reason)
+
+
+# --- stream chunks ---
+
+
+class Delta(_Sparse):
+    sparse = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Wire):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class TextChunkChoice(_Wire):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(_Sparse):
+    """The fields every stream chunk has; a subclass fixes `object` and the choice. The
+    usage-only chunk that ends a stream is one with empty `choices` and `usage` set.
+
+    `usage` is left out unless the client asked for it (`stream_options.include_usage`), and is
+    then null on every chunk but that last one; `tts` rides on progress and finishing chunks."""
+
+    sparse = frozenset({"usage", "tts"})
+
+    id: str
+    object: str = ""  # each subclass fixes it (this class is abstract: never sent)
+    created: int
+    model: str
+    choices: list[Any]
+    usage: Usage | None = None
+    tts: TTSReport | TTSProgress | None = None
+
+    @classmethod
+    @abstractmethod
+    def choice(cls, text: str | None, finish_reason: FinishReason | None = None) -> BaseModel:
+        """A choice with `text` (None: nothing new, as in a progress or finishing chunk)."""
+
+    @classmethod
+    def opening(cls) -> BaseModel | None:
+        """The choice a stream opens with before anything is known, if the endpoint has one."""
+        return None
+
+
+class ChatCompletionChunk(CompletionChunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+    @classmethod
+    def choice(cls, text: str | None, finish_reason: FinishReason | None = None) -> ChatChunkChoice:
+        delta = Delta() if text is None else Delta(content=text)
+        return ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+
+    @classmethod
+    def opening(cls) -> ChatChunkChoice:
+        # OpenAI opens a chat stream with the role.
+        return ChatChunkChoice(delta=Delta(role="assistant", content=""), finish_reason=None)
+
+
+class TextCompletionChunk(CompletionChunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[TextChunkChoice]
+
+    @classmethod
+    def choice(cls, text: str | None, finish_reason: FinishReason | None = None) -> TextChunkChoice:
+        return TextChunkChoice(text=text or "", finish_reason=finish_reason)
+
+
+# --- /v1/models ---
+
+
+class ModelCard(_Wire):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(_Wire):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
