@@ -24,9 +24,9 @@ from tests.faults import Faulty, ThreadServer
 from tests.servers import ServerProcess, cli, free_port
 from tests.test_gateway import MODEL, script
 from tts_server.api.app import create_app
+from tts_server.api.reliability import hash_key
 from tts_server.prm_worker import create_app as create_prm_app
 from tts_server.prm_worker.backends.arith import ArithBackend
-from tts_server.reliability import hash_key
 from tts_server.settings import Settings
 
 QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"

@@ -19,7 +19,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
-from tts_server.policy import VLLMPolicyClient
+from tts_server.clients import VLLMPolicyClient
 
 from tests.fake_vllm import FakeVLLM
 from tests.test_gateway import MODEL, EquationPRM, FailingPRM, SlowPRM, chat, events, script
@@ -37,9 +37,9 @@ from tts_server.api.protocol_responses import (
     TTSProgress,
     TTSReport,
 )
+from tts_server.api.reliability import hash_key
 from tts_server.prm_worker import create_app as create_prm_app
 from tts_server.prm_worker.backends.arith import ArithBackend
-from tts_server.reliability import hash_key
 from tts_server.settings import Settings
 
 KEY = "sk-protocol-test"

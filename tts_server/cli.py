@@ -105,7 +105,7 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
-    from tts_server.reliability import hash_key
+    from tts_server.api.reliability import hash_key
 
     key = args.key if args.key is not None else sys.stdin.readline().strip()
     if not key:

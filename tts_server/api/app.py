@@ -10,11 +10,11 @@ from fastapi import FastAPI
 
 from tts_server.api.errors import install_error_handlers
 from tts_server.api.guard import Guard
+from tts_server.api.reliability import Admission, KeyChecker, Readiness
 from tts_server.api.routes import Gateway, router
 from tts_server.clients import HTTPPRMClient, RetryPolicy, VLLMPolicyClient
 from tts_server.engine import TTSEngine
 from tts_server.prompting import load_profile
-from tts_server.reliability import Admission, KeyChecker, Readiness
 from tts_server.settings import Settings
 from tts_server.types import PolicyService, PRMService
 

@@ -11,7 +11,7 @@ from typing import Any
 from tts_server.api import metrics
 from tts_server.api.errors import APIError, error_body
 from tts_server.api.protocol import HEADER_STRATEGY
-from tts_server.reliability import Admission, KeyChecker, Readiness, Rejected
+from tts_server.api.reliability import Admission, KeyChecker, Readiness, Rejected
 from tts_server.types import STRATEGY_NAMES
 
 Scope = MutableMapping[str, Any]

@@ -35,11 +35,14 @@ Kind = Literal["chat", "text"]
 class Endpoint:
     """Everything that differs between the two endpoints' responses."""
 
+    path: str
     whole: type[Completion]
     chunk: type[CompletionChunk]
     id_prefix: str
     # A chat message goes out without the whitespace around it, a completion as generated.
     strip: bool
+    # The request field an error about the prompt names.
+    prompt_param: str
 
     def new_id(self) -> str:
         return f"{self.id_prefix}-{uuid.uuid4().hex}"
@@ -51,8 +54,22 @@ class Endpoint:
 
 
 ENDPOINTS: dict[Kind, Endpoint] = {
-    "chat": Endpoint(ChatCompletion, ChatCompletionChunk, "chatcmpl", strip=True),
-    "text": Endpoint(TextCompletion, TextCompletionChunk, "cmpl", strip=False),
+    "chat": Endpoint(
+        "/v1/chat/completions",
+        ChatCompletion,
+        ChatCompletionChunk,
+        "chatcmpl",
+        strip=True,
+        prompt_param="messages",
+    ),
+    "text": Endpoint(
+        "/v1/completions",
+        TextCompletion,
+        TextCompletionChunk,
+        "cmpl",
+        strip=False,
+        prompt_param="prompt",
+    ),
 }
 
 

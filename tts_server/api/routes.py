@@ -16,15 +16,14 @@ from tts_server.api.errors import ENGINE_ERRORS, ClientGone, from_engine
 from tts_server.api.options import resolve_job
 from tts_server.api.protocol import ChatCompletionRequest, CompletionRequest
 from tts_server.api.protocol_responses import ModelCard, ModelList
-from tts_server.api.responses import Kind, completion, response_headers
+from tts_server.api.reliability import Readiness
+from tts_server.api.responses import ENDPOINTS, Kind, completion, response_headers
 from tts_server.api.streaming import stream_response
 from tts_server.engine import Outcome, TTSEngine
-from tts_server.reliability import Readiness
 from tts_server.settings import Settings
 
 # How often a running request checks that its client is still there.
 DISCONNECT_POLL_S = 0.2
-PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 
 router = APIRouter()
 
@@ -99,7 +98,7 @@ async def _answer(
     try:
         job, rendered = await engine.prepare(job)
     except ENGINE_ERRORS as exc:
-        raise from_engine(exc, prompt_param="messages" if kind == "chat" else "prompt") from exc
+        raise from_engine(exc, prompt_param=ENDPOINTS[kind].prompt_param) from exc
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return stream_response(
@@ -111,10 +110,10 @@ async def _answer(
             include_usage=include_usage,
             interval_s=gateway.settings.stream_progress_interval_s,
             poll_s=DISCONNECT_POLL_S,
-            path=PATHS[kind],
+            path=ENDPOINTS[kind].path,
         )
     outcome = await _until_disconnect(request, engine.run(job, rendered))
-    metrics.observe_answer(outcome, PATHS[kind], model)
+    metrics.observe_answer(outcome, ENDPOINTS[kind].path, model)
     answer = completion(outcome, kind, model).model_dump()
     return JSONResponse(answer, headers=response_headers(job, outcome))
 

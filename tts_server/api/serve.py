@@ -17,7 +17,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from tts_server.reliability import Admission, Readiness
+from tts_server.api.reliability import Admission, Readiness
 from tts_server.settings import Settings
 
 logger = logging.getLogger("tts_server.gateway")
