@@ -13,7 +13,7 @@ import httpx
 import pytest
 from hypothesis import settings
 
-from tests.servers import ServerProcess, cli, free_port
+from tests.support.servers import ServerProcess, cli, free_port
 
 # Hypothesis's 200 ms per-example deadline is a clock assertion; this machine's clock is noisy.
 settings.register_profile("tts", deadline=None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from tests.fakes import FakePolicy, FakePRM, encode, per_step
+from tests.support.fakes import FakePolicy, FakePRM, encode, per_step
 from tts_server.engine import DEGRADED, TTSEngine, Watch
 from tts_server.errors import DeadlineExceeded, FlopsUnknown, PromptTooLong, UpstreamDown
 from tts_server.prompting import PromptProfile

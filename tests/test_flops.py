@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakePolicy, FakePRM, encode, per_step
+from tests.support.fakes import FakePolicy, FakePRM, encode, per_step
 from tts_server.accounting import Account
 from tts_server.flops import FlopsCounter, ModelShape, context_sum, shape_from_config
 from tts_server.strategies import REGISTRY

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.servers import cli
+from tests.support.servers import cli
 from tts_server.launch.vllm import cpu_dtype, vllm_argv
 from tts_server.settings import Settings
 

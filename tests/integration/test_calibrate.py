@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import Stack
-from tests.servers import ServerProcess, cli, free_port
+from tests.support.servers import ServerProcess, cli, free_port
 from tts_server.router import BINS, Route, RouterTable, load_table
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from tests.fakes import decode, encode
+from tests.support.fakes import decode, encode
 
 # (prompt text, sample number within the call) -> the text the "model" would write next.
 Script = Callable[[str, int], str]

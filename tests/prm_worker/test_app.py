@@ -21,7 +21,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.servers import ServerProcess, free_port
+from tests.support.servers import ServerProcess, free_port
 from tts_server.prm_worker import ScoreLimits, create_app
 from tts_server.prm_worker.__main__ import main as worker_main
 from tts_server.prm_worker.backends import BackendError, PRMBackend, ScoreItem, load_backend

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 from tts_server.clients import HTTPPRMClient, PRMError, RetryPolicy
 from tts_server.prm_worker.backends.arith import ArithBackend
 from tts_server.types import PRMClient, PRMUsage

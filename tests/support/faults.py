@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import cli, free_port
+from tests.support.servers import cli, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -2,61 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.fake_vllm import EOS, FakeVLLM
+from tests.support.fake_vllm import FakeVLLM
+from tests.support.gateway import (
+    MODEL,
+    EquationPRM,
+    FailingPRM,
+    SlowPRM,
+    chat,
+    events,
+    gateway_with,
+    script,
+)
 from tts_server.api.app import create_app
-from tts_server.clients import PRMError, VLLMPolicyClient
+from tts_server.clients import VLLMPolicyClient
 from tts_server.prompting import ProfileError, load_profile
 from tts_server.settings import Settings
-from tts_server.types import PRMUsage
-
-MODEL = "fake-model"
-
-
-def script(prompt: str, sample: int) -> str:
-    """The rest of a three-step solution; odd samples get the arithmetic wrong."""
-    done = prompt.split("<assistant>")[-1]
-    if "= 8" in done or "= 9" in done:
-        total = "8" if "= 8" in done else "9"
-    else:
-        total = "8" if sample % 2 == 0 else "9"
-    full = f"We add the apples.\n\n3 + 5 = {total}\n\nThe answer is {total}."
-    assert full.startswith(done), "continuations extend the model's own text"
-    return full[len(done) :] + EOS
-
-
-class EquationPRM:
-    """Scores a step 0.9 unless it contains the wrong sum."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
-    ) -> list[list[float]]:
-        self.calls += 1
-        usage.calls += 1
-        usage.steps_scored += sum(len(s) for s in solutions)
-        return [[0.1 if "= 9" in step or "is 9" in step else 0.9 for step in s] for s in solutions]
-
-    async def parameters(self) -> int | None:
-        return None  # unknown: FLOPs need TTS_PRM_PARAMS
-
-    async def health(self) -> bool:
-        return True
-
-    async def aclose(self) -> None:
-        pass
 
 
 @pytest.fixture
@@ -69,29 +37,6 @@ def prm() -> EquationPRM:
     return EquationPRM()
 
 
-@asynccontextmanager
-async def gateway_with(
-    fake_vllm: FakeVLLM,
-    prm: EquationPRM,
-    tmp_path: Path,
-    call_mode: str = "per_prompt",
-    **settings: Any,
-) -> AsyncIterator[httpx.AsyncClient]:
-    """A gateway app over the real vLLM client talking to `fake_vllm`, served in-process."""
-    profile = tmp_path / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
-    config = Settings(policy_model=MODEL, prompt_profiles={MODEL: str(profile)}, **settings)
-    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake_vllm.app()))
-    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream, call_mode=call_mode)
-    app = create_app(config, policy=policy, prm=prm)
-    transport = httpx.ASGITransport(app=app)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client
-    finally:
-        await upstream.aclose()
-
-
 @pytest.fixture
 async def gateway(
     fake_vllm: FakeVLLM, prm: EquationPRM, tmp_path: Path, request: pytest.FixtureRequest
@@ -99,15 +44,6 @@ async def gateway(
     call_mode = getattr(request, "param", "per_prompt")
     async with gateway_with(fake_vllm, prm, tmp_path, call_mode) as client:
         yield client
-
-
-def chat(strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
-    return {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Tom has 3 apples and buys 5. How many?"}],
-        "tts": {"strategy": strategy, "budget": budget, "beam_width": 2},
-        **extra,
-    }
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "majority", "best_of_n", "beam_search", "dvts"])
@@ -309,17 +245,6 @@ def test_a_profile_temperature_out_of_range_is_refused(tmp_path: Path) -> None:
 # --- stream: true ---
 
 
-def events(text: str) -> list[dict[str, Any] | str]:
-    """The `data:` payloads of an SSE body, JSON-decoded; "[DONE]" stays a string."""
-    out: list[dict[str, Any] | str] = []
-    for block in text.split("\n\n"):
-        for line in block.splitlines():
-            if line.startswith("data: "):
-                payload = line[len("data: ") :]
-                out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
 @pytest.mark.parametrize("strategy", ["greedy", "best_of_n", "beam_search", "dvts", "auto"])
 async def test_a_stream_carries_the_same_answer_and_tts_as_a_whole_response(
     gateway: httpx.AsyncClient, strategy: str
@@ -390,16 +315,6 @@ async def test_the_openai_client_reads_the_stream(gateway: httpx.AsyncClient) ->
     assert usage is not None and usage.completion_tokens > 0
 
 
-class SlowPRM(EquationPRM):
-    """Takes its time, so that a search runs long enough to report progress."""
-
-    async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
-    ) -> list[list[float]]:
-        await asyncio.sleep(0.05)
-        return await super().score(question, solutions, usage)
-
-
 async def test_a_running_search_streams_its_progress(fake_vllm: FakeVLLM, tmp_path: Path) -> None:
     settings = {"stream_progress_interval_s": 0.01}
     async with gateway_with(fake_vllm, SlowPRM(), tmp_path, **settings) as gateway:
@@ -420,13 +335,6 @@ async def test_a_running_search_streams_its_progress(fake_vllm: FakeVLLM, tmp_pa
     assert max(p["prm_steps_scored"] for p in progress) > 0
     assert all(any(p.values()) for p in progress)  # "nothing yet" is a keep-alive, not progress
     assert ": keep-alive\n\n" in response.text  # while the PRM takes its time, nothing changed
-
-
-class FailingPRM(EquationPRM):
-    async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
-    ) -> list[list[float]]:
-        raise PRMError("the worker said 500", status=500)
 
 
 async def test_a_failure_after_the_headers_is_an_error_event(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakes import FakePolicy, FakePRM, encode, per_step
+from tests.support.fakes import FakePolicy, FakePRM, encode, per_step
 from tts_server.router import BINS, Route, RouterTable, default_table
 from tts_server.strategies import REGISTRY
 from tts_server.types import Decision, Problem, Progress, SearchConfig, StrategyResult

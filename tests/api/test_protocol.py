@@ -19,10 +19,9 @@ import openai
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
-from tts_server.clients import VLLMPolicyClient
 
-from tests.fake_vllm import FakeVLLM
-from tests.test_gateway import MODEL, EquationPRM, FailingPRM, SlowPRM, chat, events, script
+from tests.support.fake_vllm import FakeVLLM
+from tests.support.gateway import MODEL, EquationPRM, FailingPRM, SlowPRM, chat, events, script
 from tts_server.api.app import create_app
 from tts_server.api.protocol import ErrorResponse
 from tts_server.api.protocol_responses import (
@@ -38,6 +37,7 @@ from tts_server.api.protocol_responses import (
     TTSReport,
 )
 from tts_server.api.reliability import hash_key
+from tts_server.clients import VLLMPolicyClient
 from tts_server.prm_worker import create_app as create_prm_app
 from tts_server.prm_worker.backends.arith import ArithBackend
 from tts_server.settings import Settings

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fake_vllm import EOS, FakeVLLM
-from tests.test_gateway import MODEL, EquationPRM, chat, gateway_with, script
+from tests.support.fake_vllm import EOS, FakeVLLM
+from tests.support.gateway import MODEL, EquationPRM, chat, gateway_with, script
 from tts_server.clients import VLLMPolicyClient
 from tts_server.clients.policy import CallMode
 from tts_server.types import PolicyUsage, SamplingConfig

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fake_vllm import EOS, FakeVLLM
+from tests.support.fake_vllm import EOS, FakeVLLM
 from tts_server.api.app import create_app
 from tts_server.clients import VLLMPolicyClient
 from tts_server.settings import Settings

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.tiny_prm import build_tiny_qwen2_prm
+from tests.support.tiny_prm import build_tiny_qwen2_prm
 from tts_server.prm_worker import create_app, load_backend
 from tts_server.prm_worker.backends import BackendError
 from tts_server.prm_worker.backends.hf import STEP_TAG, SYSTEM_PROMPT, HFBackend, step_logits

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.fakes import FakePolicy, FakePRM, decode, encode, gen, per_step
+from tests.support.fakes import FakePolicy, FakePRM, decode, encode, gen, per_step
 from tts_server.strategies import REGISTRY
 from tts_server.strategies.common import expand, solution_candidate, split_steps
 from tts_server.types import Candidate, Generation, PolicyUsage, Problem, SearchConfig

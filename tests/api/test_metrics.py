@@ -12,8 +12,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fake_vllm import FakeVLLM
-from tests.test_gateway import MODEL, EquationPRM, script
+from tests.support.fake_vllm import FakeVLLM
+from tests.support.gateway import MODEL, EquationPRM, script
 from tts_server.api.app import create_app
 from tts_server.clients import VLLMPolicyClient
 from tts_server.settings import Settings
@@ -183,8 +183,8 @@ async def test_stage_seconds_measure_each_stage_and_are_exported(tmp_path: Path)
 
 def test_two_uvicorn_workers_export_one_aggregated_view(tmp_path: Path) -> None:
     """`gateway --workers 2`: whichever worker answers /metrics, it counts both workers' work."""
-    from tests.faults import ThreadServer
-    from tests.servers import ServerProcess, cli, free_port
+    from tests.support.faults import ThreadServer
+    from tests.support.servers import ServerProcess, cli, free_port
     from tts_server.prm_worker import create_app as create_prm_app
     from tts_server.prm_worker.backends.arith import ArithBackend
 

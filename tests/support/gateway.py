@@ -1,0 +1,118 @@
+"""What the gateway's unit tests share: a scripted three-step solution for the fake vLLM, PRMs
+that score it (and one slow, one failing), a gateway over the real vLLM client talking to the fake
+vLLM in-process, request bodies and an SSE parser."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.fake_vllm import EOS, FakeVLLM
+from tts_server.api.app import create_app
+from tts_server.clients import PRMError, VLLMPolicyClient
+from tts_server.settings import Settings
+from tts_server.types import PRMUsage
+
+MODEL = "fake-model"
+
+
+def script(prompt: str, sample: int) -> str:
+    """The rest of a three-step solution; odd samples get the arithmetic wrong."""
+    done = prompt.split("<assistant>")[-1]
+    if "= 8" in done or "= 9" in done:
+        total = "8" if "= 8" in done else "9"
+    else:
+        total = "8" if sample % 2 == 0 else "9"
+    full = f"We add the apples.\n\n3 + 5 = {total}\n\nThe answer is {total}."
+    assert full.startswith(done), "continuations extend the model's own text"
+    return full[len(done) :] + EOS
+
+
+class EquationPRM:
+    """Scores a step 0.9 unless it contains the wrong sum."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def score(
+        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+    ) -> list[list[float]]:
+        self.calls += 1
+        usage.calls += 1
+        usage.steps_scored += sum(len(s) for s in solutions)
+        return [[0.1 if "= 9" in step or "is 9" in step else 0.9 for step in s] for s in solutions]
+
+    async def parameters(self) -> int | None:
+        return None  # unknown: FLOPs need TTS_PRM_PARAMS
+
+    async def health(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+@asynccontextmanager
+async def gateway_with(
+    fake_vllm: FakeVLLM,
+    prm: EquationPRM,
+    tmp_path: Path,
+    call_mode: str = "per_prompt",
+    **settings: Any,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A gateway app over the real vLLM client talking to `fake_vllm`, served in-process."""
+    profile = tmp_path / "plain-chat.json"
+    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
+    config = Settings(policy_model=MODEL, prompt_profiles={MODEL: str(profile)}, **settings)
+    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake_vllm.app()))
+    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream, call_mode=call_mode)
+    app = create_app(config, policy=policy, prm=prm)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client
+    finally:
+        await upstream.aclose()
+
+
+def chat(strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tom has 3 apples and buys 5. How many?"}],
+        "tts": {"strategy": strategy, "budget": budget, "beam_width": 2},
+        **extra,
+    }
+
+
+def events(text: str) -> list[dict[str, Any] | str]:
+    """The `data:` payloads of an SSE body, JSON-decoded; "[DONE]" stays a string."""
+    out: list[dict[str, Any] | str] = []
+    for block in text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                payload = line[len("data: ") :]
+                out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+class SlowPRM(EquationPRM):
+    """Takes its time, so that a search runs long enough to report progress."""
+
+    async def score(
+        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+    ) -> list[list[float]]:
+        await asyncio.sleep(0.05)
+        return await super().score(question, solutions, usage)
+
+
+class FailingPRM(EquationPRM):
+    async def score(
+        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+    ) -> list[list[float]]:
+        raise PRMError("the worker said 500", status=500)
