@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tests.test_gateway import MODEL, script
 
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.faults import ThreadServer
+from tests.support.gateway import MODEL, script
 from tests.support.servers import ServerProcess, cli, free_port
 from tts_server.prm_worker import create_app as create_prm_app
 from tts_server.prm_worker.backends.arith import ArithBackend
