@@ -102,22 +102,26 @@ def _strategy(
     raise APIError(400, f"unknown strategy {requested!r}; use one of: {allowed}", param=param)
 
 
-def _int(value: str, param: str) -> int:
+def _whole_number(
+    headers: Mapping[str, str], header: str, option: int | None, name: str, default: int
+) -> tuple[int, str]:
+    """The header's integer, else the body's `tts.<name>`, else the default; and the param an
+    error about it names."""
+    raw = headers.get(header.lower())
+    if raw is None:
+        return (option if option is not None else default), f"tts.{name}"
     try:
-        return int(value.strip())
+        return int(raw.strip()), header
     except ValueError:
-        raise APIError(400, f"'{param}' must be an integer, got {value!r}", param=param) from None
+        raise APIError(400, f"'{header}' must be an integer, got {raw!r}", param=header) from None
 
 
 def _budget(
     headers: Mapping[str, str], opts: TTSOptions, settings: Settings, strategy: StrategyName
 ) -> int:
-    if HEADER_BUDGET.lower() in headers:
-        param = HEADER_BUDGET
-        budget = _int(headers[HEADER_BUDGET.lower()], param)
-    else:
-        param = "tts.budget"
-        budget = opts.budget if opts.budget is not None else settings.default_budget
+    budget, param = _whole_number(
+        headers, HEADER_BUDGET, opts.budget, "budget", settings.default_budget
+    )
     if strategy == "greedy":
         return 1
     if not 1 <= budget <= settings.max_budget:
@@ -134,12 +138,9 @@ def _beam_width(
     strategy: StrategyName,
     budget: int,
 ) -> int:
-    if HEADER_BEAM_WIDTH.lower() in headers:
-        param = HEADER_BEAM_WIDTH
-        width = _int(headers[HEADER_BEAM_WIDTH.lower()], param)
-    else:
-        param = "tts.beam_width"
-        width = opts.beam_width if opts.beam_width is not None else settings.default_beam_width
+    width, param = _whole_number(
+        headers, HEADER_BEAM_WIDTH, opts.beam_width, "beam_width", settings.default_beam_width
+    )
     if not REGISTRY[strategy].uses_beam_width:
         return 1
     if width < 1 or width > budget:
