@@ -39,6 +39,8 @@ class FakeVLLM:
     cached_tokens: int = 0
     # Seconds each /v1/completions request takes (a slow model), 0: none.
     delay_s: float = 0.0
+    # The path of every request received, in order (/tokenize included).
+    paths: list[str] = field(default_factory=list)
 
     def complete(self, prompt: list[int], sample: int, body: dict[str, Any]) -> dict[str, Any]:
         prompt_text = decode(prompt)
@@ -67,6 +69,11 @@ class FakeVLLM:
 
     def app(self) -> FastAPI:
         app = FastAPI()
+
+        @app.middleware("http")
+        async def record(request: Request, call_next: Any) -> Any:
+            self.paths.append(request.url.path)
+            return await call_next(request)
 
         @app.get("/health")
         async def health() -> dict[str, str]:
