@@ -1,7 +1,7 @@
 """Every OpenAI parameter of both endpoints is honoured or refused with a 400 naming it, never
 silently dropped (`api.options.PARAMETERS`): refused values cost nothing upstream, default values
-and metadata are accepted and change nothing, unknown fields are refused, and the honoured ones
-reach vLLM as the README says."""
+and metadata are accepted and change nothing, unknown fields are refused, the honoured ones reach
+vLLM as the README says, and `seed` makes a request reproducible."""
 
 from __future__ import annotations
 
@@ -327,3 +327,49 @@ async def test_max_completion_tokens_caps_each_step_of_a_search(
     # The script's solution is 47 characters (tokens) long: cut.
     assert len(data["choices"][0]["message"]["content"]) <= 30
     assert data["choices"][0]["finish_reason"] == "length"
+
+
+# --- seed ---
+
+
+@pytest.fixture
+def sampling_vllm() -> FakeVLLM:
+    """A fake vLLM whose draws depend on the seed (random without one)."""
+    return FakeVLLM(script=script, model=MODEL, sample_by_seed=True)
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "text"])
+@pytest.mark.parametrize("strategy", ["majority", "beam_search"])
+async def test_the_same_seed_gives_the_same_answer(
+    sampling_vllm: FakeVLLM, tmp_path: Path, endpoint: str, strategy: str
+) -> None:
+    async with gateway_with(sampling_vllm, EquationPRM(), tmp_path) as client:
+        sent = body(endpoint, strategy, 3 if strategy == "majority" else 4)
+        first = await answer(client, endpoint, {**sent, "seed": 0})
+        seeds_first = sorted(call["seed"] for call in sampling_vllm.calls)
+        sampling_vllm.calls.clear()
+        again = await answer(client, endpoint, {**sent, "seed": 0})
+        assert again == first
+        assert sorted(call["seed"] for call in sampling_vllm.calls) == seeds_first
+
+
+async def test_a_different_seed_can_give_a_different_answer(
+    sampling_vllm: FakeVLLM, tmp_path: Path
+) -> None:
+    # The fake gets odd samples wrong: seeds 0, 1, 2 vote 8, 9, 8; seeds 1, 2, 3 vote 9, 8, 9.
+    async with gateway_with(sampling_vllm, EquationPRM(), tmp_path) as client:
+        answers = [
+            (await answer(client, "chat", chat("majority", 3, seed=seed)))["tts"]["answer"]
+            for seed in (0, 1)
+        ]
+    assert answers == ["8", "9"]
+
+
+@pytest.mark.parametrize("call_mode", ["per_prompt", "batched"])
+async def test_each_sample_gets_its_own_seed(
+    sampling_vllm: FakeVLLM, tmp_path: Path, call_mode: str
+) -> None:
+    async with gateway_with(sampling_vllm, EquationPRM(), tmp_path, call_mode) as client:
+        await answer(client, "chat", chat("majority", 5, seed=100))
+    assert sorted(call["seed"] for call in sampling_vllm.calls) == [100, 101, 102, 103, 104]
+    assert all(len(call["prompt"]) == 1 for call in sampling_vllm.calls)
