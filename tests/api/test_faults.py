@@ -271,7 +271,7 @@ def test_a_deadline_returns_the_best_finished_answer_marked_partial(tmp_path: Pa
         r.vllm.mode = "hang"
         response = httpx.post(
             r.url + "/v1/chat/completions",
-            json=body("best_of_n", 4, tts_deadline=None),
+            json=body("best_of_n", 4),
             headers={"X-TTS-Deadline-S": "0.5"},
             timeout=30,
         )

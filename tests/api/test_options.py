@@ -20,9 +20,10 @@ MESSAGES = [{"role": "user", "content": "How many?"}]
 
 
 def job(headers: dict[str, str] | None = None, **body: Any) -> Job:
+    profile = body.pop("_profile", None)  # not a body field: the request model refuses unknowns
     request = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, **body})
     lowered = {k.lower(): v for k, v in (headers or {}).items()}
-    return resolve_job(request, lowered, SETTINGS, profile_temperature=body.pop("_profile", None))
+    return resolve_job(request, lowered, SETTINGS, profile_temperature=profile)
 
 
 def error(headers: dict[str, str] | None = None, **body: Any) -> APIError:

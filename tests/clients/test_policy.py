@@ -61,8 +61,8 @@ async def test_each_prompt_is_sent_with_every_sampling_field() -> None:
     ]
 
 
-async def test_a_batched_call_sends_no_shared_seed_and_no_empty_stop() -> None:
-    sampling = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=7, seed=3)
+async def test_a_batched_call_sends_no_seed_and_no_empty_stop() -> None:
+    sampling = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=7)
     [body] = await sent_bodies("batched", sampling, [[1, 2], [3]], n=2)
     assert body == {
         "model": MODEL,
@@ -94,3 +94,15 @@ async def test_cached_tokens_reported_by_vllm_reach_usage_and_flops(
     assert flops["saved_by_prefix_cache"] == 2 * PARAMETERS * cached
     computed = usage["prompt_tokens"] - cached + usage["completion_tokens"]
     assert flops["policy"] == 2 * PARAMETERS * computed
+
+
+async def test_a_seeded_call_goes_per_prompt_even_in_batched_mode() -> None:
+    # One request may carry one seed: shared by a prompt's copies, they would sample alike.
+    sampling = SamplingConfig(temperature=0.7, top_p=1.0, max_tokens=7, seed=3)
+    bodies = await sent_bodies("batched", sampling, [[1, 2], [3]], n=2)
+    assert sorted((b["seed"], b["prompt"]) for b in bodies) == [
+        (3, [[1, 2]]),
+        (4, [[1, 2]]),
+        (5, [[3]]),
+        (6, [[3]]),
+    ]

@@ -7,6 +7,7 @@ prompts, return_token_ids, stop strings, /health, /metrics) and records every ca
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,17 @@ class FakeVLLM:
     cached_tokens: int = 0
     # Seconds each /v1/completions request takes (a slow model), 0: none.
     delay_s: float = 0.0
+    # Sample as a sampling model would: the script's sample number is the request's seed (plus
+    # the copy), a random one without a seed. False: the copy's index, whatever the seed.
+    sample_by_seed: bool = False
+    # The path of every request received, in order (/tokenize included).
+    paths: list[str] = field(default_factory=list)
+
+    def sample_number(self, copy: int, body: dict[str, Any]) -> int:
+        if not self.sample_by_seed:
+            return copy
+        seed = body.get("seed")
+        return random.randrange(1 << 30) if seed is None else int(seed) + copy
 
     def complete(self, prompt: list[int], sample: int, body: dict[str, Any]) -> dict[str, Any]:
         prompt_text = decode(prompt)
@@ -68,6 +80,11 @@ class FakeVLLM:
     def app(self) -> FastAPI:
         app = FastAPI()
 
+        @app.middleware("http")
+        async def record(request: Request, call_next: Any) -> Any:
+            self.paths.append(request.url.path)
+            return await call_next(request)
+
         @app.get("/health")
         async def health() -> dict[str, str]:
             return {}
@@ -91,7 +108,7 @@ class FakeVLLM:
             prompt_tokens = completion_tokens = cached = 0
             for i, prompt in enumerate(prompts):
                 for j in range(int(body.get("n", 1))):
-                    choice = self.complete(prompt, j, body)
+                    choice = self.complete(prompt, self.sample_number(j, body), body)
                     choice["index"] = len(choices)
                     choices.append(choice)
                     prompt_tokens += len(prompt)

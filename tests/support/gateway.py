@@ -1,6 +1,6 @@
 """What the gateway's unit tests share: a scripted three-step solution for the fake vLLM, PRMs
 that score it (and one slow, one failing), a gateway over the real vLLM client talking to the fake
-vLLM in-process, request bodies and an SSE parser."""
+vLLM in-process, request bodies, an SSE parser and the golden test's normalisation of bodies."""
 
 from __future__ import annotations
 
@@ -88,6 +88,24 @@ def chat(strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
         "tts": {"strategy": strategy, "budget": budget, "beam_width": 2},
         **extra,
     }
+
+
+def normalise(body: Any) -> Any:
+    """A response body with what varies between runs blanked (ids, creation times, seconds), as
+    the golden test compares them: two bodies equal after it are the same answer."""
+    if isinstance(body, dict):
+        out: dict[str, Any] = {}
+        for key, value in body.items():
+            if key in ("id", "created", "wall_time_s"):
+                out[key] = "*"
+            elif key == "stage_seconds":
+                out[key] = sorted(value)
+            else:
+                out[key] = normalise(value)
+        return out
+    if isinstance(body, list):
+        return [normalise(v) for v in body]
+    return body
 
 
 def events(text: str) -> list[dict[str, Any] | str]:

@@ -90,8 +90,10 @@ def error_response(error: APIError) -> JSONResponse:
 
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "header")]
-    # pydantic adds the union member's type name to the location ("prompt.str"); drop those.
-    parts = [p for p in parts if p not in ("str", "int", "float", "list[str]", "list[int]")]
+    # pydantic adds the union member's type name to the location ("prompt.str",
+    # "tool_choice.dict[str,any]"); drop those.
+    scalars = ("str", "int", "float", "bool")
+    parts = [p for p in parts if p not in scalars and "[" not in p]
     return ".".join(parts) or None
 
 
@@ -108,6 +110,14 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"invalid request body: {message}")
     if first.get("type") == "missing":
         return APIError(400, f"'{param}' is required", param=param, code="missing_field")
+    if first.get("type") == "extra_forbidden":
+        # Not an OpenAI parameter (nor this server's `tts`): a typo or another server's extension.
+        return APIError(
+            400,
+            f"unrecognized request argument supplied: {param}",
+            param=param,
+            code="unknown_parameter",
+        )
     return APIError(400, f"invalid value for '{param}': {message}", param=param)
 
 

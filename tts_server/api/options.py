@@ -1,10 +1,13 @@
 """A request's options, resolved once into a `Job`: the X-TTS-* headers first, then the body
 (its `tts` object and the OpenAI fields), then the prompt profile (temperature), then settings.
-Every invalid choice is a 400 naming the header or field."""
+Every invalid choice is a 400 naming the header or field, and so is every OpenAI parameter the
+server cannot honour (`PARAMETERS`): never silently dropped."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from tts_server.api.errors import APIError
 from tts_server.api.protocol import (
@@ -20,6 +23,136 @@ from tts_server.api.protocol import (
 from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.types import STRATEGY_NAMES, ChatPrompt, Job, StrategyName, TextPrompt
+
+if TYPE_CHECKING:  # the endpoints' names only: options need nothing else of the responses
+    from tts_server.api.responses import Kind
+
+Use = Literal["honoured", "metadata", "refused"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What the server does with one parameter. `honoured`: what OpenAI does with it (the README
+    says how each strategy uses it); `metadata`: accepted and never used, because it changes
+    neither what is generated nor what is answered; `refused`: a 400 naming it, unless its value
+    is null or one of `accepted`, the values that ask for nothing (OpenAI's defaults)."""
+
+    use: Use
+    accepted: tuple[object, ...] = ()
+    message: str = ""
+    code: str | None = "unsupported_parameter"
+
+
+HONOURED = Rule("honoured")
+METADATA = Rule("metadata")
+
+
+def _refused(message: str, *accepted: object, code: str | None = "unsupported_parameter") -> Rule:
+    return Rule("refused", accepted, message, code)
+
+
+def _not_yet(name: str, *accepted: object) -> Rule:
+    return _refused(f"'{name}' is not supported yet", *accepted)
+
+
+# The same penalty would mean something else in each strategy.
+_PENALTY = (
+    "'{}' is not supported yet: the step searches continue a solution over several vLLM "
+    "calls, where vLLM's penalty would see only the current step; leave it out or set 0"
+)
+_TOOLS = "'{}' is not supported yet: answers are text, never a tool or function call"
+
+_BOTH: dict[str, Rule] = {
+    "model": HONOURED,
+    "max_tokens": HONOURED,
+    "temperature": HONOURED,
+    "top_p": HONOURED,
+    "stop": HONOURED,
+    "seed": HONOURED,
+    "stream": HONOURED,
+    "stream_options": HONOURED,
+    "stream_options.include_usage": HONOURED,
+    "tts": HONOURED,  # this server's own: the search options
+    # Golden-pinned message and code: this refusal predates the table.
+    "n": _refused("n must be 1: use the tts budget to sample more candidates", 1, code=None),
+    "stream_options.include_obfuscation": _refused(
+        "'stream_options.include_obfuscation' is not supported: chunks are never padded; "
+        "leave it out or set false",
+        False,
+    ),
+    # An end-user id for OpenAI's abuse monitoring; this server records no user (no metric
+    # label, no log line holds one).
+    "user": METADATA,
+    "frequency_penalty": _refused(_PENALTY.format("frequency_penalty"), 0),
+    "presence_penalty": _refused(_PENALTY.format("presence_penalty"), 0),
+    "logit_bias": _not_yet("logit_bias", {}),
+}
+
+CHAT: dict[str, Rule] = {
+    **_BOTH,
+    "messages": HONOURED,
+    "max_completion_tokens": HONOURED,
+    # Tags for OpenAI's stored completions, another id, and a routing hint for OpenAI's prompt
+    # cache: none changes the answer (vLLM's prefix cache serves every request by itself).
+    "metadata": METADATA,
+    "safety_identifier": METADATA,
+    "prompt_cache_key": METADATA,
+    "logprobs": _not_yet("logprobs", False),
+    "top_logprobs": _not_yet("top_logprobs", 0),
+    "tools": _refused(_TOOLS.format("tools"), []),
+    # Without tools, "none" and "auto" (OpenAI's defaults without and with tools) ask for nothing.
+    "tool_choice": _refused(_TOOLS.format("tool_choice"), "none", "auto"),
+    "parallel_tool_calls": _refused(_TOOLS.format("parallel_tool_calls"), True),
+    "functions": _refused(_TOOLS.format("functions"), []),
+    "function_call": _refused(_TOOLS.format("function_call"), "none", "auto"),
+    "response_format": _refused(
+        "'response_format' is not supported yet: answers are free text; "
+        'leave it out or use {"type": "text"}',
+        {"type": "text"},
+    ),
+    "modalities": _refused("'modalities': only [\"text\"] is supported", ["text"]),
+    "audio": _refused("'audio' is not supported: the policy writes text"),
+    "prediction": _refused("'prediction' (predicted outputs) is not supported"),
+    "reasoning_effort": _refused(
+        "'reasoning_effort' is not supported: how much the server thinks is the tts strategy "
+        "and budget (X-TTS-Strategy, X-TTS-Budget)"
+    ),
+    "verbosity": _refused("'verbosity' is not supported: only 'medium'", "medium"),
+    "web_search_options": _refused("'web_search_options' is not supported: no web search"),
+    "moderation": _refused("'moderation' is not supported: this server runs no moderation model"),
+    "service_tier": _refused(
+        "'service_tier': this server has one tier, 'auto' or 'default'", "auto", "default"
+    ),
+    "store": _refused("'store' is not supported: this server keeps no completions", False),
+    "prompt_cache_retention": _refused(
+        "'prompt_cache_retention': only 'in_memory' (vLLM's prefix cache lives in memory and "
+        "evicts by its own rule)",
+        "in_memory",
+    ),
+    "prompt_cache_options": _refused(
+        "'prompt_cache_options' is not supported: vLLM's prefix cache is automatic, with no "
+        "breakpoints or lifetimes to choose",
+        {},
+        {"mode": "implicit"},
+    ),
+}
+
+TEXT: dict[str, Rule] = {
+    **_BOTH,
+    "prompt": HONOURED,
+    # In completions, logprobs: 0 asks for the chosen tokens' logprobs: only null asks for none.
+    "logprobs": _not_yet("logprobs"),
+    "echo": _not_yet("echo", False),
+    "suffix": _refused("'suffix' is not supported: the model only continues the prompt", ""),
+    "best_of": _refused(
+        "'best_of' is not supported: ask for the strategy best_of_n and a tts budget "
+        "(X-TTS-Strategy, X-TTS-Budget)",
+        1,
+    ),
+}
+
+# One rule for every field of each endpoint's request model (and of `stream_options`).
+PARAMETERS: dict[Kind, dict[str, Rule]] = {"chat": CHAT, "text": TEXT}
 
 
 def resolve_job(
@@ -43,8 +176,7 @@ def resolve_job(
         raise APIError(
             400, "stream_options is only allowed when stream is true", param="stream_options"
         )
-    if body.n != 1:
-        raise APIError(400, "n must be 1: use the tts budget to sample more candidates", param="n")
+    _refuse_unsupported(body)
     stops = body.stop_list()
     if len(stops) > settings.max_stop_strings:
         raise APIError(400, f"at most {settings.max_stop_strings} stop strings", param="stop")
@@ -85,6 +217,27 @@ def resolve_job(
         max_flops=_max_flops(headers, opts),
         deadline_s=_deadline(headers, opts, settings.request_timeout_s),
     )
+
+
+def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """A 400 naming the first parameter (in the table's order) the server cannot honour."""
+    table = PARAMETERS["chat" if isinstance(body, ChatCompletionRequest) else "text"]
+    for name, rule in table.items():
+        if rule.use != "refused":
+            continue
+        value = _field(body, name)
+        if value is not None and not any(value == ok for ok in rule.accepted):
+            raise APIError(400, rule.message, param=name, code=rule.code)
+
+
+def _field(body: object, dotted: str) -> object:
+    """The value at a dotted field path; None when a parent is absent."""
+    value: object = body
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
 
 def _strategy(
@@ -167,6 +320,17 @@ def _max_tokens(body: CompletionRequest | ChatCompletionRequest, settings: Setti
 
 def _prompt(body: CompletionRequest | ChatCompletionRequest) -> ChatPrompt | TextPrompt:
     if isinstance(body, ChatCompletionRequest):
+        # A picture, a sound or a file read by no one would be dropped silently.
+        for i, message in enumerate(body.messages):
+            parts = message.content if isinstance(message.content, list) else []
+            for j, part in enumerate(parts):
+                if part.type != "text":
+                    raise APIError(
+                        400,
+                        f"only text content parts are supported, got {part.type!r}",
+                        param=f"messages.{i}.content.{j}.type",
+                        code="unsupported_parameter",
+                    )
         messages = body.plain_messages()
         if not any(m["role"] == "user" and m["content"].strip() for m in messages):
             raise APIError(400, "messages must contain a non-empty user message", param="messages")

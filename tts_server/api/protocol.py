@@ -38,15 +38,20 @@ class TTSOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     # A last chunk with empty choices and the whole request's usage, as OpenAI sends it.
     include_usage: bool = False
+    include_obfuscation: bool | None = None
 
 
 class _Common(BaseModel):
-    # Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as vLLM does.
-    model_config = ConfigDict(extra="allow")
+    """Every OpenAI parameter of the endpoint is a field, and nothing else is accepted (a typo or
+    another server's extension is a 400 naming it, as OpenAI answers). What each one does, or
+    why it is refused, is `api.options.PARAMETERS`; the refused ones are typed loosely, by JSON
+    kind only, so that any value but the default gets that table's message."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -58,6 +63,12 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     tts: TTSOptions | None = None
+    # Accepted, never used.
+    user: str | None = None
+    # Refused unless they have OpenAI's default value.
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -67,6 +78,11 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
+    # Refused unless they have OpenAI's default value.
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
 
     def prompt_text(self) -> str | None:
         """The single prompt, or None when several were given."""
@@ -99,6 +115,30 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Accepted, never used.
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # Refused unless they have OpenAI's default value.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -9,7 +9,9 @@ Two ways to send a step's prompts (`call_mode`):
   concurrent requests into the same forward passes, and each response reports its own prefix-cache
   hits, so cached tokens (and the FLOPs count) are measured exactly.
 - "batched": one request carrying every prompt. vLLM 0.32 then reports the cached tokens of the
-  last prompt only, so the cached count is a lower bound.
+  last prompt only, so the cached count is a lower bound. A seeded request is sent per prompt
+  all the same: vLLM takes one seed per request, and the copies of a prompt would share it
+  (sample alike), so a batched call could honour no seed.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class VLLMPolicyClient:
         if not prompts or n < 1:
             return [[] for _ in prompts]
         expanded = [list(p) for p in prompts for _ in range(n)]
-        if self.call_mode == "batched":
+        if self.call_mode == "batched" and sampling.seed is None:
             generations = await self._complete(expanded, sampling, usage, seed=None)
         else:
             generations = await self._complete_each(expanded, sampling, usage)
@@ -130,10 +132,7 @@ class VLLMPolicyClient:
         }
         if sampling.stop:
             body["stop"] = list(sampling.stop)
-        if seed is None and sampling.seed is not None and len(prompts) == 1:
-            seed = sampling.seed
         if seed is not None:
-            # In a batched call a shared seed would make duplicate prompts sample identically.
             body["seed"] = seed
         data = await self._upstream.post_json("/v1/completions", body)
         choices = sorted(data.get("choices", []), key=lambda c: int(c["index"]))
