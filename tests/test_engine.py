@@ -220,3 +220,20 @@ async def test_a_watch_sees_the_running_job() -> None:
     assert seen["policy_calls"] == outcome.result.policy_usage.calls
     assert outcome.decision is not None and seen["route"] == outcome.decision.strategy
     assert seen["difficulty"] in ("easy", "medium", "hard")
+
+
+@pytest.mark.parametrize("strategy", ["auto", "beam_search", "dvts"])
+async def test_a_seeded_job_never_reuses_a_seed_across_its_calls(strategy: str) -> None:
+    # The client seeds sample i of a call with seed + i: each call must start past the samples
+    # already drawn, or auto's route redraws the pilot's samples (and they vote as agreement).
+    policy = Policy(lambda p, k: "2 + 3 = 5\n\nmore")
+    e = engine(policy)
+    outcome = await e.run(*await e.prepare(job(strategy, budget=8, seed=7)))
+    assert len(policy.calls) >= 2
+    seeds = [
+        call.sampling.seed + i  # type: ignore[operator]
+        for call in policy.calls
+        for i in range(len(call.prompts) * call.n)
+    ]
+    assert len(seeds) == len(set(seeds)) and min(seeds) == 7
+    assert outcome.result.policy_usage.calls == len(policy.calls)

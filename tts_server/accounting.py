@@ -40,6 +40,7 @@ class Account:
     prm_scoring_s: float = 0.0
     spent: int = 0  # FLOPs, counted only under a ceiling
     limited: bool = False  # a call was shrunk or skipped to stay under the ceiling
+    samples: int = 0  # drawn so far: a seeded request's next call starts its seeds past them
 
     @property
     def remaining(self) -> int | None:
@@ -75,6 +76,12 @@ class AccountedPolicy:
             if max_tokens < sampling.max_tokens:
                 account.limited = True
                 sampling = replace(sampling, max_tokens=max_tokens)
+        if sampling.seed is not None:
+            # The client seeds sample i of a call with seed + i; without an offset every call of
+            # a request would start again at the seed and redraw its earlier samples (auto's
+            # route the pilot's, adaptive's rounds the first), which then vote as agreement.
+            sampling = replace(sampling, seed=sampling.seed + account.samples)
+        account.samples += len(prompts) * n
         started = time.perf_counter()
         call = PolicyUsage()
         try:
