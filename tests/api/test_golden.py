@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.support.fake_vllm import EOS, FakeVLLM
+from tests.support.gateway import normalise
 from tts_server.api.app import create_app
 from tts_server.clients import VLLMPolicyClient
 from tts_server.settings import Settings
@@ -214,23 +215,6 @@ def _cases() -> dict[str, Case]:
 CASES = _cases()
 
 
-def _normalise(body: Any) -> Any:
-    """Ids, creation times and seconds vary between runs: blanked, keys kept."""
-    if isinstance(body, dict):
-        out: dict[str, Any] = {}
-        for key, value in body.items():
-            if key in ("id", "created", "wall_time_s"):
-                out[key] = "*"
-            elif key == "stage_seconds":
-                out[key] = sorted(value)
-            else:
-                out[key] = _normalise(value)
-        return out
-    if isinstance(body, list):
-        return [_normalise(v) for v in body]
-    return body
-
-
 async def _answer(client: httpx.AsyncClient, case: Case) -> dict[str, Any]:
     _, endpoint, body, headers = case
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
@@ -253,9 +237,9 @@ async def _answer(client: httpx.AsyncClient, case: Case) -> dict[str, Any]:
     }
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
-        seen["events"] = [e if e == "[DONE]" else _normalise(json.loads(e)) for e in events]
+        seen["events"] = [e if e == "[DONE]" else normalise(json.loads(e)) for e in events]
     else:
-        seen["body"] = _normalise(response.json())
+        seen["body"] = normalise(response.json())
     return seen
 
 
