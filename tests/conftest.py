@@ -1,10 +1,12 @@
 """Session-scoped real servers for integration tests: one vLLM CPU server, one PRM worker and
-one gateway per test session (vLLM takes about 30 s to start on two cores)."""
+one gateway per test session (vLLM takes about 30 s to start on two cores); and, for the `vllm`
+PRM backend, a second vLLM serving a tiny random-weight PRM as a pooling model."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,9 @@ import pytest
 from hypothesis import settings
 
 from tests.support.servers import ServerProcess, cli, free_port
+from tests.support.tiny_prm import build_tiny_vllm_prm
+from tts_server.launch.vllm import prm_argv, vllm_env
+from tts_server.settings import Settings
 
 # Hypothesis's 200 ms per-example deadline is a clock assertion; this machine's clock is noisy.
 settings.register_profile("tts", deadline=None)
@@ -49,6 +54,19 @@ def check_is_vllm(url: str, client: httpx.Client | None = None) -> str:
     if MODEL not in served:
         pytest.fail(f"{where} (vLLM {version}) does not serve {MODEL}: it serves {served}")
     return url
+
+
+@dataclass
+class PoolingPRM:
+    """A vLLM server serving the tiny PRM built in `folder` (with its tokenizer)."""
+
+    url: str
+    model: str
+    folder: Path
+    tag_id: int
+    max_model_len: int
+    build_s: float  # building the model folder
+    start_s: float  # starting vLLM until healthy
 
 
 @pytest.fixture(scope="session")
@@ -101,5 +119,30 @@ def stack(policy_url: str, prm_url: str, log_dir: Path) -> Iterator[Stack]:
     try:
         server.wait_healthy(60)
         yield Stack(policy_url=policy_url, prm_url=prm_url, gateway_url=server.url)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_prm(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolingPRM]:
+    """A random-weight Qwen2ForProcessRewardModel (seeded) on the embedded SmolLM2 tokenizer
+    with `<extra_0>` added, served by vLLM CPU: about 1 GB, healthy in about 40 s."""
+    started = time.monotonic()
+    settings = Settings()
+    if not (settings.embedded_model_dir / "tokenizer.json").exists():
+        pytest.fail(f"no embedded model at {settings.embedded_model_dir}: run `make install`")
+    folder, tag_id = build_tiny_vllm_prm(
+        tmp_path_factory.mktemp("tiny-vllm-prm"), settings.embedded_model_dir
+    )
+    built = time.monotonic()
+    port, name, max_len = free_port(), "tiny-vllm-prm", 512
+    argv = prm_argv(
+        settings, folder, name, port, step_tag_id=tag_id, max_model_len=max_len, dtype="float32"
+    )
+    server = ServerProcess("vllm-prm", argv, port, log_dir).start(env=vllm_env(kv_cache_gib=1))
+    try:
+        server.wait_healthy(600)
+        now = time.monotonic()
+        yield PoolingPRM(server.url, name, folder, tag_id, max_len, built - started, now - built)
     finally:
         server.stop()

@@ -61,6 +61,27 @@ def test_count_matches_transformers_weights(family: str, tied: bool) -> None:
     assert shape_from_config(json.loads(model.config.to_json_string())).parameters == expected
 
 
+@pytest.mark.parametrize("labels", [2, 3])
+def test_a_token_classification_prm_counts_its_head_not_a_vocabulary(labels: int) -> None:
+    """The `hf` backend's PRMs: the classifier head replaces the vocabulary projection."""
+    import transformers
+
+    config = transformers.Qwen2Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        num_labels=labels,
+        architectures=["Qwen2ForTokenClassification"],
+    )
+    model = transformers.Qwen2ForTokenClassification(config)
+    weights = sum(p.numel() for p in model.parameters())
+    expected = weights - model.get_input_embeddings().weight.numel()
+    assert shape_from_config(json.loads(config.to_json_string())).parameters == expected
+
+
 def test_policy_flops_formula_and_cache_savings() -> None:
     counter = FlopsCounter(ModelShape(1000, layers=2, attention_width=8), ModelShape(50))
     usage = PolicyUsage(prompt_tokens=100, completion_tokens=20, cached_tokens=64)

@@ -63,7 +63,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_prm_worker(args: argparse.Namespace) -> int:
-    settings = _settings(prm_port=args.port, prm_backend=args.backend, prm_model_path=args.model)
+    settings = _settings(
+        prm_port=args.port,
+        prm_backend=args.backend,
+        prm_model_path=args.model,
+        prm_vllm_url=args.vllm_url,
+    )
     argv = [
         sys.executable,
         "-m",
@@ -77,6 +82,16 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
     ]
     if settings.prm_model_path:
         argv += ["--model", settings.prm_model_path]
+    if settings.prm_vllm_url:
+        argv += ["--vllm-url", settings.prm_vllm_url]
+    for flag, value in (
+        ("--tokenizer", args.tokenizer),
+        ("--max-batch-tokens", args.max_batch_tokens),
+        ("--timeout", args.timeout),
+        ("--retries", args.retries),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
     os.execv(sys.executable, argv)
     return 0  # pragma: no cover - execv does not return
 
@@ -153,8 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     prm = sub.add_parser("prm-worker", help="run the PRM worker")
     prm.add_argument("--host", default="127.0.0.1")
     prm.add_argument("--port", type=int, default=None)
-    prm.add_argument("--backend", default=None, help="arith (default) or hf")
-    prm.add_argument("--model", default=None, help="model folder for the hf backend")
+    prm.add_argument("--backend", default=None, help="arith (default), hf or vllm")
+    prm.add_argument(
+        "--model", default=None, help="hf: the model folder; vllm: the PRM's served model name"
+    )
+    prm.add_argument("--vllm-url", default=None, help="vllm: the PRM's vLLM server")
+    prm.add_argument(
+        "--tokenizer", default=None, help="vllm: a local tokenizer folder (default: /tokenize)"
+    )
+    prm.add_argument("--max-batch-tokens", type=int, default=None, help="vllm: per /pooling call")
+    prm.add_argument("--timeout", type=float, default=None, help="vllm: seconds per call")
+    prm.add_argument("--retries", type=int, default=None, help="vllm: after a timeout or 5xx")
     prm.set_defaults(func=cmd_prm_worker)
 
     pol = sub.add_parser("policy", help="run a local vLLM CPU server (embedded SmolLM2 by default)")

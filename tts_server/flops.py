@@ -59,7 +59,7 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
     """Parameter count of a Llama/Qwen2/Mistral-style decoder from its `config.json`.
 
     Counts attention (q, k, v, o and their biases where the family has them), the gated MLP, the
-    norms and the output head.
+    norms and the output head (a PRM's classification head for those architectures).
     """
     if "text_config" in config and isinstance(config["text_config"], dict):
         config = config["text_config"]
@@ -76,10 +76,22 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         attention += q + 2 * kv  # Qwen2 has biases on q, k and v
     mlp = 3 * d * ff  # gate, up and down projections
     per_layer = attention + mlp + 2 * d  # two RMSNorm weight vectors
-    head = vocab * d  # the output projection; the input table is a lookup (no FLOPs)
+    head = _head_parameters(config, d, vocab)
     return ModelShape(
         parameters=layers * per_layer + d + head, layers=layers, attention_width=int(q)
     )
+
+
+def _head_parameters(config: dict[str, Any], d: int, vocab: int) -> int:
+    """The output head: a PRM's classifier, else the vocabulary projection (the input table is a
+    lookup, no FLOPs: a tied one counts once, here)."""
+    architectures = [str(a) for a in config.get("architectures") or []]
+    labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+    if any(a.endswith("ForProcessRewardModel") for a in architectures):
+        return d * d + d + d * labels + labels  # Qwen2.5-Math-PRM: Linear(d, d), ReLU, Linear(d, 2)
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return d * labels + labels
+    return vocab * d
 
 
 def shape_from_path(path: Path) -> ModelShape:

@@ -13,7 +13,7 @@ from tts_server.types import Aggregation, SelectionRule, StrategyName
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The PRM worker's backends (prm_worker/backends registers one of each).
-PRMBackendName = Literal["arith", "hf"]
+PRMBackendName = Literal["arith", "hf", "vllm"]
 CACHE_DIR = Path.home() / ".cache" / "tts-server"
 
 
@@ -100,7 +100,10 @@ class Settings(BaseSettings):
     # --- PRM worker (`tts-server prm-worker`) ---
     prm_port: int = 8200
     prm_backend: PRMBackendName = "arith"
+    # hf: the model folder; vllm: the PRM's served model name.
     prm_model_path: str | None = None
+    # vllm: the vLLM server that serves the PRM as a pooling model.
+    prm_vllm_url: str | None = None
 
     # --- strategy defaults and caps ---
     default_strategy: StrategyName = "auto"

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from tests.support.servers import cli
-from tts_server.launch.vllm import cpu_dtype, vllm_argv
+from tts_server.launch.vllm import cpu_dtype, prm_argv, vllm_argv, vllm_env
 from tts_server.settings import Settings
 
 
@@ -34,6 +34,20 @@ def test_vllm_command_line(tmp_path: Path) -> None:
     assert "--enable-prompt-tokens-details" in argv
     # Small KV blocks, so a search step's re-sent prefix is served from the prefix cache.
     assert argv[argv.index("--block-size") + 1] == "32"
+
+
+def test_prm_command_line_serves_a_pooling_model(tmp_path: Path) -> None:
+    argv = prm_argv(Settings(), tmp_path, "prm", 8124, step_tag_id=49152, max_model_len=512)
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--served-model-name") + 1] == "prm"
+    assert argv[argv.index("--runner") + 1] == "pooling"
+    assert json.loads(argv[argv.index("--pooler-config") + 1]) == {"step_tag_id": 49152}
+    assert argv[argv.index("--max-model-len") + 1] == "512"
+    # Qwen's own tokenizer needs neither: vLLM's defaults fit it.
+    default = prm_argv(Settings(), "Qwen/Qwen2.5-Math-PRM-7B", "prm", 8124)
+    assert "--pooler-config" not in default and "--max-model-len" not in default
+    assert vllm_env(1)["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert vllm_env()["VLLM_TARGET_DEVICE"] == "cpu"
 
 
 def test_a_bad_setting_is_one_clear_line_not_a_traceback() -> None:

@@ -1,7 +1,9 @@
-"""Start a real vLLM OpenAI server on the CPU from the vLLM venv (`tts-server policy`)."""
+"""Start a real vLLM OpenAI server on the CPU from the vLLM venv: the policy (`tts-server policy`)
+or a PRM as a pooling model (`prm_argv`, for the `vllm` PRM backend)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -15,7 +17,7 @@ class LaunchError(RuntimeError):
     pass
 
 
-def vllm_env() -> dict[str, str]:
+def vllm_env(kv_cache_gib: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
@@ -26,6 +28,8 @@ def vllm_env() -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false",
         }
     )
+    if kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     return env
 
 
@@ -64,20 +68,51 @@ def cpu_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
-def vllm_argv(settings: Settings, model_dir: Path, port: int) -> list[str]:
-    dtype = cpu_dtype() if settings.policy_dtype == "auto" else settings.policy_dtype
+def server_argv(python: Path, model: Path | str, served_name: str, port: int) -> list[str]:
+    """The start of every vLLM server's command line (the `vllm` console script is broken in the
+    CPU package: the module is run instead)."""
     return [
-        str(settings.vllm_python),
+        str(python),
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        str(model_dir),
+        str(model),
         "--served-model-name",
-        settings.policy_model,
+        served_name,
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
+    ]
+
+
+def prm_argv(
+    settings: Settings,
+    model: Path | str,
+    served_name: str,
+    port: int,
+    *,
+    step_tag_id: int | None = None,
+    max_model_len: int | None = None,
+    dtype: str = "auto",
+) -> list[str]:
+    """A PRM served as a pooling model (`POST /pooling`, one row per step tag). `step_tag_id`:
+    the tag's id in the PRM's vocabulary when it is not Qwen's `<extra_0>` (151651, vLLM's
+    default for Qwen2ForProcessRewardModel)."""
+    argv = server_argv(settings.vllm_python, model, served_name, port)
+    argv += ["--runner", "pooling", "--dtype", cpu_dtype() if dtype == "auto" else dtype]
+    argv += ["--enforce-eager", "--disable-uvicorn-access-log"]
+    if step_tag_id is not None:
+        argv += ["--pooler-config", json.dumps({"step_tag_id": step_tag_id})]
+    if max_model_len is not None:
+        argv += ["--max-model-len", str(max_model_len)]
+    return argv
+
+
+def vllm_argv(settings: Settings, model_dir: Path, port: int) -> list[str]:
+    dtype = cpu_dtype() if settings.policy_dtype == "auto" else settings.policy_dtype
+    return [
+        *server_argv(settings.vllm_python, model_dir, settings.policy_model, port),
         "--dtype",
         dtype,
         "--max-model-len",
@@ -95,7 +130,6 @@ def exec_policy_server(settings: Settings, port: int) -> None:
     """Replace this process with the vLLM server, so its PID is the server's own."""
     check_vllm_python(settings)
     model_dir = ensure_model(settings)
-    env = vllm_env()
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
+    env = vllm_env(settings.kv_cache_gib)
     argv = vllm_argv(settings, model_dir, port)
     os.execve(argv[0], argv, env)

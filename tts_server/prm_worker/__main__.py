@@ -22,8 +22,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="arith")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8200)
-    parser.add_argument("--model", default=None, help="model folder (hf backend)")
+    parser.add_argument(
+        "--model", default=None, help="hf: the model folder; vllm: the PRM's served model name"
+    )
     parser.add_argument("--device", default=None, help="torch device (hf backend), e.g. cpu")
+    vllm = parser.add_argument_group("vllm backend (a PRM served by vLLM as a pooling model)")
+    vllm.add_argument("--vllm-url", default=None, help="the PRM's vLLM server, e.g. http://...")
+    vllm.add_argument(
+        "--tokenizer", default=None, help="local tokenizer folder (default: vLLM's /tokenize)"
+    )
+    vllm.add_argument(
+        "--max-batch-tokens", type=int, default=None, help="tokens per /pooling request (8192)"
+    )
+    vllm.add_argument("--timeout", type=float, default=None, help="seconds per vLLM call (30)")
+    vllm.add_argument(
+        "--retries", type=int, default=None, help="retries after a timeout or 5xx (2)"
+    )
     parser.add_argument("--max-batch-size", type=int, default=64, help="solutions per call")
     parser.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill"
@@ -50,11 +64,23 @@ class _Server(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.backend == "vllm" and not (args.vllm_url and args.model):
+        print("error: the vllm backend needs --vllm-url and --model", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        backend = load_backend(args.backend, model=args.model, device=args.device)
+        backend = load_backend(
+            args.backend,
+            model=args.model,
+            device=args.device,
+            url=args.vllm_url,
+            tokenizer=args.tokenizer,
+            max_batch_tokens=args.max_batch_tokens,
+            timeout_s=args.timeout,
+            retries=args.retries,
+        )
     except BackendError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

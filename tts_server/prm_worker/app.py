@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -51,6 +52,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await batcher.aclose()
+        backend.close()
 
     app = FastAPI(
         title="tts-server PRM worker",
@@ -76,8 +78,11 @@ def create_app(
         return Response(body, media_type=content_type)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "backend": backend.name, "model": backend.model_name}
+    async def health() -> JSONResponse:
+        # A backend in front of a model server is healthy only while that server is.
+        ok = await asyncio.to_thread(backend.healthy)
+        body = {"status": "ok" if ok else "unavailable", "backend": backend.name}
+        return JSONResponse({**body, "model": backend.model_name}, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -96,7 +101,7 @@ def create_app(
         try:
             scored = await batcher.score(items)
         except BatcherError as exc:
-            raise WorkerError(exc.status, str(exc)) from exc
+            raise WorkerError(exc.status, str(exc), param=exc.param) from exc
         return ScoreResponse(
             scores=scored.scores,
             model=backend.model_name,

@@ -3,7 +3,9 @@
 Requests queue up; one worker task takes the oldest request, waits at most `batch_wait_s` (counted
 from that request's arrival) for more until `max_batch_size` solutions are queued, and runs the
 backend once, in a thread, on all of them. Each request gets its own slice back; a backend error
-fails only the requests of that batch. Requests arriving while a batch runs form the next one.
+fails only the requests of that batch (500; 503 when the backend is unavailable), and a solution
+the backend rejects fails only the request holding it (400). Requests arriving while a batch runs
+form the next one.
 
 Solutions already scored (same question, same steps) are answered from an LRU cache: search
 strategies and retried requests send the same solutions again, and a PRM is deterministic.
@@ -22,15 +24,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tts_server.prm_worker import metrics
-from tts_server.prm_worker.backends.base import PRMBackend, ScoreItem
+from tts_server.prm_worker.backends.base import (
+    BackendUnavailable,
+    ItemsRejected,
+    PRMBackend,
+    ScoreItem,
+)
 
 logger = logging.getLogger("tts_server.prm_worker")
 
 
 class BatcherError(Exception):
-    """A score request could not be served; `status` is the HTTP status to answer with."""
+    """A score request could not be served; `status` is the HTTP status to answer with, `param`
+    the request field at fault."""
 
     status = 500
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class BackendFailure(BatcherError):
@@ -43,6 +55,14 @@ class Overloaded(BatcherError):
 
 class Closed(BatcherError):
     status = 503
+
+
+class Unavailable(BatcherError):
+    status = 503
+
+
+class Rejected(BatcherError):
+    status = 400
 
 
 @dataclass
@@ -88,6 +108,7 @@ class ScoreCache:
 class _Job:
     items: list[ScoreItem]
     future: asyncio.Future[Scored]
+    indices: list[int]  # of the items in the request's solutions
     enqueued: float = field(default=0.0)
 
 
@@ -138,7 +159,7 @@ class ScoreBatcher:
             raise Overloaded(f"the PRM worker has over {self.max_queued} solutions queued")
         loop = asyncio.get_running_loop()
         self._ensure_worker(loop)
-        job = _Job([(items[i][0], list(items[i][1])) for i in work], loop.create_future())
+        job = _Job([(items[i][0], list(items[i][1])) for i in work], loop.create_future(), work)
         job.enqueued = loop.time()
         self._pending.append(job)
         self._queued += len(job.items)
@@ -209,10 +230,14 @@ class ScoreBatcher:
         metrics.BATCH_SIZE.observe(len(items))
         started = time.perf_counter()
         try:
-            scores, tokens = await asyncio.to_thread(self._call_backend, items)
+            scores, tokens, rejected = await asyncio.to_thread(self._call_backend, items)
         except asyncio.CancelledError:
             self._fail(batch, Closed("the PRM worker is shutting down"))
             raise
+        except BackendUnavailable as exc:
+            logger.error("PRM backend unavailable for %d solutions: %s", len(items), exc)
+            self._fail(batch, Unavailable(f"the PRM backend is unavailable: {exc}"))
+            return
         except Exception as exc:
             # The type only: a message could carry prompt text.
             logger.error("PRM backend failed on %d solutions: %s", len(items), type(exc).__name__)
@@ -226,24 +251,42 @@ class ScoreBatcher:
         offset = 0
         for job in batch:
             end = offset + len(job.items)
-            if not job.future.done():
+            bad = [k for k in range(len(job.items)) if offset + k in rejected]
+            if job.future.done():
+                pass
+            elif bad:
+                k, reason = job.indices[bad[0]], rejected[offset + bad[0]]
+                error = Rejected(f"solution {k}: {reason}", param=f"solutions.{k}")
+                job.future.set_exception(error)
+            else:
                 job.future.set_result(Scored(scores[offset:end], sum(tokens[offset:end])))
             offset = end
 
-    def _call_backend(self, items: list[ScoreItem]) -> tuple[list[list[float]], list[int]]:
-        """Runs in a worker thread: score, check the shape and range, count tokens."""
-        raw = self.backend.score_batch(items)
+    def _call_backend(
+        self, items: list[ScoreItem]
+    ) -> tuple[list[list[float]], list[int], dict[int, str]]:
+        """Runs in a worker thread: score, check the shape and range, count tokens. Also returns
+        the rejected items' reasons by index (their rows are empty, their tokens 0)."""
+        rejected: dict[int, str] = {}
+        try:
+            raw: Sequence[Sequence[float]] = self.backend.score_batch(items)
+        except ItemsRejected as exc:
+            raw, rejected = exc.scores, exc.reasons
         if len(raw) != len(items):
             raise ValueError(f"backend returned {len(raw)} score lists for {len(items)} items")
         scores: list[list[float]] = []
-        for (_, steps), row in zip(items, raw, strict=True):
+        for i, ((_, steps), row) in enumerate(zip(items, raw, strict=True)):
             values = [float(v) for v in row]
+            if i in rejected:
+                scores.append([])
+                continue
             if len(values) != len(steps):
                 raise ValueError(f"backend returned {len(values)} scores for {len(steps)} steps")
             if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
                 raise ValueError("backend returned a score outside [0, 1]")
             scores.append(values)
-        return scores, [self.backend.count_tokens(item) for item in items]
+        tokens = [0 if i in rejected else self.backend.count_tokens(x) for i, x in enumerate(items)]
+        return scores, tokens, rejected
 
     @staticmethod
     def _fail(jobs: list[_Job], error: BatcherError) -> None:

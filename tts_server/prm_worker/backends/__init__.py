@@ -7,14 +7,23 @@ from collections.abc import Callable
 from typing import Any, get_args
 
 from tts_server.prm_worker.backends.arith import ArithBackend
-from tts_server.prm_worker.backends.base import BackendError, PRMBackend, ScoreItem
+from tts_server.prm_worker.backends.base import (
+    BackendError,
+    BackendUnavailable,
+    ItemsRejected,
+    PRMBackend,
+    ScoreItem,
+)
 from tts_server.prm_worker.backends.hf import HFBackend
+from tts_server.prm_worker.backends.vllm import VLLMBackend
 from tts_server.settings import PRMBackendName
 
-# hf.py imports torch and transformers only when an HFBackend is built.
+# hf.py imports torch and transformers only when an HFBackend is built (vllm.py only for a local
+# tokenizer).
 BACKENDS: dict[str, Callable[..., PRMBackend]] = {
     "arith": ArithBackend,
     "hf": HFBackend,
+    "vllm": VLLMBackend,
 }
 assert tuple(BACKENDS) == get_args(PRMBackendName), "settings name every backend"
 
@@ -33,4 +42,12 @@ def load_backend(name: str, **options: Any) -> PRMBackend:
     return factory(**given)
 
 
-__all__ = ["BACKENDS", "BackendError", "PRMBackend", "ScoreItem", "load_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "BackendUnavailable",
+    "ItemsRejected",
+    "PRMBackend",
+    "ScoreItem",
+    "load_backend",
+]

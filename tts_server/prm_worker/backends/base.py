@@ -13,6 +13,23 @@ class BackendError(Exception):
     """A backend cannot be built (unknown name, bad option, missing model files)."""
 
 
+class BackendUnavailable(Exception):
+    """The backend cannot score now (its model server is down, timing out or misconfigured):
+    the worker answers 503, which the gateway retries and reads as the PRM being down. The
+    message may reach clients: no prompt text, no addresses."""
+
+
+class ItemsRejected(Exception):
+    """Some items cannot be scored as given (over the PRM's context, refused by its server): the
+    requests holding them are answered 400 with the reason; the others get `scores` (a row per
+    item, [] for the rejected ones), so one bad solution does not fail the batch."""
+
+    def __init__(self, reasons: dict[int, str], scores: list[list[float]]) -> None:
+        super().__init__(f"{len(reasons)} of {len(scores)} solutions rejected")
+        self.reasons = reasons
+        self.scores = scores
+
+
 class PRMBackend(ABC):
     """A process reward model. `score_batch` is synchronous: the worker runs it in a thread.
 
@@ -21,12 +38,24 @@ class PRMBackend(ABC):
 
     name: str
     model_name: str
-    # Parameters doing multiply-adds per token (the FLOPs count's N); 0 for a rule-based checker.
-    parameters: int = 0
+    # Parameters doing multiply-adds per token (the FLOPs count's N); 0 for a rule-based checker,
+    # None while unknown (the gateway then counts no FLOPs, unless TTS_PRM_PARAMS is set).
+    parameters: int | None = 0
 
     @abstractmethod
     def score_batch(self, items: Sequence[ScoreItem]) -> list[list[float]]:
-        """result[i][k] in [0, 1] scores step k of items[i]; len(result[i]) == len(steps)."""
+        """result[i][k] in [0, 1] scores step k of items[i]; len(result[i]) == len(steps).
+
+        Raises `ItemsRejected` or `BackendUnavailable`; any other exception is a 500.
+        """
+
+    def close(self) -> None:
+        """Release connections or models when the worker stops (default: nothing to release)."""
+        return None
+
+    def healthy(self) -> bool:
+        """Whether the backend can score now (the worker's /health); run in a thread."""
+        return True
 
     def count_tokens(self, item: ScoreItem) -> int:
         """Tokens the backend processes for `item` (for usage reports). Default: words."""

@@ -1,8 +1,8 @@
 """`hf`: a transformers PRM in the Qwen2.5-Math-PRM format.
 
-The conversation is [system prompt, user question, assistant = steps joined by `<extra_0>`, with a
-trailing `<extra_0>`], rendered with the tokenizer's chat template. The model's 2-class head gives
-logits at every token; a step's score is P(class 1) (softmax) at its `<extra_0>` tag.
+The conversation is the family's (`formats.QWEN_MATH_PRM`: system prompt, user question, assistant =
+every step followed by `<extra_0>`), rendered with the tokenizer's chat template. The model's
+2-class head gives logits at every token; a step's score is P(class 1) (softmax) at its tag.
 torch and transformers are imported only when an `HFBackend` is built.
 """
 
@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tts_server.prm_worker.backends.base import BackendError, PRMBackend, ScoreItem
+from tts_server.prm_worker.backends.formats import QWEN_MATH_PRM
 
-STEP_TAG = "<extra_0>"
-SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+STEP_TAG = QWEN_MATH_PRM.step_tag
+SYSTEM_PROMPT = QWEN_MATH_PRM.system_prompt
 
 
 class HFBackend(PRMBackend):
@@ -68,17 +69,7 @@ class HFBackend(PRMBackend):
             raise BackendError(f"{model!r} does not score steps: {exc}") from exc
 
     def render(self, item: ScoreItem) -> str:
-        question, steps = item
-        content = "".join(step.replace(STEP_TAG, "").strip() + STEP_TAG for step in steps)
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": question.replace(STEP_TAG, "")},
-            {"role": "assistant", "content": content},
-        ]
-        text: str = self._tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=False
-        )
-        return text
+        return QWEN_MATH_PRM.render(self._tokenizer, item)
 
     def count_tokens(self, item: ScoreItem) -> int:
         ids = self._tokenizer(self.render(item), add_special_tokens=False)["input_ids"]
