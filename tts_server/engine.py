@@ -15,7 +15,7 @@ from tts_server.accounting import Account
 from tts_server.errors import DeadlineExceeded, FlopsUnknown, PromptTooLong, UpstreamDown
 from tts_server.flops import Flops, FlopsCounter, find_policy_shape, find_prm_shape
 from tts_server.prompting import PromptProfile, RenderedPrompt, render_chat
-from tts_server.router import RouterTable, default_table, load_table
+from tts_server.router import RouterTable, default_table
 from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.strategies.common import finish
@@ -94,20 +94,19 @@ class TTSEngine:
         prm: PRMService,
         health: UpstreamHealth,
         profile: PromptProfile,
+        table: RouterTable | None = None,
     ) -> None:
+        """`table`: the router table `auto` serves (`load_table` at start, so a bad one fails
+        there); None: the default for the policy's size, chosen once that size is known."""
         self.settings = settings
         self.policy = policy
         self.prm = prm
         self.health = health
         self.profile = profile
         self._counter: FlopsCounter | None = None
-        self._table: RouterTable | None = None
-        if settings.router_table is not None:
-            # Fail at start on a bad table, not on the first request.
-            self._table = load_table(settings.router_table)
-            logger.info(
-                "router table %s: auto serves %s", self._table.source, self._table.summary()
-            )
+        self._table = table
+        if table is not None:
+            logger.info("router table %s: auto serves %s", table.source, table.summary())
 
     async def prepare(self, job: Job) -> tuple[Job, RenderedPrompt]:
         """Everything that can refuse a job before it costs a generation: the upstreams' health

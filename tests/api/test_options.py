@@ -122,6 +122,7 @@ def test_sampling_fields_and_limits_travel_in_the_job() -> None:
         ({"X-TTS-Strategy": "dvts", "X-TTS-Beam-Width": "16"}, {}, "X-TTS-Beam-Width"),
         ({"X-TTS-Beam-Width": "wide"}, {}, "X-TTS-Beam-Width"),
         ({"X-TTS-Max-FLOPs": "0"}, {}, "X-TTS-Max-FLOPs"),
+        ({"X-TTS-Max-FLOPs": "1e999"}, {}, "X-TTS-Max-FLOPs"),  # int(float()) overflows
         ({"X-TTS-Deadline-S": "soon"}, {}, "X-TTS-Deadline-S"),
         ({}, {"n": 2}, "n"),
         ({}, {"stop": ["x" * 129]}, "stop"),

@@ -15,6 +15,7 @@ from tts_server.api.routes import Gateway, router
 from tts_server.clients import HTTPPRMClient, RetryPolicy, VLLMPolicyClient
 from tts_server.engine import TTSEngine
 from tts_server.prompting import load_profile
+from tts_server.router import load_table
 from tts_server.settings import Settings
 from tts_server.types import PolicyService, PRMService
 
@@ -28,6 +29,9 @@ def create_app(
     """The gateway over `policy` and `prm` (built from settings when not given; the app then
     closes them on shutdown). A bad prompt profile or router table fails here, at start."""
     settings = settings or Settings()
+    # What can be wrong in the configuration fails first, before any client is opened.
+    profile = load_profile(settings.profile_for(settings.policy_model))
+    table = load_table(settings.router_table) if settings.router_table is not None else None
     owned: list[PolicyService | PRMService] = []
     retry = RetryPolicy(
         settings.upstream_retries, settings.retry_backoff_s, settings.retry_backoff_cap_s
@@ -46,17 +50,18 @@ def create_app(
         owned.append(prm)
     readiness = Readiness(policy.health, prm.health, interval_s=settings.probe_interval_s)
     admission = Admission(settings.max_in_flight, settings.max_queue, settings.queue_timeout_s)
-    profile = load_profile(settings.profile_for(settings.policy_model))
-    engine = TTSEngine(settings, policy, prm, readiness, profile)
+    engine = TTSEngine(settings, policy, prm, readiness, profile, table)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await readiness.probe_once()
-        readiness.start()
-        yield
-        await readiness.stop()
-        for client in owned:
-            await client.aclose()
+        try:
+            await readiness.probe_once()
+            readiness.start()
+            yield
+        finally:
+            await readiness.stop()
+            for client in owned:
+                await client.aclose()
 
     app = FastAPI(title="tts-server", version="0.1.0", lifespan=lifespan)
     app.state.gateway = Gateway(settings, engine, readiness)

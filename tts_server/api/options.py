@@ -355,7 +355,7 @@ def _positive(
         raw, param = headers[header.lower()].strip(), header
         try:
             value = parse(raw)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: int(float("1e999"))
             raise APIError(400, f"'{param}' must be a number, got {raw!r}", param=param) from None
     elif option is not None:
         value, param = option, f"tts.{option_name}"
