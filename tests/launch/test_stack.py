@@ -58,7 +58,8 @@ def test_up_serves_then_stops_children_on_sigterm(
         assert f"curl -s http://127.0.0.1:{port}/v1/chat/completions" in output
         pids = [int(p) for p in re.findall(r"pid=(\d+)", output)]
         assert len(pids) == 2  # PRM worker and gateway; the policy is the existing server
-        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        # The banner comes once the gateway is ready, not merely alive: a request now is served.
+        assert httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200
         for number in signals:  # back to back, as a process group gets them
             process.send_signal(number)
         assert process.wait(60) == 0

@@ -120,7 +120,9 @@ def run_stack(
         Child(
             "gateway",
             [*cli, "gateway", "--host", settings.host, "--port", str(settings.port)],
-            f"http://{settings.host}:{settings.port}/health",
+            # Ready, not just alive: its own probe must have seen both upstreams up, or the
+            # first request after the banner is a 503.
+            f"http://{settings.host}:{settings.port}/health/ready",
             logs / "gateway.log",
             # It drains its requests first (upstreams still up: it is stopped first).
             stop_timeout_s=settings.drain_timeout_s + STOP_TIMEOUT_S,
