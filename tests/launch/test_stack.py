@@ -43,6 +43,7 @@ def test_up_serves_then_stops_children_on_sigterm(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
     )
     lines: list[str] = []
+    pids: list[int] = []
     try:
         assert process.stdout is not None
         deadline = time.monotonic() + 120
@@ -66,6 +67,9 @@ def test_up_serves_then_stops_children_on_sigterm(
         for pid in pids:
             assert not _pid_alive(pid), f"child {pid} outlived the supervisor"
     finally:
-        if process.poll() is None:
+        if process.poll() is None:  # the test failed with the supervisor still running
             process.kill()
             process.wait()
+            for pid in pids:  # killed, it could not stop its children: they are ours to end
+                if _pid_alive(pid):
+                    os.kill(pid, signal.SIGTERM)
