@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 from tts_server.router import Route, estimate
 from tts_server.strategies.adaptive import draw_until_settled
 from tts_server.strategies.best_of_n import best_of_n
-from tts_server.strategies.common import StrategyFn, finish, require_prm
+from tts_server.strategies.common import finish, require_prm
+
+if TYPE_CHECKING:
+    from tts_server.strategies import Strategy
 from tts_server.types import (
     Decision,
     PolicyClient,
@@ -43,9 +47,10 @@ async def auto(
         width = table.fixed_beam_width or config.beam_width
         budget, width = plan_budget(Route(name, width, table.fixed_budget_share), config.budget, 0)
         progress.decision = Decision(None, name, budget, width, False)
-        run, needs_prm = _strategy(name)
+        strategy = _registered(name)
+        assert strategy is not None, "the table's fixed strategy is checked when it loads"
         fixed = dataclasses.replace(config, budget=budget, beam_width=width)
-        return await run(problem, fixed, policy, verifier if needs_prm else None)
+        return await strategy.run(problem, fixed, policy, verifier if strategy.needs_prm else None)
 
     k = min(table.pilot_samples, config.budget)
     started = time.perf_counter()
@@ -69,8 +74,9 @@ async def auto(
         if not main.candidates:
             return pilot
     else:
-        run, needs_prm = _strategy(chosen.strategy)
-        main = await run(problem, routed, policy, verifier if needs_prm else None)
+        strategy = _registered(chosen.strategy)
+        assert strategy is not None, "a table's routes are checked when it loads"
+        main = await strategy.run(problem, routed, policy, verifier if strategy.needs_prm else None)
     policy_usage, prm_usage = PolicyUsage(), PRMUsage()
     for part in (pilot, main):
         policy_usage.add(part.policy_usage)
@@ -87,19 +93,12 @@ async def auto(
     )
 
 
-def _strategy(name: str) -> tuple[StrategyFn, bool]:
+def _registered(name: str) -> Strategy | None:
+    """The registry's entry ("pilot" is a route, not a strategy: None)."""
     # Imported here: the registry imports this module.
     from tts_server.strategies import REGISTRY
 
-    strategy = REGISTRY[name]
-    return strategy.run, strategy.needs_prm
-
-
-def _uses_beam_width(name: str) -> bool:
-    from tts_server.strategies import REGISTRY
-
-    strategy = REGISTRY.get(name)  # "pilot" is a route, not a strategy
-    return strategy is not None and strategy.uses_beam_width
+    return REGISTRY.get(name)
 
 
 def plan_budget(route: Route, client_budget: int, pilot: int) -> tuple[int, int]:
@@ -113,7 +112,8 @@ def plan_budget(route: Route, client_budget: int, pilot: int) -> tuple[int, int]
     left = total - pilot
     if route.strategy == "pilot" or left < 1:
         return 0, 1
-    if _uses_beam_width(route.strategy):
+    strategy = _registered(route.strategy)
+    if strategy is not None and strategy.uses_beam_width:
         width = min(route.beam_width, left)
         return left - left % width, width
     if route.strategy == "greedy":
