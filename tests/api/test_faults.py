@@ -138,7 +138,7 @@ async def test_past_the_queue_exactly_the_excess_gets_429(tmp_path: Path) -> Non
     running, queued, excess = 2, 3, 4
     with rig(tmp_path, max_in_flight=running, max_queue=queued, queue_timeout_s=60) as r:
         r.vllm.mode = "gate"  # every generation waits until the gate opens
-        admission = r.app_state.admission
+        admission = r.app_state.gateway.admission
         async with httpx.AsyncClient(base_url=r.url, timeout=60) as client:
 
             async def one() -> httpx.Response:
@@ -174,10 +174,10 @@ async def test_no_request_waits_in_the_queue_past_its_timeout(tmp_path: Path) ->
                 client.post("/v1/chat/completions", json=body("greedy", 1))
             )
             for _ in range(500):  # the holder must have the one slot before the next comes
-                if r.app_state.admission.running == 1:
+                if r.app_state.gateway.admission.running == 1:
                     break
                 await asyncio.sleep(0.02)
-            assert r.app_state.admission.running == 1
+            assert r.app_state.gateway.admission.running == 1
             started = time.monotonic()
             waited = await client.post("/v1/chat/completions", json=body("greedy", 1))
             elapsed = time.monotonic() - started
@@ -215,13 +215,13 @@ async def test_a_client_that_goes_away_cancels_every_upstream_call(
             await asyncio.gather(request, return_exceptions=True)
         cancelled_at = time.monotonic()
         for _ in range(250):  # poll: the fakes run in another thread's event loop
-            if faulty.open == 0 and r.app_state.admission.running == 0:
+            if faulty.open == 0 and r.app_state.gateway.admission.running == 0:
                 break
             await asyncio.sleep(0.02)
         took = time.monotonic() - cancelled_at
         # A hanging fake answers nobody: only the gateway closing the calls empties it.
         assert faulty.open == 0 and faulty.client_closed >= opened, f"still open after {took:.1f} s"
-        assert r.app_state.admission.running == 0
+        assert r.app_state.gateway.admission.running == 0
         async with httpx.AsyncClient() as client:
             text = (await client.get(r.url + "/metrics")).text
         in_flight = [

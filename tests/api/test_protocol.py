@@ -114,9 +114,9 @@ async def test_the_gateway_the_guard_and_the_prm_worker_send_the_same_error_mode
         assert guard_401.error.code == "invalid_api_key"
         too_large = assert_error(await post(chat("greedy", padding="x" * 3000)), 413)
         assert too_large.error.code == "body_too_large"
-        async with app.state.admission.admit():  # the one slot taken, no queue
+        async with app.state.gateway.admission.admit():  # the one slot taken, no queue
             assert assert_error(await post(chat("greedy")), 429).error.code == "server_busy"
-        app.state.readiness.draining = True
+        app.state.gateway.readiness.draining = True
         assert assert_error(await post(chat("greedy")), 503).error.type == "service_unavailable"
 
     worker = create_prm_app(ArithBackend())

@@ -64,10 +64,7 @@ def create_app(
                 await client.aclose()
 
     app = FastAPI(title="tts-server", version="0.1.0", lifespan=lifespan)
-    app.state.gateway = Gateway(settings, engine, readiness)
-    # The draining server (api/serve.py) reads these two.
-    app.state.readiness = readiness
-    app.state.admission = admission
+    app.state.gateway = Gateway(settings, engine, readiness, admission)
     install_error_handlers(app)
     app.add_middleware(
         Guard,

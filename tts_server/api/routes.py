@@ -16,7 +16,7 @@ from tts_server.api.errors import ENGINE_ERRORS, ClientGone, from_engine
 from tts_server.api.options import resolve_job
 from tts_server.api.protocol import ChatCompletionRequest, CompletionRequest
 from tts_server.api.protocol_responses import ModelCard, ModelList
-from tts_server.api.reliability import Readiness
+from tts_server.api.reliability import Admission, Readiness
 from tts_server.api.responses import ENDPOINTS, Kind, completion, response_headers
 from tts_server.api.streaming import stream_response
 from tts_server.engine import Outcome, TTSEngine
@@ -35,6 +35,7 @@ class Gateway:
     settings: Settings
     engine: TTSEngine
     readiness: Readiness
+    admission: Admission  # the guard's; the draining server (api/serve.py) reads it
 
 
 def _gateway(request: Request) -> Gateway:
@@ -110,7 +111,6 @@ async def _answer(
             include_usage=include_usage,
             interval_s=gateway.settings.stream_progress_interval_s,
             poll_s=DISCONNECT_POLL_S,
-            path=ENDPOINTS[kind].path,
         )
     outcome = await _until_disconnect(request, engine.run(job, rendered))
     metrics.observe_answer(outcome, ENDPOINTS[kind].path, model)

@@ -26,8 +26,8 @@ logger = logging.getLogger("tts_server.gateway")
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
         super().__init__(config)
-        self.readiness: Readiness = app.state.readiness
-        self.admission: Admission = app.state.admission
+        self.readiness: Readiness = app.state.gateway.readiness
+        self.admission: Admission = app.state.gateway.admission
         self.drain_timeout_s = drain_timeout_s
         self.drain_started: float | None = None
 

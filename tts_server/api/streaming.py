@@ -93,7 +93,6 @@ async def _events(
     chunks: Chunks,
     interval_s: float,
     poll_s: float,
-    path: str,
 ) -> AsyncIterator[bytes]:
     watch = Watch()
     task = asyncio.ensure_future(run(watch))
@@ -130,7 +129,7 @@ async def _events(
         if chunks.include_usage:
             yield chunks.usage(outcome)
         yield DONE
-        metrics.observe_answer(outcome, path, chunks.model)
+        metrics.observe_answer(outcome, chunks.endpoint.path, chunks.model)
     finally:
         if not task.done():  # the client left, or this response was cancelled
             task.cancel()
@@ -147,13 +146,12 @@ def stream_response(
     include_usage: bool,
     interval_s: float,
     poll_s: float,
-    path: str,
 ) -> StreamingResponse:
     """The response for a prepared `job`: its headers say what will run (known before it runs)."""
     chunks = Chunks(kind, model, include_usage)
     headers = {**response_headers(job), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(
-        _events(request, run, chunks, interval_s, poll_s, path),
+        _events(request, run, chunks, interval_s, poll_s),
         media_type="text/event-stream",
         headers=headers,
     )
