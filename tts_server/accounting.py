@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from tts_server.flops import FlopsCounter
+from tts_server.prefixes import PrefixScores, prefix_keys
 from tts_server.types import (
     Generation,
     PolicyClient,
@@ -41,6 +42,8 @@ class Account:
     spent: int = 0  # FLOPs, counted only under a ceiling
     limited: bool = False  # a call was shrunk or skipped to stay under the ceiling
     samples: int = 0  # drawn so far: a seeded request's next call starts its seeds past them
+    # Step scores by prefix for this request's search (None: every call scores every step).
+    step_scores: PrefixScores | None = None
 
     @property
     def remaining(self) -> int | None:
@@ -109,16 +112,72 @@ class AccountedPolicy:
 
 
 class AccountedPRM:
-    """A PRMClient under the same account. Under a ceiling, the worst case of a call is bounded by
-    its UTF-8 bytes (a token is at least one byte) plus a template overhead per solution."""
+    """A PRMClient under the same account. A step scored for a prefix is kept in the account's
+    `step_scores` (when it has them) and never sent again: an iteration sends each beam's new
+    steps to be scored with the earlier ones as context, so a search of depth d asks for O(d)
+    step scores per beam, not O(d^2); beams that are copies of each other are sent once.
+
+    Under a ceiling, the worst case of a call is bounded by its UTF-8 bytes (a token is at least
+    one byte) plus a template overhead per solution, context included: the PRM reads it."""
 
     def __init__(self, inner: PRMClient, account: Account) -> None:
         self.inner = inner
         self.account = account
 
     async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+        self,
+        question: str,
+        solutions: Sequence[Sequence[str]],
+        usage: PRMUsage,
+        *,
+        context: Sequence[int] | None = None,
     ) -> list[list[float]]:
+        first = list(context) if context is not None else [0] * len(solutions)
+        cache = self.account.step_scores
+        keys: list[list[bytes]] = [[] for _ in solutions]
+        known: list[list[float]] = [[] for _ in solutions]
+        if cache is not None:
+            keys = [prefix_keys(question, steps) for steps in solutions]
+            known = [cache.known(k, f) for k, f in zip(keys, first, strict=True)]
+        start = [f + len(run) for f, run in zip(first, known, strict=True)]
+        sent: dict[bytes | int, int] = {}  # a prefix to score -> the solution sent for it
+        owner: list[int | None] = []  # per solution, the sent one whose scores it takes
+        for i, steps in enumerate(solutions):
+            if start[i] < len(steps):
+                owner.append(sent.setdefault(keys[i][-1] if cache is not None else i, i))
+            else:
+                owner.append(None)
+        order = list(sent.values())
+        call = PRMUsage()
+        tails: dict[int, list[float]] = {}
+        if order:
+            scored = await self._call(
+                question, [solutions[i] for i in order], [start[i] for i in order], call
+            )
+            if scored is None:  # no room under the ceiling: the lowest score, not kept
+                scored = [[0.0] * (len(solutions[i]) - start[i]) for i in order]
+            elif cache is not None:
+                for i, row in zip(order, scored, strict=True):
+                    cache.put(keys[i][start[i] :], row)
+            tails = dict(zip(order, scored, strict=True))
+        reused = sum(len(run) for run in known)
+        result: list[list[float]] = []
+        for i, run in enumerate(known):
+            j = owner[i]
+            tail = tails[j] if j is not None else []
+            if j is not None and j != i:
+                reused += len(tail)
+            result.append(run + tail)
+        call.steps_scored += reused
+        call.steps_cached += reused
+        usage.add(call)
+        self.account.prm_usage.add(call)
+        return result
+
+    async def _call(
+        self, question: str, solutions: list[Sequence[str]], first: list[int], call: PRMUsage
+    ) -> list[list[float]] | None:
+        """The tails' scores, or None when the call does not fit under the ceiling."""
         account = self.account
         remaining = account.remaining
         if remaining is not None:
@@ -130,16 +189,13 @@ class AccountedPRM:
                 for steps in solutions
             )
             if params > 0 and 2 * params * tokens > remaining:
-                # No room to score: every step gets the lowest score, and the account says so.
-                account.limited = True
-                return [[0.0] * len(steps) for steps in solutions]
+                account.limited = True  # no room to score, and the account says so
+                return None
         started = time.perf_counter()
-        call = PRMUsage()
+        context = first if any(first) else None
         try:
-            return await self.inner.score(question, solutions, call)
+            return await self.inner.score(question, solutions, call, context=context)
         finally:
-            usage.add(call)
-            account.prm_usage.add(call)
             account.prm_scoring_s += time.perf_counter() - started
             if account.ceiling is not None:
                 account.spent += account.counter.prm_flops(call)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from tts_server.accounting import Account
 from tts_server.errors import DeadlineExceeded, FlopsUnknown, PromptTooLong, UpstreamDown
 from tts_server.flops import Flops, FlopsCounter, find_policy_shape, find_prm_shape
+from tts_server.prefixes import PrefixScores
 from tts_server.prompting import PromptProfile, RenderedPrompt, render_chat
 from tts_server.router import RouterTable, default_table
 from tts_server.settings import Settings
@@ -146,7 +147,8 @@ class TTSEngine:
         config = self._search_config(job, rendered, progress)
         if job.strategy == "auto":
             config = dataclasses.replace(config, router=await self.router_table())
-        account = Account(counter, job.max_flops)
+        steps = PrefixScores() if self.settings.prm_step_cache else None
+        account = Account(counter, job.max_flops, step_scores=steps)
         policy, prm = account.wrap(self.policy, self.prm)
         if watch is not None:
             watch.progress, watch.account = progress, account

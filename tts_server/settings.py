@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     policy_params: int | None = None
     policy_config_path: Path | None = None
     prm_params: int | None = None
+    # Keep each step's PRM score for the request's search, so that a step is scored once and
+    # not again at every later iteration (off: every call scores every step, as the references).
+    prm_step_cache: bool = True
     # Add attention's context term (4 x layers x d_attn x position per token).
     flops_include_attention: bool = False
 

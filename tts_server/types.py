@@ -62,8 +62,10 @@ class PolicyUsage:
 @dataclass
 class PRMUsage:
     calls: int = 0
-    steps_scored: int = 0
-    steps_cached: int = 0  # of steps_scored, answered from the worker's cache
+    steps_scored: int = 0  # step scores the search used
+    # Of steps_scored, those no PRM computed for this call: the search had them (a step scored
+    # for a prefix is kept for every beam that extends it) or the worker's cache did.
+    steps_cached: int = 0
     tokens: int = 0
 
     def add(self, other: PRMUsage) -> None:
@@ -193,9 +195,16 @@ class PRMClient(Protocol):
     """Scores every step of candidate solutions of one question."""
 
     async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+        self,
+        question: str,
+        solutions: Sequence[Sequence[str]],
+        usage: PRMUsage,
+        *,
+        context: Sequence[int] | None = None,
     ) -> list[list[float]]:
-        """result[i][k] in [0, 1] is the score of step k of solution i (len equals its steps)."""
+        """result[i][k] in [0, 1] is the score of step context[i] + k of solution i: the first
+        context[i] steps (default 0) are read as context but not scored, so len(result[i]) is
+        len(solutions[i]) - context[i]."""
         ...
 
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.support.fake_vllm import EOS, FakeVLLM
+from tests.support.fakes import tails
 from tests.support.gateway import normalise
 from tts_server.api.app import create_app
 from tts_server.clients import VLLMPolicyClient
@@ -58,12 +59,19 @@ class CheckingPRM:
     """Right sums score high, wrong ones low, a stated answer in between; reports a token count."""
 
     async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+        self,
+        question: str,
+        solutions: Sequence[Sequence[str]],
+        usage: PRMUsage,
+        *,
+        context: Sequence[int] | None = None,
     ) -> list[list[float]]:
+        rows = tails([[_step_score(step) for step in steps] for steps in solutions], context)
         usage.calls += 1
-        usage.steps_scored += sum(len(s) for s in solutions)
+        usage.steps_scored += sum(len(row) for row in rows)
+        # The context is read too: a PRM computes every token it is sent.
         usage.tokens += sum(len(question) + sum(len(step) for step in s) for s in solutions)
-        return [[_step_score(step) for step in steps] for steps in solutions]
+        return rows
 
     async def parameters(self) -> int:
         return 1_000_000

@@ -139,10 +139,15 @@ class SlowPRM(EquationPRM):
         self.delay_s = delay_s
 
     async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+        self,
+        question: str,
+        solutions: Sequence[Sequence[str]],
+        usage: PRMUsage,
+        *,
+        context: Sequence[int] | None = None,
     ) -> list[list[float]]:
         await asyncio.sleep(self.delay_s)
-        return await super().score(question, solutions, usage)
+        return await super().score(question, solutions, usage, context=context)
 
 
 async def test_stage_seconds_measure_each_stage_and_are_exported(tmp_path: Path) -> None:

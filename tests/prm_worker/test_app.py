@@ -461,3 +461,52 @@ def test_real_worker_process_exports_metrics(prm_url: str) -> None:
     ):
         assert name in text, name
     assert "metrics canary" not in text
+
+
+async def test_context_steps_are_read_not_scored() -> None:
+    backend = CountingBackend()
+    question = "context canary 5d1e"
+    solutions = [["a = 1", "b = 2", "c = 3"], ["d"]]
+    async with serve(create_app(backend, cache_size=0)) as client:
+        body = {"question": question, "solutions": solutions, "context_steps": [2, 0]}
+        response = await client.post("/v1/score", json=body)
+    assert response.status_code == 200, response.text
+    full = expected(question, solutions)
+    assert response.json()["scores"] == [full[0][2:], full[1]]
+    assert response.json()["steps_scored"] == 2
+
+
+async def test_a_solution_extending_a_cached_one_computes_only_its_new_steps() -> None:
+    """The cache keeps step scores by prefix: the next iteration of a search, which sends the
+    same prefix plus one step, is one step of work."""
+    backend = RecordingTails()
+    question = "prefix canary 0c4b"
+    async with serve(create_app(backend, cache_size=100)) as client:
+        one = await client.post("/v1/score", json={"question": question, "solutions": [["a"]]})
+        two = await client.post(
+            "/v1/score", json={"question": question, "solutions": [["a", "b"], ["z", "b"]]}
+        )
+    assert one.status_code == two.status_code == 200
+    assert backend.firsts == [[0], [1, 0]]  # "a" came from the cache, "z" is new
+    assert two.json()["scores"] == expected(question, [["a", "b"], ["z", "b"]])
+    assert two.json()["steps_cached"] == 1 and two.json()["steps_scored"] == 4
+
+
+@pytest.mark.parametrize(
+    ("context", "param"),
+    [([1], "context_steps"), ([0, 3], "context_steps.1"), ([-1, 0], "context_steps.0")],
+)
+async def test_bad_context_steps_are_a_400_naming_the_field(context: list[int], param: str) -> None:
+    async with serve(create_app(CountingBackend())) as client:
+        body = {"question": "q", "solutions": [["a"], ["b", "c"]], "context_steps": context}
+        assert_openai_error(await client.post("/v1/score", json=body), 400, param)
+
+
+class RecordingTails(CountingBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.firsts: list[list[int]] = []
+
+    def score_tails(self, items: Sequence[ScoreItem], first: Sequence[int]) -> list[list[float]]:
+        self.firsts.append(list(first))
+        return super().score_tails(items, first)

@@ -177,6 +177,7 @@ async def test_the_worker_answers_400_for_the_request_with_the_long_solution_onl
     assert bad.status_code == 400, bad.text
     error = bad.json()["error"]
     assert error["param"] == "solutions.1" and "over the PRM's context" in error["message"]
+    assert error["code"] == "context_length_exceeded"  # the gateway tells its client
     assert good.status_code == 200 and good.json()["scores"] == [expected((QUESTION, STEPS))]
     assert len(fake.pooled()) == 1  # both requests went in one batch; the long one not sent
 
@@ -200,6 +201,7 @@ async def test_a_4xx_is_a_400_naming_vllms_reason_through_the_worker() -> None:
     async with worker(backend_on(fake)) as client:
         response = await client.post("/v1/score", json={"question": "q", "solutions": [["a"]]})
     assert response.status_code == 400
+    assert response.json()["error"]["code"] is None  # not the client's max_tokens: ours
     assert response.json()["error"]["message"] == (
         "solution 0: the PRM's vLLM server refused it "
         "(HTTP 400: Unsupported task: 'token_classify')"

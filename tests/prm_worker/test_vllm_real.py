@@ -163,6 +163,7 @@ def test_the_worker_scores_end_to_end_and_counts_what_vllm_computed(
     assert refused.status_code == 400
     error = refused.json()["error"]
     assert error["param"] == "solutions.1" and "context of 512 tokens" in error["message"]
+    assert error["code"] == "context_length_exceeded"
     assert httpx.get(worker + "/health", timeout=10).status_code == 200
 
 

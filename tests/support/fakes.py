@@ -90,6 +90,15 @@ class FakePolicy:
 class PRMCall:
     question: str
     solutions: list[list[str]]
+    context: list[int] = field(default_factory=list)  # leading steps not to score, per solution
+
+
+def tails(rows: list[list[float]], context: Sequence[int] | None) -> list[list[float]]:
+    """Each row without its first context[i] scores: what a PRM answers for steps given as
+    context (every fake PRM honours `context` as the real worker does)."""
+    if context is None:
+        return rows
+    return [row[first:] for row, first in zip(rows, context, strict=True)]
 
 
 @dataclass
@@ -98,12 +107,19 @@ class FakePRM:
     calls: list[PRMCall] = field(default_factory=list)
 
     async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+        self,
+        question: str,
+        solutions: Sequence[Sequence[str]],
+        usage: PRMUsage,
+        *,
+        context: Sequence[int] | None = None,
     ) -> list[list[float]]:
-        self.calls.append(PRMCall(question, [list(s) for s in solutions]))
+        first = list(context) if context is not None else [0] * len(solutions)
+        self.calls.append(PRMCall(question, [list(s) for s in solutions], first))
+        rows = tails([self.scorer(steps) for steps in solutions], context)
         usage.calls += 1
-        usage.steps_scored += sum(len(s) for s in solutions)
-        return [self.scorer(steps) for steps in solutions]
+        usage.steps_scored += sum(len(row) for row in rows)
+        return rows
 
 
 def per_step(score_of: Callable[[str], float]) -> StepScorer:

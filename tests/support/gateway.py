@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from tests.support.fake_vllm import EOS, FakeVLLM
+from tests.support.fakes import tails
 from tts_server.api.app import create_app
 from tts_server.clients import PRMError, VLLMPolicyClient
 from tts_server.settings import Settings
@@ -41,12 +42,19 @@ class EquationPRM:
         self.calls = 0
 
     async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+        self,
+        question: str,
+        solutions: Sequence[Sequence[str]],
+        usage: PRMUsage,
+        *,
+        context: Sequence[int] | None = None,
     ) -> list[list[float]]:
         self.calls += 1
+        rows = [[0.1 if "= 9" in step or "is 9" in step else 0.9 for step in s] for s in solutions]
+        rows = tails(rows, context)
         usage.calls += 1
-        usage.steps_scored += sum(len(s) for s in solutions)
-        return [[0.1 if "= 9" in step or "is 9" in step else 0.9 for step in s] for s in solutions]
+        usage.steps_scored += sum(len(row) for row in rows)
+        return rows
 
     async def parameters(self) -> int | None:
         return None  # unknown: FLOPs need TTS_PRM_PARAMS
@@ -123,14 +131,24 @@ class SlowPRM(EquationPRM):
     """Takes its time, so that a search runs long enough to report progress."""
 
     async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+        self,
+        question: str,
+        solutions: Sequence[Sequence[str]],
+        usage: PRMUsage,
+        *,
+        context: Sequence[int] | None = None,
     ) -> list[list[float]]:
         await asyncio.sleep(0.05)
-        return await super().score(question, solutions, usage)
+        return await super().score(question, solutions, usage, context=context)
 
 
 class FailingPRM(EquationPRM):
     async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+        self,
+        question: str,
+        solutions: Sequence[Sequence[str]],
+        usage: PRMUsage,
+        *,
+        context: Sequence[int] | None = None,
     ) -> list[list[float]]:
         raise PRMError("the worker said 500", status=500)

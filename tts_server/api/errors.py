@@ -58,6 +58,7 @@ class APIError(Exception):
 
 # What the engine and its clients raise, answered as HTTP.
 ENGINE_ERRORS = (JobError, PolicyError, PRMError)
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code, also the PRM worker's
 
 
 def from_engine(exc: Exception, *, prompt_param: str | None = None) -> APIError:
@@ -75,6 +76,11 @@ def from_engine(exc: Exception, *, prompt_param: str | None = None) -> APIError:
         param = prompt_param if exc.status == 400 else None
         return APIError(exc.status, exc.message, param=param)
     if isinstance(exc, PRMError):
+        if exc.upstream_status == 400 and exc.upstream_code == CONTEXT_LENGTH_EXCEEDED:
+            # The request asked for solutions longer than the PRM can read: the client can fix
+            # that (the PRM never scores a solution cut short).
+            message = f"a candidate solution is longer than the PRM reads: {exc}; lower max_tokens"
+            return APIError(400, message, param="max_tokens", code=CONTEXT_LENGTH_EXCEEDED)
         return APIError(504 if exc.status == 504 else 502, f"PRM worker: {exc}")
     raise TypeError(f"not an engine error: {type(exc).__name__}")
 

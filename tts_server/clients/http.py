@@ -32,11 +32,19 @@ class UpstreamError(Exception):
     UNEXPLAINED: ClassVar[str] = "{reason}"
     UNREADABLE: ClassVar[str] = "answered with {what}"  # a 200 whose body is not a JSON object
 
-    def __init__(self, message: str, *, status: int = 502, upstream_status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 502,
+        upstream_status: int | None = None,
+        upstream_code: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.status = status
         self.upstream_status = upstream_status
+        self.upstream_code = upstream_code  # the `code` of the upstream's OpenAI-style error
 
     @classmethod
     def answer_status(cls, upstream_status: int) -> int:
@@ -99,6 +107,17 @@ def error_message(response: httpx.Response) -> str | None:
     if body.get("message"):
         return str(body["message"])
     return None
+
+
+def error_code(response: httpx.Response) -> str | None:
+    """The `code` of an OpenAI-style error body, if it has one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 class Upstream:
@@ -172,6 +191,7 @@ class Upstream:
                 error.REFUSED.format(status=status, message=message),
                 status=error.answer_status(status),
                 upstream_status=status,
+                upstream_code=error_code(response),
             )
         try:
             data = response.json()

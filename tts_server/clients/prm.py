@@ -39,15 +39,27 @@ class HTTPPRMClient:
         await self._upstream.aclose()
 
     async def score(
-        self, question: str, solutions: Sequence[Sequence[str]], usage: PRMUsage
+        self,
+        question: str,
+        solutions: Sequence[Sequence[str]],
+        usage: PRMUsage,
+        *,
+        context: Sequence[int] | None = None,
     ) -> list[list[float]]:
-        if not any(solutions):
+        first = list(context) if context is not None else [0] * len(solutions)
+        wanted = [len(steps) - f for steps, f in zip(solutions, first, strict=True)]
+        if not any(wanted):
             return [[] for _ in solutions]  # nothing to score: no call
-        body = {"question": question, "solutions": [list(steps) for steps in solutions]}
+        body: dict[str, Any] = {
+            "question": question,
+            "solutions": [list(steps) for steps in solutions],
+        }
+        if any(first):
+            body["context_steps"] = first
         data = await self._upstream.post_json("/v1/score", body)
-        scores = _parse_scores(data, solutions)
+        scores = _parse_scores(data, wanted)
         usage.calls += 1
-        usage.steps_scored += _count(data, "steps_scored", sum(len(s) for s in solutions))
+        usage.steps_scored += _count(data, "steps_scored", sum(wanted))
         usage.steps_cached += _count(data, "steps_cached", 0)
         usage.tokens += _count(data, "tokens", 0)
         return scores
@@ -65,14 +77,14 @@ class HTTPPRMClient:
         return await self._upstream.health()
 
 
-def _parse_scores(data: dict[str, Any], solutions: Sequence[Sequence[str]]) -> list[list[float]]:
+def _parse_scores(data: dict[str, Any], wanted: list[int]) -> list[list[float]]:
     raw = data.get("scores")
-    if not isinstance(raw, list) or len(raw) != len(solutions):
-        raise PRMError(f"malformed response: expected {len(solutions)} score lists")
+    if not isinstance(raw, list) or len(raw) != len(wanted):
+        raise PRMError(f"malformed response: expected {len(wanted)} score lists")
     scores: list[list[float]] = []
-    for i, (row, steps) in enumerate(zip(raw, solutions, strict=True)):
-        if not isinstance(row, list) or len(row) != len(steps):
-            raise PRMError(f"malformed response: solution {i} needs {len(steps)} scores")
+    for i, (row, count) in enumerate(zip(raw, wanted, strict=True)):
+        if not isinstance(row, list) or len(row) != count:
+            raise PRMError(f"malformed response: solution {i} needs {count} scores")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in row):
             raise PRMError(f"malformed response: non-numeric score for solution {i}")
         values = [float(v) for v in row]

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill"
     )
     parser.add_argument(
-        "--cache-size", type=int, default=4096, help="solutions kept in the score cache (0: off)"
+        "--cache-size", type=int, default=65536, help="step scores kept in the cache (0: off)"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return parser.parse_args(argv)

@@ -35,7 +35,7 @@ def create_app(
     batch_wait_s: float = 0.005,
     limits: ScoreLimits | None = None,
     max_queued: int = 8192,
-    cache_size: int = 4096,
+    cache_size: int = 65536,
 ) -> FastAPI:
     score_limits = limits or ScoreLimits()
     batcher = ScoreBatcher(
@@ -98,14 +98,15 @@ def create_app(
     async def score(request: ScoreRequest) -> ScoreResponse:
         score_limits.check(request)
         items: list[ScoreItem] = [(request.question, steps) for steps in request.solutions]
+        context = request.context_steps
         try:
-            scored = await batcher.score(items)
+            scored = await batcher.score(items, context)
         except BatcherError as exc:
-            raise WorkerError(exc.status, str(exc), param=exc.param) from exc
+            raise WorkerError(exc.status, str(exc), param=exc.param, code=exc.code) from exc
         return ScoreResponse(
             scores=scored.scores,
             model=backend.model_name,
-            steps_scored=sum(len(steps) for steps in request.solutions),
+            steps_scored=sum(len(row) for row in scored.scores),
             steps_cached=scored.steps_cached,
             tokens=scored.tokens,
         )

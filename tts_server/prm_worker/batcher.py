@@ -7,22 +7,23 @@ fails only the requests of that batch (500; 503 when the backend is unavailable)
 the backend rejects fails only the request holding it (400). Requests arriving while a batch runs
 form the next one.
 
-Solutions already scored (same question, same steps) are answered from an LRU cache: search
-strategies and retried requests send the same solutions again, and a PRM is deterministic.
+Steps already scored (same question, same steps up to and including them) are answered from an
+LRU cache of step scores by prefix: a search extends the same prefixes step after step, retried
+requests send the same solutions again, and a PRM is deterministic. A request may also name, per
+solution, leading steps it has scores for (`context`): those are read as context, not scored.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tts_server.prefixes import PrefixScores, prefix_keys
 from tts_server.prm_worker import metrics
 from tts_server.prm_worker.backends.base import (
     BackendUnavailable,
@@ -39,6 +40,7 @@ class BatcherError(Exception):
     the request field at fault."""
 
     status = 500
+    code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -65,6 +67,13 @@ class Rejected(BatcherError):
     status = 400
 
 
+class TooLong(Rejected):
+    """A solution over the PRM's context: OpenAI's code for it, so the gateway can tell its
+    client what to lower."""
+
+    code = "context_length_exceeded"
+
+
 @dataclass
 class Scored:
     scores: list[list[float]]
@@ -72,41 +81,18 @@ class Scored:
     steps_cached: int = 0
 
 
-class ScoreCache:
-    """Scores of whole solutions by a digest of (question, steps); oldest use evicted first."""
+class ScoreCache(PrefixScores):
+    """Step scores by prefix (`prefix_keys`), `capacity` of them; its size is exported."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(0, capacity)
-        self._entries: OrderedDict[bytes, list[float]] = OrderedDict()
-
-    @staticmethod
-    def key(item: ScoreItem) -> bytes:
-        question, steps = item
-        text = json.dumps([question, list(steps)], ensure_ascii=False)
-        return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-    def get(self, key: bytes) -> list[float] | None:
-        scores = self._entries.get(key)
-        if scores is not None:
-            self._entries.move_to_end(key)
-        return scores
-
-    def put(self, key: bytes, scores: list[float]) -> None:
-        if self.capacity == 0:
-            return
-        self._entries[key] = scores
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-        metrics.CACHE_ENTRIES.set(len(self._entries))
-
-    def __len__(self) -> int:
-        return len(self._entries)
+    def put(self, keys: Sequence[bytes], scores: Sequence[float]) -> None:
+        super().put(keys, scores)
+        metrics.CACHE_ENTRIES.set(len(self))
 
 
 @dataclass(eq=False)
 class _Job:
     items: list[ScoreItem]
+    first: list[int]  # per item, its first step to score (those before are context)
     future: asyncio.Future[Scored]
     indices: list[int]  # of the items in the request's solutions
     enqueued: float = field(default=0.0)
@@ -120,7 +106,7 @@ class ScoreBatcher:
         max_batch_size: int = 64,
         batch_wait_s: float = 0.005,
         max_queued: int = 8192,
-        cache_size: int = 4096,
+        cache_size: int = 65536,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -129,7 +115,7 @@ class ScoreBatcher:
         self.batch_wait_s = max(0.0, batch_wait_s)
         self.max_queued = max_queued
         self.backend_calls = 0
-        self.cache = ScoreCache(cache_size)
+        self.cache = ScoreCache(max(0, cache_size))
         metrics.QUEUE_CAPACITY.set(max_queued)
         self._pending: deque[_Job] = deque()
         self._queued = 0  # solutions in `_pending`
@@ -137,19 +123,26 @@ class ScoreBatcher:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def score(self, items: Sequence[ScoreItem]) -> Scored:
-        """Scores for every item; solutions without steps get [] and never reach the backend."""
+    async def score(
+        self, items: Sequence[ScoreItem], context: Sequence[int] | None = None
+    ) -> Scored:
+        """Scores of every item's steps after its `context` (that many leading steps whose
+        scores the caller has: they are read, not scored); items with no such step get []
+        and never reach the backend, nor do steps the cache holds."""
+        first = list(context) if context is not None else [0] * len(items)
         scores: list[list[float]] = [[] for _ in items]
-        keys = {i: self.cache.key(item) for i, item in enumerate(items) if item[1]}
-        work: list[int] = []
+        work: list[tuple[int, int, list[bytes]]] = []  # (item, first step to compute, its keys)
         steps_cached = 0
-        for i, key in keys.items():
-            cached = self.cache.get(key)
-            if cached is None:
-                work.append(i)
-            else:
-                scores[i] = list(cached)
-                steps_cached += len(cached)
+        for i, (question, steps) in enumerate(items):
+            if first[i] >= len(steps):
+                continue
+            keys = prefix_keys(question, steps)
+            known = self.cache.known(keys, first[i])
+            steps_cached += len(known)
+            scores[i] = known
+            start = first[i] + len(known)
+            if start < len(steps):
+                work.append((i, start, keys))
         metrics.STEPS_CACHED.inc(steps_cached)
         if not work:
             return Scored(scores, 0, steps_cached)
@@ -159,16 +152,21 @@ class ScoreBatcher:
             raise Overloaded(f"the PRM worker has over {self.max_queued} solutions queued")
         loop = asyncio.get_running_loop()
         self._ensure_worker(loop)
-        job = _Job([(items[i][0], list(items[i][1])) for i in work], loop.create_future(), work)
+        job = _Job(
+            [(items[i][0], list(items[i][1])) for i, _, _ in work],
+            [start for _, start, _ in work],
+            loop.create_future(),
+            [i for i, _, _ in work],
+        )
         job.enqueued = loop.time()
         self._pending.append(job)
         self._queued += len(job.items)
         metrics.QUEUED.set(self._queued)
         self._wakeup.set()
         result = await job.future
-        for i, row in zip(work, result.scores, strict=True):
-            scores[i] = row
-            self.cache.put(keys[i], list(row))
+        for (i, start, keys), row in zip(work, result.scores, strict=True):
+            scores[i] = scores[i] + row
+            self.cache.put(keys[start:], row)
         return Scored(scores, result.tokens, steps_cached)
 
     async def aclose(self) -> None:
@@ -226,11 +224,14 @@ class ScoreBatcher:
 
     async def _execute(self, batch: list[_Job]) -> None:
         items = [item for job in batch for item in job.items]
+        first = [start for job in batch for start in job.first]
         self.backend_calls += 1
         metrics.BATCH_SIZE.observe(len(items))
         started = time.perf_counter()
         try:
-            scores, tokens, rejected = await asyncio.to_thread(self._call_backend, items)
+            scores, tokens, rejected, too_long = await asyncio.to_thread(
+                self._call_backend, items, first
+            )
         except asyncio.CancelledError:
             self._fail(batch, Closed("the PRM worker is shutting down"))
             raise
@@ -256,22 +257,25 @@ class ScoreBatcher:
                 pass
             elif bad:
                 k, reason = job.indices[bad[0]], rejected[offset + bad[0]]
-                error = Rejected(f"solution {k}: {reason}", param=f"solutions.{k}")
+                kind = TooLong if offset + bad[0] in too_long else Rejected
+                error = kind(f"solution {k}: {reason}", param=f"solutions.{k}")
                 job.future.set_exception(error)
             else:
                 job.future.set_result(Scored(scores[offset:end], sum(tokens[offset:end])))
             offset = end
 
     def _call_backend(
-        self, items: list[ScoreItem]
-    ) -> tuple[list[list[float]], list[int], dict[int, str]]:
-        """Runs in a worker thread: score, check the shape and range, count tokens. Also returns
-        the rejected items' reasons by index (their rows are empty, their tokens 0)."""
+        self, items: list[ScoreItem], first: list[int]
+    ) -> tuple[list[list[float]], list[int], dict[int, str], frozenset[int]]:
+        """Runs in a worker thread: score the steps from `first` on, check the shape and range,
+        count tokens. Also returns the rejected items' reasons by index (their rows are empty,
+        their tokens 0)."""
         rejected: dict[int, str] = {}
+        too_long: frozenset[int] = frozenset()
         try:
-            raw: Sequence[Sequence[float]] = self.backend.score_batch(items)
+            raw: Sequence[Sequence[float]] = self.backend.score_tails(items, first)
         except ItemsRejected as exc:
-            raw, rejected = exc.scores, exc.reasons
+            raw, rejected, too_long = exc.scores, exc.reasons, exc.too_long
         if len(raw) != len(items):
             raise ValueError(f"backend returned {len(raw)} score lists for {len(items)} items")
         scores: list[list[float]] = []
@@ -280,13 +284,14 @@ class ScoreBatcher:
             if i in rejected:
                 scores.append([])
                 continue
-            if len(values) != len(steps):
-                raise ValueError(f"backend returned {len(values)} scores for {len(steps)} steps")
+            if len(values) != len(steps) - first[i]:
+                wanted = len(steps) - first[i]
+                raise ValueError(f"backend returned {len(values)} scores for {wanted} steps")
             if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
                 raise ValueError("backend returned a score outside [0, 1]")
             scores.append(values)
         tokens = [0 if i in rejected else self.backend.count_tokens(x) for i, x in enumerate(items)]
-        return scores, tokens, rejected
+        return scores, tokens, rejected, too_long
 
     @staticmethod
     def _fail(jobs: list[_Job], error: BatcherError) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
 from tts_server.api.protocol import ErrorDetail, ErrorResponse
 
@@ -18,12 +18,15 @@ class ScoreRequest(BaseModel):
 
     question: StrictStr
     solutions: list[list[StrictStr]]
+    # Per solution, how many leading steps are context: the client has their scores (from an
+    # earlier call), so they are read but not scored, and `scores[i]` holds the rest.
+    context_steps: list[StrictInt] | None = None
 
 
 class ScoreResponse(BaseModel):
-    scores: list[list[float]]
+    scores: list[list[float]]  # per solution, its steps after the context
     model: str
-    steps_scored: int
+    steps_scored: int  # scores returned
     # Of steps_scored, those answered from the score cache (no backend compute, no tokens).
     steps_cached: int = 0
     tokens: int
@@ -47,7 +50,18 @@ class ScoreLimits:
             raise WorkerError(
                 400, f"more than {self.max_solutions} solutions in one request", param="solutions"
             )
+        context = request.context_steps
+        if context is not None and len(context) != len(request.solutions):
+            message = (
+                f"context_steps has {len(context)} entries for {len(request.solutions)} solutions"
+            )
+            raise WorkerError(400, message, param="context_steps")
         for i, steps in enumerate(request.solutions):
+            if context is not None and not 0 <= context[i] <= len(steps):
+                message = (
+                    f"context_steps.{i} must be between 0 and the solution's {len(steps)} steps"
+                )
+                raise WorkerError(400, message, param=f"context_steps.{i}")
             if len(steps) > self.max_steps:
                 message = f"solution {i} has more than {self.max_steps} steps"
                 raise WorkerError(400, message, param=f"solutions.{i}")

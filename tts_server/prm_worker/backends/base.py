@@ -22,12 +22,20 @@ class BackendUnavailable(Exception):
 class ItemsRejected(Exception):
     """Some items cannot be scored as given (over the PRM's context, refused by its server): the
     requests holding them are answered 400 with the reason; the others get `scores` (a row per
-    item, [] for the rejected ones), so one bad solution does not fail the batch."""
+    item, [] for the rejected ones), so one bad solution does not fail the batch. `too_long`
+    holds the items rejected for being over the PRM's context (the gateway tells its client to
+    lower max_tokens)."""
 
-    def __init__(self, reasons: dict[int, str], scores: list[list[float]]) -> None:
+    def __init__(
+        self,
+        reasons: dict[int, str],
+        scores: list[list[float]],
+        too_long: frozenset[int] = frozenset(),
+    ) -> None:
         super().__init__(f"{len(reasons)} of {len(scores)} solutions rejected")
         self.reasons = reasons
         self.scores = scores
+        self.too_long = too_long
 
 
 class PRMBackend(ABC):
@@ -48,6 +56,21 @@ class PRMBackend(ABC):
 
         Raises `ItemsRejected` or `BackendUnavailable`; any other exception is a 500.
         """
+
+    def score_tails(self, items: Sequence[ScoreItem], first: Sequence[int]) -> list[list[float]]:
+        """Scores of steps[first[i]:] of each item: the steps before are context, already scored
+        (a step's score depends only on the question and the steps up to it).
+
+        Default: score every step and drop the context's. A model that reads the whole prefix in
+        one pass computes the same tokens either way; a backend that pays per step overrides it.
+        Raises as `score_batch`, `ItemsRejected.scores` holding the tails.
+        """
+        try:
+            rows = self.score_batch(items)
+        except ItemsRejected as exc:
+            tails = [row[f:] for row, f in zip(exc.scores, first, strict=True)]
+            raise ItemsRejected(exc.reasons, tails, exc.too_long) from exc
+        return [row[f:] for row, f in zip(rows, first, strict=True)]
 
     def close(self) -> None:
         """Release connections or models when the worker stops (default: nothing to release)."""

@@ -116,6 +116,7 @@ class VLLMBackend(PRMBackend):
         served = self._served_prm()
         self._computed.clear()
         reasons: dict[int, str] = {}
+        too_long: set[int] = set()
         ready: list[_Rendered] = []
         for i, item in enumerate(items):
             try:
@@ -128,6 +129,7 @@ class VLLMBackend(PRMBackend):
                     f"it is {len(ids)} tokens in the PRM's format, over the PRM's context of "
                     f"{served.max_model_len} tokens (refused, not truncated)"
                 )
+                too_long.add(i)
                 continue
             if ids.count(served.tag_id) != len(item[1]):  # the format strips stray tags
                 raise RuntimeError(f"{ids.count(served.tag_id)} tags for {len(item[1])} steps")
@@ -136,7 +138,7 @@ class VLLMBackend(PRMBackend):
         for chunk in _chunks(ready, self.max_batch_tokens):
             self._pool(chunk, items, scores, reasons)
         if reasons:
-            raise ItemsRejected(reasons, scores)
+            raise ItemsRejected(reasons, scores, frozenset(too_long))
         return scores
 
     def count_tokens(self, item: ScoreItem) -> int:
