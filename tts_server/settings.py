@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     prm_model_path: str | None = None
     # vllm: the vLLM server that serves the PRM as a pooling model.
     prm_vllm_url: str | None = None
+    # "arith": a step with a wrong equation scores 0 whatever a learned PRM says.
+    prm_veto: Literal["arith"] | None = None
 
     # --- strategy defaults and caps ---
     default_strategy: StrategyName = "auto"

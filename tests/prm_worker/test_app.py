@@ -97,7 +97,12 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
 async def test_health_and_models(arith_client: httpx.AsyncClient) -> None:
     health = await arith_client.get("/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "backend": "arith", "model": "arith-checker"}
+    assert health.json() == {
+        "status": "ok",
+        "backend": "arith",
+        "veto": None,
+        "model": "arith-checker",
+    }
     models = (await arith_client.get("/v1/models")).json()
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["arith-checker"]

@@ -137,7 +137,7 @@ def test_the_worker_scores_end_to_end_and_counts_what_vllm_computed(
     worker: str, vllm_prm: PoolingPRM, backend: VLLMBackend
 ) -> None:
     health = httpx.get(worker + "/health", timeout=10).json()
-    assert health == {"status": "ok", "backend": "vllm", "model": vllm_prm.model}
+    assert health == {"status": "ok", "backend": "vllm", "veto": None, "model": vllm_prm.model}
     [card] = httpx.get(worker + "/v1/models", timeout=10).json()["data"]
     assert card["parameters"] == backend.parameters
     solutions = [STEPS, STEPS[:2], ["Tom has 3.", "", "3 + 4 = 7, so \\boxed{7}."]]

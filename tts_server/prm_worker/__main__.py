@@ -11,6 +11,7 @@ import uvicorn
 
 from tts_server.prm_worker.app import create_app
 from tts_server.prm_worker.backends import BACKENDS, BackendError, load_backend
+from tts_server.prm_worker.backends.veto import VETOES, ArithVeto
 
 logger = logging.getLogger("tts_server.prm_worker")
 
@@ -37,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vllm.add_argument("--timeout", type=float, default=None, help="seconds per vLLM call (30)")
     vllm.add_argument(
         "--retries", type=int, default=None, help="retries after a timeout or 5xx (2)"
+    )
+    parser.add_argument(
+        "--veto",
+        choices=VETOES,
+        default=None,
+        help="arith: a step with a wrong equation scores 0 whatever the PRM says",
     )
     parser.add_argument("--max-batch-size", type=int, default=64, help="solutions per call")
     parser.add_argument(
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.timeout,
             retries=args.retries,
         )
+        if args.veto == "arith":
+            backend = ArithVeto(backend)
     except BackendError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -94,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=False
     )
     ready = (
-        f"PRM worker ready: backend={backend.name} model={backend.model_name} "
+        f"PRM worker ready: backend={backend.name}{' (arith veto)' if args.veto else ''} "
+        f"model={backend.model_name} "
         f"on http://{args.host}:{args.port}"
     )
     _Server(config, ready).run()

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tts_server.prm_worker import metrics
 from tts_server.prm_worker.backends.base import PRMBackend, ScoreItem
+from tts_server.prm_worker.backends.veto import ArithVeto
 from tts_server.prm_worker.batcher import BatcherError, ScoreBatcher
 from tts_server.prm_worker.schemas import (
     ScoreLimits,
@@ -81,7 +82,9 @@ def create_app(
     async def health() -> JSONResponse:
         # A backend in front of a model server is healthy only while that server is.
         ok = await asyncio.to_thread(backend.healthy)
-        body = {"status": "ok" if ok else "unavailable", "backend": backend.name}
+        body: dict[str, str | None] = {"status": "ok" if ok else "unavailable"}
+        body["backend"] = backend.name
+        body["veto"] = "arith" if isinstance(backend, ArithVeto) else None
         return JSONResponse({**body, "model": backend.model_name}, status_code=200 if ok else 503)
 
     @app.get("/v1/models")

@@ -1,0 +1,193 @@
+"""PRM scoring on a real vLLM-served PRM: worker throughput, and what the step cache saves.
+
+Builds the tiny random-weight PRM of the tests, serves it with vLLM CPU as a pooling model on
+127.0.0.1, and measures, each side by side in one run (these machines are noisy):
+
+1. Steps scored per second through a PRM worker process at concurrency 1, 8 and 32, with
+   cross-request batching on (`--max-batch-size 64 --batch-wait-ms 5`) and off (1, 0). Every
+   request is new (the worker's cache is off), two 4-step solutions each.
+2. Per beam-search request (budget 8, beam width 2) of depth 4, 8 and 16: the step scores the
+   PRM worker was asked for and the tokens the PRM computed, with the gateway's step cache on
+   and off (the worker's cache off in both, so only the step cache differs).
+
+Stops by itself; prints a JSON report (also `--out`).
+
+    .venv/bin/python -m loadtests.prm_bench --out reports/prm-bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.fakes import FakePolicy, encode
+from tests.support.servers import ServerProcess, cli, free_port
+from tests.support.tiny_prm import build_tiny_vllm_prm
+from tts_server.accounting import Account
+from tts_server.clients.prm import HTTPPRMClient
+from tts_server.flops import FlopsCounter, ModelShape
+from tts_server.launch.vllm import prm_argv, vllm_env
+from tts_server.prefixes import PrefixScores
+from tts_server.settings import Settings
+from tts_server.strategies import REGISTRY
+from tts_server.types import Problem, SearchConfig
+
+NAME = "tiny-vllm-prm"
+QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+
+
+@contextlib.contextmanager
+def vllm_prm(logs: Path) -> Iterator[str]:
+    settings = Settings()
+    folder, tag_id = build_tiny_vllm_prm(logs / "prm", settings.embedded_model_dir)
+    port = free_port()
+    argv = prm_argv(
+        settings, folder, NAME, port, step_tag_id=tag_id, max_model_len=2048, dtype="float32"
+    )
+    server = ServerProcess("vllm-prm", argv, port, logs).start(env=vllm_env(kv_cache_gib=1))
+    try:
+        server.wait_healthy(900)
+        yield server.url
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def worker(vllm_url: str, logs: Path, *, batching: bool) -> Iterator[str]:
+    port = free_port()
+    size, wait = ("64", "5") if batching else ("1", "0")
+    argv = cli(
+        "prm-worker", "--backend", "vllm", "--vllm-url", vllm_url, "--model", NAME,
+        "--port", str(port), "--cache-size", "0", "--max-batch-size", size,
+        "--batch-wait-ms", wait, "--log-level", "warning",
+    )  # fmt: skip
+    server = ServerProcess(f"prm-worker-{'batched' if batching else 'single'}", argv, port, logs)
+    server.start()
+    try:
+        server.wait_healthy(60)
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def throughput(url: str, concurrency: int, requests: int) -> dict[str, float]:
+    """Steps scored per second over `requests` new requests at `concurrency`."""
+    counter = iter(range(requests))
+    steps = 0
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal steps
+        for i in counter:
+            solutions = [
+                [f"Step one of {i}-{j}: 3 + 4 = 7.", "Then 7 - 1 = 6.", "So 6 * 2 = 12.", "Done."]
+                for j in range(2)
+            ]
+            response = await client.post(
+                url + "/v1/score", json={"question": QUESTION, "solutions": solutions}
+            )
+            response.raise_for_status()
+            steps += response.json()["steps_scored"]
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+        await client_loop_once(client, url)  # warm up
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"steps_per_s": steps / elapsed, "seconds": elapsed, "steps": steps}
+
+
+async def client_loop_once(client: httpx.AsyncClient, url: str) -> None:
+    body = {"question": "warm-up", "solutions": [["1 + 1 = 2."]]}
+    (await client.post(url + "/v1/score", json=body)).raise_for_status()
+
+
+def endless(prompt: list[int], sample: int) -> str:
+    """A step that never ends the solution, different for every beam and iteration."""
+    return f"We have {len(prompt)} and {sample}, so {len(prompt)} + {sample} is next.\n\nmore"
+
+
+async def beam_request(url: str, depth: int, *, step_cache: bool) -> dict[str, Any]:
+    problem = Problem(question=QUESTION, prompt_ids=tuple(encode(f"Q: {QUESTION}\nA: ")))
+    config = SearchConfig(
+        budget=8, beam_width=2, max_tokens=100_000, max_step_tokens=200, max_iterations=depth
+    )
+    account = Account(
+        FlopsCounter(ModelShape(1), ModelShape(1)),
+        step_scores=PrefixScores() if step_cache else None,
+    )
+    prm = HTTPPRMClient(url, timeout=300)
+    started = time.perf_counter()
+    try:
+        policy, accounted = account.wrap(FakePolicy(endless), prm)
+        await REGISTRY["beam_search"].run(problem, config, policy, accounted)
+    finally:
+        await prm.aclose()
+    usage = account.prm_usage
+    return {
+        "steps_used": usage.steps_scored,
+        "steps_computed": usage.steps_scored - usage.steps_cached,
+        "prm_tokens": usage.tokens,
+        "prm_seconds": round(account.prm_scoring_s, 3),
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {"throughput": {}, "beam_search": {}}
+    with tempfile.TemporaryDirectory(prefix="prm-bench-") as tmp:
+        logs = Path(tmp)
+        with vllm_prm(logs) as vllm_url:
+            for batching in (True, False):
+                with worker(vllm_url, logs, batching=batching) as url:
+                    for concurrency in args.concurrency:
+                        seen = await throughput(url, concurrency, args.requests)
+                        key = f"c{concurrency}/{'batched' if batching else 'one_at_a_time'}"
+                        report["throughput"][key] = seen
+                        print(key, json.dumps(seen), flush=True)
+            with worker(vllm_url, logs, batching=True) as url:
+                for depth in args.depths:
+                    row = {
+                        "with_step_cache": await beam_request(url, depth, step_cache=True),
+                        "without": await beam_request(url, depth, step_cache=False),
+                    }
+                    on, off = row["with_step_cache"], row["without"]
+                    row["ratios"] = {
+                        "steps_computed": on["steps_computed"] / off["steps_computed"],
+                        "prm_tokens": on["prm_tokens"] / off["prm_tokens"],
+                        "prm_seconds": on["prm_seconds"] / off["prm_seconds"],
+                    }
+                    report["beam_search"][f"depth_{depth}"] = row
+                    print(f"depth {depth}", json.dumps(row), flush=True)
+    for concurrency in args.concurrency:
+        batched = report["throughput"][f"c{concurrency}/batched"]["steps_per_s"]
+        single = report["throughput"][f"c{concurrency}/one_at_a_time"]["steps_per_s"]
+        report["throughput"][f"c{concurrency}/ratio_batched_over_single"] = batched / single
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=96, help="score requests per cell")
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    report = asyncio.run(main_async(args))
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
