@@ -18,7 +18,7 @@ from types import FrameType
 
 import httpx
 
-from tts_server.launch.prm import PRMPlan
+from tts_server.launch.prm import PRMPlan, plan_prm
 from tts_server.settings import Settings
 
 STOP_TIMEOUT_S = 15.0
@@ -114,7 +114,7 @@ def run_stack(
 ) -> int:
     logs = settings.cache_dir / "logs"
     cli = [sys.executable, "-m", "tts_server.cli"]
-    prm = prm or PRMPlan(settings.prm_backend)
+    prm = prm or plan_prm(settings)  # LaunchError: nothing started yet
     children: list[Child] = []
     if start_policy:
         policy = f"http://127.0.0.1:{settings.policy_port}"
