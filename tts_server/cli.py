@@ -21,7 +21,9 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from tts_server.launch.prm import plan_prm
     from tts_server.launch.stack import run_stack
+    from tts_server.launch.vllm import LaunchError
 
     settings = _settings(
         host=args.host,
@@ -29,15 +31,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         policy_port=args.policy_port,
         prm_port=args.prm_port,
         prm_backend=args.prm_backend,
+        prm_model=args.prm_model,
+        prm_vllm_url=args.prm_vllm_url,
+        prm_vllm_port=args.prm_vllm_port,
         policy_url=args.policy_url,
         policy_model=args.policy_model,
     )
+    try:  # before anything starts
+        prm = plan_prm(settings)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     start_policy = args.policy_url is None
     if start_policy:
         settings = settings.model_copy(
             update={"policy_url": f"http://127.0.0.1:{settings.policy_port}"}
         )
-    return run_stack(settings, start_policy=start_policy)
+    return run_stack(settings, prm, start_policy=start_policy)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -143,7 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
     up.add_argument("--policy-port", type=int, default=None, help="local vLLM port (default 8100)")
     up.add_argument("--prm-port", type=int, default=None, help="PRM worker port (default 8200)")
-    up.add_argument("--prm-backend", default=None, help="PRM backend: arith (default) or hf")
+    up.add_argument("--prm-backend", default=None, help="PRM backend: arith (default), hf, vllm")
+    up.add_argument(
+        "--prm-model", default=None, help="hf, vllm: the PRM's model folder (vllm: or hub id)"
+    )
+    up.add_argument(
+        "--prm-vllm-url", default=None, help="vllm: use this PRM vLLM server, start none"
+    )
+    up.add_argument(
+        "--prm-vllm-port", type=int, default=None, help="vllm: the PRM vLLM's port (8300)"
+    )
     up.add_argument(
         "--policy-url", default=None, help="use an existing vLLM server instead of starting one"
     )

@@ -110,6 +110,21 @@ class Settings(BaseSettings):
     # "arith": a step with a wrong equation scores 0 whatever a learned PRM says.
     prm_veto: Literal["arith"] | None = None
 
+    # --- the PRM's own vLLM (`tts-server up` with prm_backend vllm and no prm_vllm_url) ---
+    # What `up` serves: a local model folder or a hub id (hf: the folder the worker loads).
+    # Unset: prm_model_path, the worker's older name for the same folder.
+    prm_model: str | None = None
+    # The name vLLM serves it under; unset: the folder's or the hub id's last part.
+    prm_served_name: str | None = None
+    prm_vllm_port: int = 8300
+    # The `<extra_0>` step tag's id; unset: read from a local folder's tokenizer, else vLLM's
+    # Qwen default (151651).
+    prm_step_tag_id: int | None = None
+    prm_max_model_len: int | None = None
+    prm_dtype: str = "auto"
+    # Beside the policy's kv_cache_gib on the same CPU.
+    prm_kv_cache_gib: int = 1
+
     # --- strategy defaults and caps ---
     default_strategy: StrategyName = "auto"
 

@@ -1,4 +1,5 @@
-"""`tts-server up`: the policy server, the PRM worker and the gateway as three child processes.
+"""`tts-server up`: the policy server, the PRM worker and the gateway as child processes, and for
+the `vllm` PRM backend a fourth, the PRM's own vLLM server (launch/prm.py decides).
 
 Children run in their own sessions so that Ctrl-C reaches only this supervisor, which then stops
 them in order (gateway first) by PID, and kills what does not exit in time.
@@ -17,6 +18,7 @@ from types import FrameType
 
 import httpx
 
+from tts_server.launch.prm import PRMPlan, plan_prm
 from tts_server.settings import Settings
 
 STOP_TIMEOUT_S = 15.0
@@ -30,12 +32,21 @@ class Child:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     stop_timeout_s: float = STOP_TIMEOUT_S
+    # A vLLM server answers /health before it serves its model: wait for the model's card too.
+    models_url: str | None = None
+    served_model: str | None = None
+    # Its own environment instead of the stack's (a vLLM started directly).
+    env: dict[str, str] | None = None
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env or env,
+            start_new_session=True,
         )
         log.close()
 
@@ -66,12 +77,20 @@ def wait_healthy(child: Child, timeout_s: float) -> bool:
         if not child.alive():
             return False
         try:
-            if httpx.get(child.health_url, timeout=2.0).status_code == 200:
+            if httpx.get(child.health_url, timeout=2.0).status_code == 200 and _serves(child):
                 return True
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(1.0)
     return False
+
+
+def _serves(child: Child) -> bool:
+    if child.models_url is None:
+        return True
+    body = httpx.get(child.models_url, timeout=2.0).json()
+    cards = body.get("data") if isinstance(body, dict) else None
+    return any(isinstance(c, dict) and c.get("id") == child.served_model for c in cards or [])
 
 
 class _Stop(Exception):
@@ -87,18 +106,38 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def run_stack(
-    settings: Settings, *, start_policy: bool = True, ready_timeout_s: float = 900.0
+    settings: Settings,
+    prm: PRMPlan | None = None,
+    *,
+    start_policy: bool = True,
+    ready_timeout_s: float = 900.0,
 ) -> int:
     logs = settings.cache_dir / "logs"
     cli = [sys.executable, "-m", "tts_server.cli"]
+    prm = prm or plan_prm(settings)  # LaunchError: nothing started yet
     children: list[Child] = []
     if start_policy:
+        policy = f"http://127.0.0.1:{settings.policy_port}"
         children.append(
             Child(
                 "policy (vLLM)",
                 [*cli, "policy", "--port", str(settings.policy_port)],
-                f"http://127.0.0.1:{settings.policy_port}/health",
+                f"{policy}/health",
                 logs / "policy.log",
+                models_url=f"{policy}/v1/models",
+                served_model=settings.policy_model,
+            )
+        )
+    if prm.server is not None:
+        children.append(
+            Child(
+                "PRM (vLLM)",
+                prm.server.argv,
+                f"{prm.server.url}/health",
+                logs / "prm-vllm.log",
+                models_url=f"{prm.server.url}/v1/models",
+                served_model=prm.server.served_name,
+                env=prm.server.env,
             )
         )
     children.append(
@@ -110,7 +149,8 @@ def run_stack(
                 "--port",
                 str(settings.prm_port),
                 "--backend",
-                settings.prm_backend,
+                prm.backend,
+                *prm.worker_args,
             ],
             f"http://127.0.0.1:{settings.prm_port}/health",
             logs / "prm-worker.log",
@@ -149,7 +189,7 @@ def run_stack(
                 return 1
             print(f"{child.name} healthy after {time.monotonic() - started:.0f} s", flush=True)
         url = f"http://{settings.host}:{settings.port}"
-        print(_banner(url, settings.policy_model), flush=True)
+        print(_banner(url, settings.policy_model, prm.describe()), flush=True)
         while True:
             for child in children:
                 if not child.alive():
@@ -170,10 +210,10 @@ def run_stack(
 SAMPLE_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 
 
-def _banner(url: str, model: str) -> str:
+def _banner(url: str, model: str, prm: str) -> str:
     messages = f'[{{"role": "user", "content": "{SAMPLE_QUESTION}"}}]'
     return f"""
-tts-server is ready at {url}
+tts-server is ready at {url} (PRM: {prm})
 
 Try it (strategies: auto, greedy, majority, best_of_n, beam_search, dvts):
 
