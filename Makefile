@@ -15,7 +15,7 @@ QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 export TTS_CACHE_DIR := $(CACHE)
 export TTS_VLLM_PYTHON := $(VLLM_VENV)/bin/python
 
-.PHONY: install install-gateway install-vllm build-vllm model prometheus run test test-unit lint format clean
+.PHONY: install install-gateway install-vllm build-vllm model prometheus run test test-heavy test-unit lint format clean
 
 install: install-gateway install-vllm model
 
@@ -73,7 +73,11 @@ test-unit: install-gateway
 	$(BIN)/python -m pytest -m "not integration" -q
 
 test: install prometheus lint
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -m "not heavy"
+
+# Multi-server runs (a whole `tts-server up` with a vLLM-served PRM): minutes each.
+test-heavy: install
+	$(BIN)/python -m pytest -q -rs -m heavy
 
 format: install-gateway
 	$(BIN)/ruff format .

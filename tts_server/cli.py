@@ -94,15 +94,11 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
         argv += ["--model", settings.prm_model_path]
     if settings.prm_vllm_url:
         argv += ["--vllm-url", settings.prm_vllm_url]
-    for flag, value in (
-        ("--tokenizer", args.tokenizer),
-        ("--max-batch-tokens", args.max_batch_tokens),
-        ("--timeout", args.timeout),
-        ("--retries", args.retries),
-    ):
-        if value is not None:
-            argv += [flag, str(value)]
-    os.execv(sys.executable, argv)
+    if settings.prm_veto and "--veto" not in args.passed:
+        argv += ["--veto", settings.prm_veto]
+    # The worker's own options (`python -m tts_server.prm_worker --help`) pass through as given:
+    # one list of them, the worker's, not a copy here that falls behind.
+    os.execv(sys.executable, [*argv, *args.passed])
     return 0  # pragma: no cover - execv does not return
 
 
@@ -184,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gw.set_defaults(func=cmd_gateway)
 
-    prm = sub.add_parser("prm-worker", help="run the PRM worker")
+    prm = sub.add_parser(
+        "prm-worker",
+        help="run the PRM worker",
+        epilog="Any other option goes to the worker as given (--veto, --cache-size, the vllm "
+        "backend's --tokenizer, ...): see `python -m tts_server.prm_worker --help`.",
+    )
     prm.add_argument("--host", default="127.0.0.1")
     prm.add_argument("--port", type=int, default=None)
     prm.add_argument("--backend", default=None, help="arith (default), hf or vllm")
@@ -192,13 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="hf: the model folder; vllm: the PRM's served model name"
     )
     prm.add_argument("--vllm-url", default=None, help="vllm: the PRM's vLLM server")
-    prm.add_argument(
-        "--tokenizer", default=None, help="vllm: a local tokenizer folder (default: /tokenize)"
-    )
-    prm.add_argument("--max-batch-tokens", type=int, default=None, help="vllm: per /pooling call")
-    prm.add_argument("--timeout", type=float, default=None, help="vllm: seconds per call")
-    prm.add_argument("--retries", type=int, default=None, help="vllm: after a timeout or 5xx")
-    prm.set_defaults(func=cmd_prm_worker)
+    prm.set_defaults(func=cmd_prm_worker, passes_through=True)
 
     pol = sub.add_parser("policy", help="run a local vLLM CPU server (embedded SmolLM2 by default)")
     pol.add_argument("--port", type=int, default=None)
@@ -236,7 +231,11 @@ def settings_problems(exc: ValidationError) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, passed = parser.parse_known_args(argv)
+    if passed and not getattr(args, "passes_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(passed)}")
+    args.passed = passed  # the PRM worker's own options, given to it as they are
     try:
         result: int = args.func(args)
     except ValidationError as exc:

@@ -21,7 +21,8 @@ from tests.support.servers import cli, free_port
 from tests.support.tiny_prm import build_tiny_vllm_prm
 from tts_server.settings import Settings
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+# Two more vLLM servers beside the session's: run by `make test-heavy`, not `make test`.
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(1500)]
 
 QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 
