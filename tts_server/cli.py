@@ -63,11 +63,17 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_prm_worker(args: argparse.Namespace) -> int:
+    if args.list:  # the same listing as `python -m tts_server.prm_worker --list`, without a fork
+        from tts_server.prm_worker.backends import registry
+
+        print(registry.shipped().listing())
+        return 0
     settings = _settings(
         prm_port=args.port,
         prm_backend=args.backend,
         prm_model_path=args.model,
         prm_vllm_url=args.vllm_url,
+        prm_name=args.prm,
     )
     argv = [
         sys.executable,
@@ -84,7 +90,10 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
         argv += ["--model", settings.prm_model_path]
     if settings.prm_vllm_url:
         argv += ["--vllm-url", settings.prm_vllm_url]
+    if settings.prm_name and settings.prm_backend in ("hf", "vllm"):  # arith has no model
+        argv += ["--prm", settings.prm_name]
     for flag, value in (
+        ("--family", args.family),
         ("--tokenizer", args.tokenizer),
         ("--max-batch-tokens", args.max_batch_tokens),
         ("--timeout", args.timeout),
@@ -173,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="hf: the model folder; vllm: the PRM's served model name"
     )
     prm.add_argument("--vllm-url", default=None, help="vllm: the PRM's vLLM server")
+    prm.add_argument(
+        "--prm", default=None, help="hf, vllm: a PRM of the registry, by name or model id"
+    )
+    prm.add_argument("--family", default=None, help="hf, vllm: the family of a --model not listed")
+    prm.add_argument("--list", action="store_true", help="print the registry's PRMs and exit")
     prm.add_argument(
         "--tokenizer", default=None, help="vllm: a local tokenizer folder (default: /tokenize)"
     )

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     prm_model_path: str | None = None
     # vllm: the vLLM server that serves the PRM as a pooling model.
     prm_vllm_url: str | None = None
+    # hf, vllm: a PRM of prm_worker/registry.toml, by name or model id (`prm-worker --list`).
+    prm_name: str | None = None
 
     # --- strategy defaults and caps ---
     default_strategy: StrategyName = "auto"

@@ -110,11 +110,15 @@ def select(
     return Selection(entry.family, model, entry)
 
 
+def shipped_text() -> str:
+    """The text of the registry shipped in the package."""
+    return resources.files("tts_server.prm_worker").joinpath("registry.toml").read_text("utf-8")
+
+
 @cache
 def shipped() -> Registry:
     """The registry shipped in the package."""
-    text = resources.files("tts_server.prm_worker").joinpath("registry.toml").read_text("utf-8")
-    return parse(text, "registry.toml")
+    return parse(shipped_text(), "registry.toml")
 
 
 def load(path: Path) -> Registry:
