@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ready = (
         f"PRM worker ready: backend={backend.name} model={backend.model_name} "
-        f"on http://{args.host}:{args.port}"
+        f"{f'family={family.name} ' if family else ''}on http://{args.host}:{args.port}"
     )
     _Server(config, ready).run()
     return 0
