@@ -73,11 +73,17 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_prm_worker(args: argparse.Namespace) -> int:
+    if args.list:  # the same listing as `python -m tts_server.prm_worker --list`, without a fork
+        from tts_server.prm_worker.backends import registry
+
+        print(registry.shipped().listing())
+        return 0
     settings = _settings(
         prm_port=args.port,
         prm_backend=args.backend,
         prm_model_path=args.model,
         prm_vllm_url=args.vllm_url,
+        prm_name=args.prm,
     )
     argv = [
         sys.executable,
@@ -94,6 +100,8 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
         argv += ["--model", settings.prm_model_path]
     if settings.prm_vllm_url:
         argv += ["--vllm-url", settings.prm_vllm_url]
+    if settings.prm_name and settings.prm_backend in ("hf", "vllm"):  # arith has no model
+        argv += ["--prm", settings.prm_name]
     if settings.prm_veto and "--veto" not in args.passed:
         argv += ["--veto", settings.prm_veto]
     # The worker's own options (`python -m tts_server.prm_worker --help`) pass through as given:
@@ -193,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="hf: the model folder; vllm: the PRM's served model name"
     )
     prm.add_argument("--vllm-url", default=None, help="vllm: the PRM's vLLM server")
+    prm.add_argument(
+        "--prm", default=None, help="hf, vllm: a PRM of the registry, by name or model id"
+    )
+    prm.add_argument("--list", action="store_true", help="print the registry's PRMs and exit")
     prm.set_defaults(func=cmd_prm_worker, passes_through=True)
 
     pol = sub.add_parser("policy", help="run a local vLLM CPU server (embedded SmolLM2 by default)")

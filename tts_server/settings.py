@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     prm_dtype: str = "auto"
     # Beside the policy's kv_cache_gib on the same CPU.
     prm_kv_cache_gib: int = 1
+    # hf, vllm: a PRM of prm_worker/registry.toml, by name or model id (`prm-worker --list`).
+    prm_name: str | None = None
 
     # --- strategy defaults and caps ---
     default_strategy: StrategyName = "auto"

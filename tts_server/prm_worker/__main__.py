@@ -10,7 +10,8 @@ import sys
 import uvicorn
 
 from tts_server.prm_worker.app import create_app
-from tts_server.prm_worker.backends import BACKENDS, BackendError, load_backend
+from tts_server.prm_worker.backends import BACKENDS, BackendError, load_backend, registry
+from tts_server.prm_worker.backends.formats import MODEL_BACKENDS
 from tts_server.prm_worker.backends.veto import VETOES, ArithVeto
 
 logger = logging.getLogger("tts_server.prm_worker")
@@ -27,6 +28,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", default=None, help="hf: the model folder; vllm: the PRM's served model name"
     )
     parser.add_argument("--device", default=None, help="torch device (hf backend), e.g. cpu")
+    prm = parser.add_argument_group("which PRM (hf, vllm): registry.toml, see --list")
+    prm.add_argument(
+        "--prm",
+        default=None,
+        help="a registry entry's name or model id (its model unless --model gives a local copy); "
+        "default: the entry whose model id is --model, else the Qwen2.5-Math-PRM format",
+    )
+    prm.add_argument("--family", default=None, help="the family of a --model not in the registry")
+    prm.add_argument("--list", action="store_true", help="print the registry's PRMs and exit")
     vllm = parser.add_argument_group("vllm backend (a PRM served by vLLM as a pooling model)")
     vllm.add_argument("--vllm-url", default=None, help="the PRM's vLLM server, e.g. http://...")
     vllm.add_argument(
@@ -71,16 +81,32 @@ class _Server(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.backend == "vllm" and not (args.vllm_url and args.model):
-        print("error: the vllm backend needs --vllm-url and --model", file=sys.stderr)
+    if args.list:
+        print(registry.shipped().listing())
+        return 0
+    if args.backend not in MODEL_BACKENDS and (args.prm or args.family):
+        print(
+            f"error: --prm and --family are for the {' and '.join(MODEL_BACKENDS)} backends",
+            file=sys.stderr,
+        )
+        return 2
+    if args.backend == "vllm" and not (args.vllm_url and (args.model or args.prm)):
+        print("error: the vllm backend needs --vllm-url and --model (or --prm)", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        model, family = args.model, None
+        if args.backend in MODEL_BACKENDS:
+            chosen = registry.select(
+                registry.shipped(), prm=args.prm, family=args.family, model=args.model
+            )
+            model, family = chosen.model, chosen.family
         backend = load_backend(
             args.backend,
-            model=args.model,
+            model=model,
+            family=family,
             device=args.device,
             url=args.vllm_url,
             tokenizer=args.tokenizer,
@@ -105,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ready = (
         f"PRM worker ready: backend={backend.name}{' (arith veto)' if args.veto else ''} "
         f"model={backend.model_name} "
-        f"on http://{args.host}:{args.port}"
+        f"{f'family={family.name} ' if family else ''}on http://{args.host}:{args.port}"
     )
     _Server(config, ready).run()
     return 0

@@ -1,8 +1,8 @@
-"""`hf`: a transformers PRM in the Qwen2.5-Math-PRM format.
+"""`hf`: a transformers PRM in process, of any family in the registry.
 
-The conversation is the family's (`formats.QWEN_MATH_PRM`: system prompt, user question, assistant =
-every step followed by `<extra_0>`), rendered with the tokenizer's chat template. The model's
-2-class head gives logits at every token; a step's score is P(class 1) (softmax) at its tag.
+The family (`formats.Family`, from `registry.toml`; default: Qwen2.5-Math-PRM's) gives the layout
+(`formats.StepFormat.encode`: token ids and the position scoring each step) and the score
+reading (`heads`: a 2-class head, a good/bad token pair of a causal LM, or a value head).
 torch and transformers are imported only when an `HFBackend` is built.
 """
 
@@ -12,11 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tts_server.prm_worker.backends import registry
 from tts_server.prm_worker.backends.base import BackendError, PRMBackend, ScoreItem
-from tts_server.prm_worker.backends.formats import QWEN_MATH_PRM
+from tts_server.prm_worker.backends.formats import QWEN_MATH_PRM, Encoded, Family
+from tts_server.prm_worker.backends.heads import load_head, step_logits
 
 STEP_TAG = QWEN_MATH_PRM.step_tag
 SYSTEM_PROMPT = QWEN_MATH_PRM.system_prompt
+
+__all__ = ["STEP_TAG", "SYSTEM_PROMPT", "HFBackend", "step_logits"]
 
 
 class HFBackend(PRMBackend):
@@ -26,99 +30,72 @@ class HFBackend(PRMBackend):
         self,
         model: str,
         *,
+        family: Family | None = None,
         device: str = "cpu",
         batch_size: int = 8,
         dtype: str | None = None,
     ) -> None:
         import torch
-        from transformers import (
-            AutoConfig,
-            AutoModel,
-            AutoModelForTokenClassification,
-            AutoTokenizer,
-        )
+        from transformers import AutoTokenizer
 
+        self.family = family or registry.shipped().default.family
+        self.family.require(self.name)
+        self.format = self.family.format
         self._torch: Any = torch
         self.model_name = Path(model).name or model
         self.device = device
         self.batch_size = max(1, batch_size)
         try:
             tokenizer: Any = AutoTokenizer.from_pretrained(model)
-            config: Any = AutoConfig.from_pretrained(model, trust_remote_code=True)
-            kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)} if dtype else {}
-            architectures: list[str] = list(getattr(config, "architectures", None) or [])
-            if any(a.endswith("ForTokenClassification") for a in architectures):
-                network: Any = AutoModelForTokenClassification.from_pretrained(model, **kwargs)
-            else:
-                network = AutoModel.from_pretrained(model, trust_remote_code=True, **kwargs)
         except (OSError, ValueError, AttributeError) as exc:
             raise BackendError(f"cannot load the PRM from {model!r}: {exc}") from exc
+        problem = self.format.check_tokenizer(tokenizer)
+        if problem:
+            raise BackendError(f"the tokenizer of {model!r} {problem}")
+        options: dict[str, Any] = {"dtype": getattr(torch, dtype)} if dtype else {}
+        self._head = load_head(self.family.score, model, tokenizer, options)
         tokenizer.padding_side = "right"  # positions then match the unpadded sequence
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        tag_id = tokenizer.convert_tokens_to_ids(STEP_TAG)
-        if not isinstance(tag_id, int) or tag_id == tokenizer.unk_token_id:
-            raise BackendError(f"the tokenizer of {model!r} has no {STEP_TAG} token")
         self._tokenizer = tokenizer
-        self._tag_id: int = tag_id
-        self._model: Any = network.to(device).eval()
-        self.parameters = _flops_parameters(self._model)
-        try:  # fail at start, not on the first request, if the model has no 2-class head
+        self._head.to(device)
+        self.parameters = self._head.parameters()
+        try:  # fail at start, not on the first request, if the model does not score steps
             self.score_batch([("What is 1 + 1?", ["1 + 1 = 2.", "The answer is 2."])])
         except RuntimeError as exc:
             raise BackendError(f"{model!r} does not score steps: {exc}") from exc
 
     def render(self, item: ScoreItem) -> str:
-        return QWEN_MATH_PRM.render(self._tokenizer, item)
+        return self.format.render(self._tokenizer, item)
+
+    def encode(self, item: ScoreItem) -> Encoded:
+        """The token ids the PRM reads for `item` and the position scoring each step."""
+        encoded = self.format.encode(self._tokenizer, item)
+        if len(encoded.positions) != len(item[1]):
+            raise RuntimeError(f"{len(encoded.positions)} step tags for {len(item[1])} steps")
+        return encoded
 
     def count_tokens(self, item: ScoreItem) -> int:
-        ids = self._tokenizer(self.render(item), add_special_tokens=False)["input_ids"]
-        return len(ids)
+        return len(self.encode(item).ids)
 
     def score_batch(self, items: Sequence[ScoreItem]) -> list[list[float]]:
-        texts = [self.render(item) for item in items]
+        encoded = [self.encode(item) for item in items]
         # Similar lengths share a forward pass: less padding.
-        order = sorted(range(len(items)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(items)), key=lambda i: len(encoded[i].ids))
         scores: list[list[float]] = [[] for _ in items]
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            chunk_scores = self._forward([texts[i] for i in chunk])
-            for i, row in zip(chunk, chunk_scores, strict=True):
-                if len(row) != len(items[i][1]):
-                    raise RuntimeError(f"{len(row)} step tags for {len(items[i][1])} steps")
+            for i, row in zip(chunk, self._forward([encoded[i] for i in chunk]), strict=True):
                 scores[i] = row
         return scores
 
-    def _forward(self, texts: list[str]) -> list[list[float]]:
+    def _forward(self, batch: list[Encoded]) -> list[list[float]]:
         torch = self._torch
-        encoded = self._tokenizer(
-            texts, padding=True, return_tensors="pt", add_special_tokens=False
-        )
-        input_ids = encoded["input_ids"].to(self.device)
-        mask = encoded["attention_mask"].to(self.device)
+        width = max(len(e.ids) for e in batch)
+        pad = int(self._tokenizer.pad_token_id)
+        input_ids = torch.tensor([e.ids + [pad] * (width - len(e.ids)) for e in batch])
+        mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in batch])
         with torch.no_grad():
-            outputs = self._model(input_ids=input_ids, attention_mask=mask)
-        logits = step_logits(outputs)
-        positive = torch.softmax(logits.float(), dim=-1)[..., 1]
-        tags = (input_ids == self._tag_id) & mask.bool()
-        return [positive[row][tags[row]].tolist() for row in range(len(texts))]
-
-
-def step_logits(outputs: Any) -> Any:
-    """The [batch, seq, classes] logits of a model output (`.logits`, else its first element)."""
-    logits = getattr(outputs, "logits", None)
-    if logits is None:
-        logits = outputs[0]
-    if logits.dim() != 3 or logits.shape[-1] != 2:
-        raise RuntimeError(f"expected logits [batch, seq, 2], got {tuple(logits.shape)}")
-    return logits
-
-
-def _flops_parameters(model: Any) -> int:
-    """All weights but the input embedding table (a lookup, no multiply-adds) unless it is tied
-    to an output head, where it computes."""
-    total = sum(int(p.numel()) for p in model.parameters())
-    embeddings = model.get_input_embeddings()
-    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = outputs is not None and outputs.weight is embeddings.weight
-    return total if tied else total - int(embeddings.weight.numel())
+            return self._head.scores(
+                input_ids.to(self.device), mask.to(self.device), [e.positions for e in batch]
+            )

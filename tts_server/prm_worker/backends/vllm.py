@@ -1,6 +1,7 @@
 """`vllm`: a PRM served by vLLM as a pooling model (`POST /pooling`, `"task": "token_classify"`).
 
-Each solution is rendered in the Qwen2.5-Math-PRM format (`formats.QWEN_MATH_PRM`: a step tag
+Each solution is rendered in its family's format (from the registry: vLLM serves the families of
+Qwen2.5-Math-PRM's kind, `chat_tagged` + `class_head`; default `formats.QWEN_MATH_PRM`: a step tag
 inside a step's text is stripped, see there), tokenized, checked against the PRM's context, and
 sent as token ids, so that what was counted and checked is what vLLM computes, in `/pooling`
 requests of at most `max_batch_tokens` tokens (a longer solution goes alone). vLLM answers one
@@ -38,6 +39,7 @@ from typing import Any
 import httpx
 
 from tts_server.flops import FlopsConfigError, shape_from_path
+from tts_server.prm_worker.backends import registry
 from tts_server.prm_worker.backends.base import (
     BackendError,
     BackendUnavailable,
@@ -45,7 +47,7 @@ from tts_server.prm_worker.backends.base import (
     PRMBackend,
     ScoreItem,
 )
-from tts_server.prm_worker.backends.formats import QWEN_MATH_PRM
+from tts_server.prm_worker.backends.formats import Family
 from tts_server.prm_worker.backends.vllm_http import Refused, VLLMServer
 
 logger = logging.getLogger("tts_server.prm_worker")
@@ -74,6 +76,7 @@ class VLLMBackend(PRMBackend):
         url: str,
         model: str,
         *,
+        family: Family | None = None,
         tokenizer: str | None = None,
         max_batch_tokens: int = 8192,
         timeout_s: float = 30.0,
@@ -87,7 +90,9 @@ class VLLMBackend(PRMBackend):
             raise BackendError(f"the vLLM URL must start with http:// or https://, not {url!r}")
         if max_batch_tokens < 1 or timeout_s <= 0 or retries < 0:
             raise BackendError("max_batch_tokens >= 1, timeout_s > 0 and retries >= 0, please")
-        self.format = QWEN_MATH_PRM
+        self.family = family or registry.shipped().default.family
+        self.family.require(self.name)
+        self.format = self.family.format
         self.model_name = model
         self.max_batch_tokens = max_batch_tokens
         self._folder = Path(tokenizer) if tokenizer else None
