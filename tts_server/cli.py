@@ -68,6 +68,9 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
         prm_backend=args.backend,
         prm_model_path=args.model,
         prm_vllm_url=args.vllm_url,
+        prm_judge_url=args.judge_url,
+        prm_judge_mode=args.judge_mode,
+        prm_judge_top_logprobs=args.top_logprobs,
     )
     argv = [
         sys.executable,
@@ -85,6 +88,10 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
     if settings.prm_vllm_url:
         argv += ["--vllm-url", settings.prm_vllm_url]
     for flag, value in (
+        ("--judge-url", settings.prm_judge_url),
+        ("--judge-mode", settings.prm_judge_mode),
+        ("--top-logprobs", settings.prm_judge_top_logprobs),
+        ("--judge-template", args.judge_template),
         ("--tokenizer", args.tokenizer),
         ("--max-batch-tokens", args.max_batch_tokens),
         ("--timeout", args.timeout),
@@ -168,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     prm = sub.add_parser("prm-worker", help="run the PRM worker")
     prm.add_argument("--host", default="127.0.0.1")
     prm.add_argument("--port", type=int, default=None)
-    prm.add_argument("--backend", default=None, help="arith (default), hf or vllm")
+    prm.add_argument("--backend", default=None, help="arith (default), hf, vllm or judge")
     prm.add_argument(
         "--model", default=None, help="hf: the model folder; vllm: the PRM's served model name"
     )
@@ -179,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     prm.add_argument("--max-batch-tokens", type=int, default=None, help="vllm: per /pooling call")
     prm.add_argument("--timeout", type=float, default=None, help="vllm: seconds per call")
     prm.add_argument("--retries", type=int, default=None, help="vllm: after a timeout or 5xx")
+    prm.add_argument("--judge-url", default=None, help="judge: an OpenAI-compatible endpoint")
+    prm.add_argument("--judge-mode", default=None, help="judge: step (default) or solution")
+    prm.add_argument("--top-logprobs", type=int, default=None, help="judge: candidates (20)")
+    prm.add_argument("--judge-template", default=None, help="judge: a prompt template file")
     prm.set_defaults(func=cmd_prm_worker)
 
     pol = sub.add_parser("policy", help="run a local vLLM CPU server (embedded SmolLM2 by default)")

@@ -13,7 +13,7 @@ from tts_server.types import Aggregation, SelectionRule, StrategyName
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The PRM worker's backends (prm_worker/backends registers one of each).
-PRMBackendName = Literal["arith", "hf", "vllm"]
+PRMBackendName = Literal["arith", "hf", "vllm", "judge"]
 CACHE_DIR = Path.home() / ".cache" / "tts-server"
 
 
@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     prm_model_path: str | None = None
     # vllm: the vLLM server that serves the PRM as a pooling model.
     prm_vllm_url: str | None = None
+    # judge: an OpenAI-compatible endpoint whose model answers "is this step correct?".
+    prm_judge_url: str | None = None
+    prm_judge_mode: Literal["step", "solution"] | None = None
+    prm_judge_top_logprobs: int | None = None
 
     # --- strategy defaults and caps ---
     default_strategy: StrategyName = "auto"
