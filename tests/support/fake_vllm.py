@@ -53,6 +53,8 @@ class FakeVLLM:
     judge: Judge | None = None
     # Chat prompts longer than this (in tokens) are refused with a 400, as vLLM does.
     max_model_len: int = 2048
+    # The model folder /v1/models reports (`root`).
+    root: str = "org/fake-model"
     chat_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def sample_number(self, copy: int, body: dict[str, Any]) -> int:
@@ -151,7 +153,7 @@ class FakeVLLM:
     def _judge_routes(self, app: FastAPI, judge: Judge) -> None:
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            card = {"id": self.model, "object": "model", "root": f"org/{self.model}"}
+            card = {"id": self.model, "object": "model", "root": self.root}
             return {"object": "list", "data": [{**card, "max_model_len": self.max_model_len}]}
 
         @app.post("/v1/chat/completions")

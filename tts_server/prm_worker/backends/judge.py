@@ -120,7 +120,11 @@ class JudgeBackend(PRMBackend):
         self.memo_size = memo_size
         self.parameters = None  # from the endpoint's model folder, once it answers
         self._server = VLLMServer(
-            judge_url, timeout_s=timeout_s, retries=retries, transport=transport
+            judge_url,
+            timeout_s=timeout_s,
+            retries=retries,
+            transport=transport,
+            name="the judge endpoint",
         )
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="prm-judge")
         self._memo: OrderedDict[_Key, float] = OrderedDict()
