@@ -83,12 +83,15 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
         "--port",
         str(settings.prm_port),
     ]
-    if settings.prm_model_path:
-        argv += ["--model", settings.prm_model_path]
+    model, judge_url = settings.prm_model_path, settings.prm_judge_url
+    if settings.prm_backend == "judge":  # unless told otherwise, the policy judges its own steps
+        model, judge_url = model or settings.policy_model, judge_url or settings.policy_url
+    if model:
+        argv += ["--model", model]
     if settings.prm_vllm_url:
         argv += ["--vllm-url", settings.prm_vllm_url]
     for flag, value in (
-        ("--judge-url", settings.prm_judge_url),
+        ("--judge-url", judge_url),
         ("--judge-mode", settings.prm_judge_mode),
         ("--top-logprobs", settings.prm_judge_top_logprobs),
         ("--judge-template", args.judge_template),
@@ -186,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     prm.add_argument("--max-batch-tokens", type=int, default=None, help="vllm: per /pooling call")
     prm.add_argument("--timeout", type=float, default=None, help="vllm: seconds per call")
     prm.add_argument("--retries", type=int, default=None, help="vllm: after a timeout or 5xx")
-    prm.add_argument("--judge-url", default=None, help="judge: an OpenAI-compatible endpoint")
+    prm.add_argument(
+        "--judge-url", default=None, help="judge: an OpenAI-compatible endpoint (the policy's)"
+    )
     prm.add_argument("--judge-mode", default=None, help="judge: step (default) or solution")
     prm.add_argument("--top-logprobs", type=int, default=None, help="judge: candidates (20)")
     prm.add_argument("--judge-template", default=None, help="judge: a prompt template file")

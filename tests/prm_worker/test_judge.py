@@ -354,3 +354,30 @@ def test_an_answer_without_logprobs_is_an_error_not_a_score(
 def test_the_worker_cli_needs_the_url_and_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert worker_main(["--backend", "judge", "--model", "m"]) == 2
     assert "needs --judge-url and --model" in capsys.readouterr().err
+
+
+def test_tts_server_prm_worker_judges_with_the_policy_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`TTS_PRM_BACKEND=judge tts-server up` needs nothing more: the policy judges its steps."""
+    from tts_server import cli
+
+    execs: list[list[str]] = []
+    monkeypatch.setattr(cli.os, "execv", lambda path, argv: execs.append(argv))
+    for name in ("PRM_PORT", "POLICY_MODEL", "PRM_MODEL_PATH", "PRM_JUDGE_TOP_LOGPROBS"):
+        monkeypatch.delenv(f"TTS_{name}", raising=False)
+    monkeypatch.setenv("TTS_POLICY_URL", "http://127.0.0.1:8100")
+    monkeypatch.setenv("TTS_PRM_BACKEND", "judge")
+    cli.main(["prm-worker"])
+    monkeypatch.setenv("TTS_PRM_JUDGE_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("TTS_PRM_JUDGE_MODE", "solution")
+    cli.main(["prm-worker", "--model", "other", "--top-logprobs", "5"])
+    default, told = (argv[argv.index("--backend") :] for argv in execs)
+    assert default == [
+        *("--backend", "judge", "--host", "127.0.0.1", "--port", "8200"),
+        *("--model", "SmolLM2-135M-Instruct", "--judge-url", "http://127.0.0.1:8100"),
+    ]
+    assert told[told.index("--model") :] == [
+        *("--model", "other", "--judge-url", "http://127.0.0.1:9000"),
+        *("--judge-mode", "solution", "--top-logprobs", "5"),
+    ]
