@@ -381,3 +381,16 @@ def test_tts_server_prm_worker_judges_with_the_policy_unless_told(
         *("--model", "other", "--judge-url", "http://127.0.0.1:9000"),
         *("--judge-mode", "solution", "--top-logprobs", "5"),
     ]
+
+
+def test_the_memo_forgets_the_least_recently_used_prompt() -> None:
+    fake = fake_judge()
+    with judge_on(fake, judge_mode="solution", memo_size=2) as (backend, _):
+        a, b, c = ((f"Q{n}?", ["x"]) for n in range(3))
+        for item in (a, b, a, c):  # a used again, so b is the one c pushes out
+            backend.score_batch([item])
+        asked = len(fake.chat_calls)
+        backend.score_batch([a])
+        assert len(fake.chat_calls) == asked == 3
+        backend.score_batch([b])
+        assert len(fake.chat_calls) == 4

@@ -165,7 +165,11 @@ class JudgeBackend(PRMBackend):
         needs = [self._keys(item) for item in items]
         asked: dict[_Key, None] = {}
         for keys in needs:
-            asked.update((key, None) for key in keys if key not in self._memo)
+            for key in keys:
+                if key in self._memo:
+                    self._memo.move_to_end(key)  # least recently used goes first
+                else:
+                    asked[key] = None
         answers, refusals = self._ask(list(asked))
         reasons: dict[int, str] = {}
         scores: list[list[float]] = [[] for _ in items]
