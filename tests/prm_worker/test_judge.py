@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -363,7 +364,7 @@ def test_tts_server_prm_worker_judges_with_the_policy_unless_told(
     from tts_server import cli
 
     execs: list[list[str]] = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: execs.append(argv))
+    monkeypatch.setattr(os, "execv", lambda path, argv: execs.append(argv))
     for name in ("PRM_PORT", "POLICY_MODEL", "PRM_MODEL_PATH", "PRM_JUDGE_TOP_LOGPROBS"):
         monkeypatch.delenv(f"TTS_{name}", raising=False)
     monkeypatch.setenv("TTS_POLICY_URL", "http://127.0.0.1:8100")

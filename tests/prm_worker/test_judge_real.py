@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import MODEL
 from tests.support.servers import ServerProcess, free_port
 from tts_server.flops import shape_from_path
-from tts_server.prm_worker.backends.judge import JudgeBackend
+from tts_server.prm_worker.backends.judge import JudgeBackend, JudgeMode
 from tts_server.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -92,8 +92,9 @@ def test_latency_of_judging_per_step_against_per_solution(policy_url: str) -> No
     wrong = ["Tom starts with 3 apples.", "He buys 4 more: 3 + 4 = 9.", "The answer is 9."]
     items = [(QUESTION, STEPS), (QUESTION, wrong)]
     timings: dict[str, float] = {}
-    for mode in ("step", "solution"):
-        backend = JudgeBackend(policy_url, MODEL, judge_mode=mode, memo_size=0)  # type: ignore[arg-type]
+    modes: tuple[JudgeMode, ...] = ("step", "solution")
+    for mode in modes:
+        backend = JudgeBackend(policy_url, MODEL, judge_mode=mode, memo_size=0)
         try:
             backend.score_batch([("Warm up?", ["Yes."])])
             started = time.perf_counter()
