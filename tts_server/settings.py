@@ -104,7 +104,8 @@ class Settings(BaseSettings):
     prm_model_path: str | None = None
     # vllm: the vLLM server that serves the PRM as a pooling model.
     prm_vllm_url: str | None = None
-    # judge: an OpenAI-compatible endpoint whose model answers "is this step correct?".
+    # judge: an OpenAI-compatible endpoint whose model answers "is this step correct?"; unset:
+    # the policy (policy_url, and policy_model unless prm_model_path names another).
     prm_judge_url: str | None = None
     prm_judge_mode: Literal["step", "solution"] | None = None
     prm_judge_top_logprobs: int | None = None
