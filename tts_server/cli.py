@@ -84,6 +84,9 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
         prm_model_path=args.model,
         prm_vllm_url=args.vllm_url,
         prm_name=args.prm,
+        prm_judge_url=args.judge_url,
+        prm_judge_mode=args.judge_mode,
+        prm_judge_top_logprobs=args.top_logprobs,
     )
     argv = [
         sys.executable,
@@ -96,10 +99,20 @@ def cmd_prm_worker(args: argparse.Namespace) -> int:
         "--port",
         str(settings.prm_port),
     ]
-    if settings.prm_model_path:
-        argv += ["--model", settings.prm_model_path]
+    model, judge_url = settings.prm_model_path, settings.prm_judge_url
+    if settings.prm_backend == "judge":  # unless told otherwise, the policy judges its own steps
+        model, judge_url = model or settings.policy_model, judge_url or settings.policy_url
+    if model:
+        argv += ["--model", model]
     if settings.prm_vllm_url:
         argv += ["--vllm-url", settings.prm_vllm_url]
+    for flag, value in (
+        ("--judge-url", judge_url),
+        ("--judge-mode", settings.prm_judge_mode),
+        ("--top-logprobs", settings.prm_judge_top_logprobs),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
     if settings.prm_name and settings.prm_backend in ("hf", "vllm"):  # arith has no model
         argv += ["--prm", settings.prm_name]
     if settings.prm_veto and "--veto" not in args.passed:
@@ -196,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prm.add_argument("--host", default="127.0.0.1")
     prm.add_argument("--port", type=int, default=None)
-    prm.add_argument("--backend", default=None, help="arith (default), hf or vllm")
+    prm.add_argument("--backend", default=None, help="arith (default), hf, vllm or judge")
     prm.add_argument(
         "--model", default=None, help="hf: the model folder; vllm: the PRM's served model name"
     )
@@ -205,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prm", default=None, help="hf, vllm: a PRM of the registry, by name or model id"
     )
     prm.add_argument("--list", action="store_true", help="print the registry's PRMs and exit")
+    prm.add_argument(
+        "--judge-url", default=None, help="judge: an OpenAI-compatible endpoint (the policy's)"
+    )
+    prm.add_argument("--judge-mode", default=None, help="judge: step (default) or solution")
+    prm.add_argument("--top-logprobs", type=int, default=None, help="judge: candidates (20)")
     prm.set_defaults(func=cmd_prm_worker, passes_through=True)
 
     pol = sub.add_parser("policy", help="run a local vLLM CPU server (embedded SmolLM2 by default)")

@@ -13,7 +13,7 @@ from tts_server.types import Aggregation, SelectionRule, StrategyName
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The PRM worker's backends (prm_worker/backends registers one of each).
-PRMBackendName = Literal["arith", "hf", "vllm"]
+PRMBackendName = Literal["arith", "hf", "vllm", "judge"]
 CACHE_DIR = Path.home() / ".cache" / "tts-server"
 
 
@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     prm_kv_cache_gib: int = 1
     # hf, vllm: a PRM of prm_worker/registry.toml, by name or model id (`prm-worker --list`).
     prm_name: str | None = None
+    # judge: an OpenAI-compatible endpoint whose model answers "is this step correct?"; unset:
+    # the policy (policy_url, and policy_model unless prm_model_path names another).
+    prm_judge_url: str | None = None
+    prm_judge_mode: Literal["step", "solution"] | None = None
+    prm_judge_top_logprobs: int | None = None
 
     # --- strategy defaults and caps ---
     default_strategy: StrategyName = "auto"

@@ -1,7 +1,9 @@
 """A fake vLLM OpenAI server (ASGI) for unit tests: one character = one token, scripted text.
 
 It speaks the subset of vLLM's API the gateway uses (/tokenize, /v1/completions with token-id
-prompts, return_token_ids, stop strings, /health, /metrics) and records every call.
+prompts, return_token_ids, stop strings, /health, /metrics) and records every call. Given a
+`judge`, it also serves /v1/models and one-token /v1/chat/completions with top logprobs (what the
+`judge` PRM backend asks); without one those paths are 404, as before.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from tests.support.fakes import decode, encode
 
 # (prompt text, sample number within the call) -> the text the "model" would write next.
 Script = Callable[[str, int], str]
+# Rendered chat prompt -> the next token's candidates as (token, logprob), most likely first.
+Judge = Callable[[str], list[tuple[str, float]]]
 EOS = "<eos>"
 
 
@@ -45,6 +49,13 @@ class FakeVLLM:
     sample_by_seed: bool = False
     # The path of every request received, in order (/tokenize included).
     paths: list[str] = field(default_factory=list)
+    # Serve /v1/models and /v1/chat/completions (max_tokens 1, logprobs) with these candidates.
+    judge: Judge | None = None
+    # Chat prompts longer than this (in tokens) are refused with a 400, as vLLM does.
+    max_model_len: int = 2048
+    # The model folder /v1/models reports (`root`).
+    root: str = "org/fake-model"
+    chat_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def sample_number(self, copy: int, body: dict[str, Any]) -> int:
         if not self.sample_by_seed:
@@ -126,6 +137,9 @@ class FakeVLLM:
             }
             return JSONResponse({"id": "cmpl-fake", "choices": choices, "usage": usage})
 
+        if self.judge is not None:
+            self._judge_routes(app, self.judge)
+
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
             c = self.counters
@@ -135,3 +149,46 @@ class FakeVLLM:
             )
 
         return app
+
+    def _judge_routes(self, app: FastAPI, judge: Judge) -> None:
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            card = {"id": self.model, "object": "model", "root": self.root}
+            return {"object": "list", "data": [{**card, "max_model_len": self.max_model_len}]}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> JSONResponse:
+            body = await request.json()
+            if body.get("model") != self.model:
+                message = f"The model `{body.get('model')}` does not exist."
+                return JSONResponse({"error": {"message": message}}, status_code=404)
+            prompt = render_chat(body["messages"])
+            if len(prompt) + 1 > self.max_model_len:
+                message = f"This model's maximum context length is {self.max_model_len} tokens."
+                return JSONResponse({"error": {"message": message}}, status_code=400)
+            self.chat_calls.append(body)
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            candidates = judge(prompt)
+            token, logprob = candidates[0]
+            content: dict[str, Any] = {"token": token, "logprob": logprob}
+            if body.get("logprobs"):
+                top = candidates[: int(body.get("top_logprobs") or 0)]
+                content["top_logprobs"] = [{"token": t, "logprob": lp} for t, lp in top]
+            cached = min(self.cached_tokens, len(prompt))
+            self.counters["prompt"] += len(prompt)
+            self.counters["cached"] += cached
+            self.counters["generation"] += 1
+            usage = {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": 1,
+                "total_tokens": len(prompt) + 1,
+                "prompt_tokens_details": {"cached_tokens": cached} if cached else None,
+            }
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": token},
+                "logprobs": {"content": [content]} if body.get("logprobs") else None,
+                "finish_reason": "length",
+            }
+            return JSONResponse({"id": "chat-fake", "choices": [choice], "usage": usage})

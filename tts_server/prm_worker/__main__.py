@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8200)
     parser.add_argument(
-        "--model", default=None, help="hf: the model folder; vllm: the PRM's served model name"
+        "--model", default=None, help="hf: the model folder; vllm, judge: the served model name"
     )
     parser.add_argument("--device", default=None, help="torch device (hf backend), e.g. cpu")
     prm = parser.add_argument_group("which PRM (hf, vllm): registry.toml, see --list")
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vllm.add_argument(
         "--max-batch-tokens", type=int, default=None, help="tokens per /pooling request (8192)"
     )
-    vllm.add_argument("--timeout", type=float, default=None, help="seconds per vLLM call (30)")
+    vllm.add_argument("--timeout", type=float, default=None, help="seconds per call (30)")
     vllm.add_argument(
         "--retries", type=int, default=None, help="retries after a timeout or 5xx (2)"
     )
@@ -55,6 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="arith: a step with a wrong equation scores 0 whatever the PRM says",
     )
+    judge = parser.add_argument_group("judge backend (a chat model asked if each step is right)")
+    judge.add_argument("--judge-url", default=None, help="an OpenAI-compatible endpoint")
+    judge.add_argument(
+        "--judge-mode",
+        choices=["step", "solution"],
+        default=None,
+        help="step (default): a call per step; solution: one per solution, for all its steps",
+    )
+    judge.add_argument("--top-logprobs", type=int, default=None, help="candidates read (20)")
+    judge.add_argument("--judge-template", default=None, help="a prompt template file")
     parser.add_argument("--max-batch-size", type=int, default=64, help="solutions per call")
     parser.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill"
@@ -93,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "vllm" and not (args.vllm_url and (args.model or args.prm)):
         print("error: the vllm backend needs --vllm-url and --model (or --prm)", file=sys.stderr)
         return 2
+    if args.backend == "judge" and not (args.judge_url and args.model):
+        print("error: the judge backend needs --judge-url and --model", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -113,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_tokens=args.max_batch_tokens,
             timeout_s=args.timeout,
             retries=args.retries,
+            judge_url=args.judge_url,
+            judge_mode=args.judge_mode,
+            top_logprobs=args.top_logprobs,
+            judge_template=args.judge_template,
         )
         if args.veto == "arith":
             backend = ArithVeto(backend)

@@ -49,6 +49,11 @@ TOKENS = Counter(
     "Tokens the backend computed.",
     registry=REGISTRY,
 )
+JUDGE_FALLBACKS = Counter(
+    "prm_judge_fallbacks",
+    "Judge answers with neither yes nor no among the top logprobs (scored the fallback).",
+    registry=REGISTRY,
+)
 REQUESTS = Counter(
     "prm_requests",
     "Score requests answered, by status class.",

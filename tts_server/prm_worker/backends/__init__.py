@@ -15,6 +15,7 @@ from tts_server.prm_worker.backends.base import (
     ScoreItem,
 )
 from tts_server.prm_worker.backends.hf import HFBackend
+from tts_server.prm_worker.backends.judge import JudgeBackend
 from tts_server.prm_worker.backends.vllm import VLLMBackend
 from tts_server.settings import PRMBackendName
 
@@ -24,6 +25,7 @@ BACKENDS: dict[str, Callable[..., PRMBackend]] = {
     "arith": ArithBackend,
     "hf": HFBackend,
     "vllm": VLLMBackend,
+    "judge": JudgeBackend,
 }
 assert tuple(BACKENDS) == get_args(PRMBackendName), "settings name every backend"
 

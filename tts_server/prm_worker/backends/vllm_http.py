@@ -38,10 +38,12 @@ class VLLMServer:
         timeout_s: float,
         retries: int,
         transport: httpx.BaseTransport | None = None,
+        name: str = "the PRM's vLLM server",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.retries = retries
+        self.name = name  # in messages: what failed
         # httpx's sync pool is locked: the health probe may share it with the scoring thread.
         self._client = httpx.Client(
             base_url=self.base_url,
@@ -90,4 +92,4 @@ class VLLMServer:
                 raise ValueError(f"vLLM's {path} answered with a JSON {type(data).__name__}")
             return data
         tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
-        raise BackendUnavailable(f"the PRM's vLLM server failed on {path}: {failure} ({tries})")
+        raise BackendUnavailable(f"{self.name} failed on {path}: {failure} ({tries})")
