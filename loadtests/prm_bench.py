@@ -4,8 +4,8 @@ Builds the tiny random-weight PRM of the tests, serves it with vLLM CPU as a poo
 127.0.0.1, and measures, each side by side in one run (these machines are noisy):
 
 1. Steps scored per second through a PRM worker process at concurrency 1, 8 and 32, with
-   cross-request batching on (`--max-batch-size 64 --batch-wait-ms 5`) and off (1, 0). Every
-   request is new (the worker's cache is off), two 4-step solutions each.
+   cross-request batching on (`--max-batch-size 64 --batch-wait-ms 5`) and off (1, 0: each
+   request alone). Every request is new (the worker's cache is off), two 4-step solutions each.
 2. Per beam-search request (budget 8, beam width 2) of depth 4, 8 and 16: the step scores the
    PRM worker was asked for and the tokens the PRM computed, with the gateway's step cache on
    and off (the worker's cache off in both, so only the step cache differs).
@@ -141,36 +141,47 @@ async def beam_request(url: str, depth: int, *, step_cache: bool) -> dict[str, A
     }
 
 
+def _mean(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]}
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    """Each pair of cells runs A B B A (the mean of the two), so a load that drifts while the
+    benchmark runs (other processes on the machine) weighs on both sides alike."""
     report: dict[str, Any] = {"throughput": {}, "beam_search": {}}
     with tempfile.TemporaryDirectory(prefix="prm-bench-") as tmp:
         logs = Path(tmp)
-        with vllm_prm(logs) as vllm_url:
-            for batching in (True, False):
-                with worker(vllm_url, logs, batching=batching) as url:
-                    for concurrency in args.concurrency:
-                        seen = await throughput(url, concurrency, args.requests)
-                        key = f"c{concurrency}/{'batched' if batching else 'one_at_a_time'}"
-                        report["throughput"][key] = seen
-                        print(key, json.dumps(seen), flush=True)
-            with worker(vllm_url, logs, batching=True) as url:
-                for depth in args.depths:
-                    row = {
-                        "with_step_cache": await beam_request(url, depth, step_cache=True),
-                        "without": await beam_request(url, depth, step_cache=False),
-                    }
-                    on, off = row["with_step_cache"], row["without"]
-                    row["ratios"] = {
-                        "steps_computed": on["steps_computed"] / off["steps_computed"],
-                        "prm_tokens": on["prm_tokens"] / off["prm_tokens"],
-                        "prm_seconds": on["prm_seconds"] / off["prm_seconds"],
-                    }
-                    report["beam_search"][f"depth_{depth}"] = row
-                    print(f"depth {depth}", json.dumps(row), flush=True)
-    for concurrency in args.concurrency:
-        batched = report["throughput"][f"c{concurrency}/batched"]["steps_per_s"]
-        single = report["throughput"][f"c{concurrency}/one_at_a_time"]["steps_per_s"]
-        report["throughput"][f"c{concurrency}/ratio_batched_over_single"] = batched / single
+        with (
+            vllm_prm(logs) as vllm_url,
+            worker(vllm_url, logs, batching=True) as batched,
+            worker(vllm_url, logs, batching=False) as single,
+        ):
+            for concurrency in args.concurrency:
+                seen: dict[str, list[dict[str, float]]] = {"batched": [], "one_at_a_time": []}
+                for name in ("batched", "one_at_a_time", "one_at_a_time", "batched"):
+                    url = batched if name == "batched" else single
+                    seen[name].append(await throughput(url, concurrency, args.requests))
+                for name, rows in seen.items():
+                    report["throughput"][f"c{concurrency}/{name}"] = _mean(rows)
+                ratio = (
+                    _mean(seen["batched"])["steps_per_s"]
+                    / _mean(seen["one_at_a_time"])["steps_per_s"]
+                )
+                report["throughput"][f"c{concurrency}/ratio_batched_over_single"] = ratio
+                print(f"c{concurrency}", json.dumps(seen), f"ratio {ratio:.2f}", flush=True)
+            await beam_request(batched, 4, step_cache=True)  # warm up
+            for depth in args.depths:
+                runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+                for on in (True, False, False, True):
+                    runs[on].append(await beam_request(batched, depth, step_cache=on))
+                with_cache, without = _mean(runs[True]), _mean(runs[False])
+                row: dict[str, Any] = {"with_step_cache": with_cache, "without": without}
+                row["ratios"] = {
+                    key: with_cache[key] / without[key]
+                    for key in ("steps_computed", "prm_tokens", "prm_seconds")
+                }
+                report["beam_search"][f"depth_{depth}"] = row
+                print(f"depth {depth}", json.dumps(row), flush=True)
     return report
 
 
