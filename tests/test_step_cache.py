@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-import httpx
 import pytest
 
 from tests.support.fakes import FakePolicy, encode
+from tests.support.prm_app import serve
 from tts_server.accounting import Account
 from tts_server.clients.prm import HTTPPRMClient
 from tts_server.flops import FlopsCounter, ModelShape
@@ -52,11 +52,8 @@ def endless(prompt: list[int], sample: int) -> str:
 
 @asynccontextmanager
 async def worker(backend: PRMBackend, cache_size: int) -> AsyncIterator[HTTPPRMClient]:
-    app = create_app(backend, cache_size=cache_size)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
-            yield HTTPPRMClient("http://worker", client=client)
+    async with serve(create_app(backend, cache_size=cache_size)) as client:
+        yield HTTPPRMClient("http://worker", client=client)
 
 
 async def search(

@@ -13,14 +13,13 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
+from tests.support.prm_app import serve
 from tests.support.servers import ServerProcess, free_port
 from tts_server.prm_worker import ScoreLimits, create_app
 from tts_server.prm_worker.__main__ import main as worker_main
@@ -60,15 +59,6 @@ class CountingBackend(PRMBackend):
             raise RuntimeError("secret prompt text")
         scores = [[fake_score(q, k, s) for k, s in enumerate(steps)] for q, steps in items]
         return [row[:-1] for row in scores] if self.short else scores
-
-
-@asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """An in-process client of `app`, with the app's lifespan run around it."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
-            yield client
 
 
 @pytest.fixture

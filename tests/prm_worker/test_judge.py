@@ -11,17 +11,17 @@ import logging
 import math
 import os
 import re
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from tests.support.fake_vllm import FakeVLLM, render_chat
 from tests.support.faults import Faulty, ThreadServer
+from tests.support.prm_app import serve
 from tts_server.prm_worker import create_app, load_backend, metrics
 from tts_server.prm_worker.__main__ import main as worker_main
 from tts_server.prm_worker.backends import BackendError, BackendUnavailable, vllm_http
@@ -83,13 +83,8 @@ def prompts(fake: FakeVLLM) -> list[str]:
     return [call["messages"][0]["content"] for call in fake.chat_calls]
 
 
-@asynccontextmanager
-async def worker(backend: JudgeBackend) -> AsyncIterator[httpx.AsyncClient]:
-    app: FastAPI = create_app(backend, batch_wait_s=0.05)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
-            yield client
+def worker(backend: JudgeBackend) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return serve(create_app(backend, batch_wait_s=0.05))
 
 
 # --- reading the logprobs ---

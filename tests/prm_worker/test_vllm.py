@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from tests.support.fake_pooling import TAG, FakePoolingVLLM, Fault, encode, p_good, render
+from tests.support.prm_app import serve
 from tests.support.tiny_prm import build_tiny_qwen2_prm
 from tts_server.clients.http import RetryPolicy
 from tts_server.clients.prm import HTTPPRMClient, PRMError
@@ -51,13 +50,8 @@ def expected(item: tuple[str, list[str]]) -> list[float]:
     return [p_good(ids, k) for k, t in enumerate(ids) if t == encode(TAG)[0]]
 
 
-@asynccontextmanager
-async def worker(backend: VLLMBackend) -> AsyncIterator[httpx.AsyncClient]:
-    app: FastAPI = create_app(backend, batch_wait_s=0.05)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
-            yield client
+def worker(backend: VLLMBackend) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return serve(create_app(backend, batch_wait_s=0.05))
 
 
 # --- rendering ---

@@ -52,8 +52,12 @@ from tts_server.prm_worker.backends.base import (
     PRMBackend,
     ScoreItem,
 )
-from tts_server.prm_worker.backends.vllm import _local, _parameters
-from tts_server.prm_worker.backends.vllm_http import Refused, VLLMServer
+from tts_server.prm_worker.backends.vllm_http import (
+    Refused,
+    VLLMServer,
+    folder_parameters,
+    local_folder,
+)
 
 logger = logging.getLogger("tts_server.prm_worker")
 
@@ -282,7 +286,7 @@ class JudgeBackend(PRMBackend):
             raise BackendUnavailable(f"the judge endpoint serves {served}, not {self.model_name!r}")
         if not self._listed:
             self._listed = True
-            self.parameters = _parameters(_local(card.get("root")))
+            self.parameters = folder_parameters(local_folder(card.get("root")))
 
 
 def yes_probability(candidates: Iterable[tuple[str, float]]) -> float | None:

@@ -38,7 +38,6 @@ from typing import Any
 
 import httpx
 
-from tts_server.flops import FlopsConfigError, shape_from_path
 from tts_server.prm_worker.backends import registry
 from tts_server.prm_worker.backends.base import (
     BackendError,
@@ -48,7 +47,12 @@ from tts_server.prm_worker.backends.base import (
     ScoreItem,
 )
 from tts_server.prm_worker.backends.formats import Family
-from tts_server.prm_worker.backends.vllm_http import Refused, VLLMServer
+from tts_server.prm_worker.backends.vllm_http import (
+    Refused,
+    VLLMServer,
+    folder_parameters,
+    local_folder,
+)
 
 logger = logging.getLogger("tts_server.prm_worker")
 
@@ -96,7 +100,7 @@ class VLLMBackend(PRMBackend):
         self.model_name = model
         self.max_batch_tokens = max_batch_tokens
         self._folder = Path(tokenizer) if tokenizer else None
-        self.parameters = _parameters(self._folder)  # else from vLLM's model folder, if local
+        self.parameters = folder_parameters(self._folder)  # else from vLLM's model folder, if local
         self._tokenizer = _load_tokenizer(tokenizer, self.format.step_tag) if tokenizer else None
         self._server = VLLMServer(url, timeout_s=timeout_s, retries=retries, transport=transport)
         self._served: _ServedPRM | None = None
@@ -176,7 +180,7 @@ class VLLMBackend(PRMBackend):
             raise ValueError("vLLM's /v1/models gives no max_model_len for the PRM")
         self._served = _ServedPRM(max_len, self._tag_id(probe))
         if self.parameters is None:
-            self.parameters = _parameters(_local(card.get("root")))
+            self.parameters = folder_parameters(local_folder(card.get("root")))
         return self._served
 
     def _tag_id(self, probe: bool) -> int:
@@ -298,20 +302,6 @@ def _share(total: int, lengths: list[int]) -> list[int]:
 
 def _key(item: ScoreItem) -> tuple[str, tuple[str, ...]]:
     return item[0], tuple(item[1])
-
-
-def _local(root: Any) -> Path | None:
-    return Path(root) if isinstance(root, str) and Path(root).is_dir() else None
-
-
-def _parameters(folder: Path | None) -> int | None:
-    if folder is None or not (folder / "config.json").is_file():
-        return None
-    try:
-        return shape_from_path(folder).parameters
-    except FlopsConfigError as exc:
-        logger.warning("PRM parameter count unknown: %s", exc)
-        return None
 
 
 def _load_tokenizer(folder: str, step_tag: str) -> Any:

@@ -3,14 +3,19 @@ backend from a thread), retries, and vLLM's answers sorted into refusals and una
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tts_server.clients.http import error_message
+from tts_server.flops import FlopsConfigError, shape_from_path
 from tts_server.prm_worker.backends.base import BackendUnavailable
+
+logger = logging.getLogger("tts_server.prm_worker")
 
 # Health probes and metadata: short and never retried, so readiness answers quickly.
 PROBE_TIMEOUT_S = 5.0
@@ -93,3 +98,19 @@ class VLLMServer:
             return data
         tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
         raise BackendUnavailable(f"{self.name} failed on {path}: {failure} ({tries})")
+
+
+def local_folder(root: Any) -> Path | None:
+    """The model folder a server reports (`/v1/models` root), when it is on this machine."""
+    return Path(root) if isinstance(root, str) and Path(root).is_dir() else None
+
+
+def folder_parameters(folder: Path | None) -> int | None:
+    """The FLOPs count's parameters from a model folder's config.json; None when unknown."""
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        return shape_from_path(folder).parameters
+    except FlopsConfigError as exc:
+        logger.warning("PRM parameter count unknown: %s", exc)
+        return None
