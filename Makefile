@@ -15,7 +15,7 @@ QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 export TTS_CACHE_DIR := $(CACHE)
 export TTS_VLLM_PYTHON := $(VLLM_VENV)/bin/python
 
-.PHONY: install install-gateway install-vllm build-vllm model prometheus run test test-heavy test-unit lint format clean
+.PHONY: install install-gateway install-vllm build-vllm model prometheus run test test-heavy test-unit lint format k8s clean
 
 install: install-gateway install-vllm model
 
@@ -78,6 +78,11 @@ test: install prometheus lint
 # Multi-server runs (a whole `tts-server up` with a vLLM-served PRM): minutes each.
 test-heavy: install
 	$(BIN)/python -m pytest -q -rs -m heavy
+
+# deploy/k8s/ is the Helm chart rendered by Helm's Go SDK (helm-python-sdk, the dev extra), for
+# its defaults and each deploy/helm/examples file; tests/test_helm.py checks it is up to date.
+k8s: install-gateway
+	$(BIN)/python deploy/helm/render.py --write-k8s
 
 format: install-gateway
 	$(BIN)/ruff format .

@@ -1,24 +1,31 @@
-"""The deploy files: the compose file's services and profiles, the Kubernetes manifests, and that
-the PRM vLLM they start is the one `prm_argv` would start (nothing here runs a container)."""
+"""The compose file: its services and profiles, the compose-spec schema, and that the vLLMs it
+starts are the ones our launcher would start (nothing here runs a container). The Kubernetes side,
+the Helm chart and deploy/k8s/, is checked in tests/test_helm.py."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 
-from tts_server.launch.vllm import prm_argv
+from tts_server.launch.vllm import prm_argv, vllm_argv
 from tts_server.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
-K8S = DEPLOY / "k8s"
+ROUTER_DOCKERFILE = DEPLOY / "router" / "Dockerfile"
+PROFILES = [None, "gpu-prm", "router"]
+# Added by the gateway's affinity work (another branch): checked as settings once they exist.
+AFFINITY_ENV = {"TTS_AFFINITY_HEADER", "TTS_AFFINITY_SCOPE", "TTS_AFFINITY_RELEASE_URL"}
 PRM_MODEL, PRM_NAME, PRM_TAG = "Qwen/Qwen2.5-Math-PRM-7B", "Qwen2.5-Math-PRM-7B", 151651
 
 
@@ -67,9 +74,11 @@ def test_compose_default_services_are_unchanged_by_the_gpu_profile(
     assert default["gateway"]["environment"]["TTS_PRM_URL"] == "http://prm:8200"
     gpu = set(_services(compose, "gpu-prm")) - set(default)
     assert gpu == {"prm-vllm", "prm-worker-vllm", "gateway-prm-vllm"}
+    router = set(_services(compose, "router")) - set(default)
+    assert router == {"policy-0", "policy-1", "router", "gateway-router"}
 
 
-@pytest.mark.parametrize("profile", [None, "gpu-prm"])
+@pytest.mark.parametrize("profile", PROFILES)
 def test_compose_waits_only_on_checked_services_and_ports_do_not_clash(
     compose: dict[str, Any], profile: str | None
 ) -> None:
@@ -116,7 +125,7 @@ def test_compose_config_accepts_the_file_where_docker_compose_exists() -> None:
         or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0
     ):
         pytest.skip("no `docker compose` here (the YAML checks above still ran)")
-    for profile in ([], ["--profile", "gpu-prm"]):
+    for profile in ([], ["--profile", "gpu-prm"], ["--profile", "router"]):
         result = subprocess.run(
             [docker, "compose", "-f", str(COMPOSE), *profile, "config", "--quiet"],
             capture_output=True,
@@ -125,99 +134,100 @@ def test_compose_config_accepts_the_file_where_docker_compose_exists() -> None:
         assert result.returncode == 0, result.stderr
 
 
-def _manifests(*paths: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    found: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in paths:
-        for doc in yaml.safe_load_all(path.read_text()):
-            found[(doc["kind"], doc["metadata"]["name"])] = doc
-    return found
+def test_compose_file_validates_against_the_compose_spec_schema(compose: dict[str, Any]) -> None:
+    """The compose-spec JSON schema as check-jsonschema vendors it (dev extra, pinned)."""
+    vendor = files("check_jsonschema.builtin_schemas.vendor")
+    schema = json.loads((vendor / "compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, errors
+    # the schema does catch a broken service
+    broken = {"services": {"x": {"image": 3, "restart": "sometimes", "portz": []}}}
+    assert list(validator.iter_errors(broken))
 
 
-def _container(deployment: dict[str, Any]) -> dict[str, Any]:
-    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1
-    return containers[0]
+def test_compose_services_never_share_a_gpu(compose: dict[str, Any]) -> None:
+    """Every profile at once: each GPU service names its own device."""
+    seen: dict[str, str] = {}
+    for name, service in compose["services"].items():
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+        for device in devices.get("devices", []):
+            assert "count" not in device, f"{name}: a count can take any GPU; name device_ids"
+            for gpu in device["device_ids"]:
+                assert gpu not in seen, f"GPU {gpu}: {seen[gpu]} and {name}"
+                seen[gpu] = name
+    assert set(seen) == {"0", "1", "2", "3"}
 
 
-def _check_service_selects(service: dict[str, Any], deployment: dict[str, Any]) -> int:
-    """The Service reaches the Deployment's pods on a named container port; its port."""
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["selector"]["matchLabels"] == labels
-    assert service["spec"]["selector"] == labels
-    [port] = service["spec"]["ports"]
-    names = {p["name"] for p in _container(deployment)["ports"]}
-    assert port["targetPort"] in names
-    number: int = port["port"]
-    return number
-
-
-def test_k8s_gpu_prm_manifests_chain_worker_to_prm_vllm() -> None:
-    gpu = _manifests(*(K8S / "gpu-prm").glob("*.yaml"))
-    assert set(gpu) == {
-        ("Deployment", "tts-prm-vllm"),
-        ("Service", "tts-prm-vllm"),
-        ("Deployment", "tts-prm"),
-        ("Service", "tts-prm"),
-    }
-    prm = gpu[("Deployment", "tts-prm-vllm")]
-    vllm = _container(prm)
-    port = _check_service_selects(gpu[("Service", "tts-prm-vllm")], prm)
-    _check_prm_vllm_args(vllm["args"], port)
-    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert vllm["resources"]["requests"]["nvidia.com/gpu"] == 1
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert vllm[probe]["httpGet"] == {"path": "/health", "port": "http"}
-
-    worker = gpu[("Deployment", "tts-prm")]
-    _check_service_selects(gpu[("Service", "tts-prm")], worker)
-    _check_worker_args(_container(worker)["args"], "tts-prm-vllm", port)
-    assert _container(worker)["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert "nvidia.com/gpu" not in str(_container(worker)["resources"])
-
-
-def test_k8s_gpu_prm_worker_replaces_the_default_one_for_the_gateway() -> None:
-    """Same names, labels, ports, image and resources as ../prm-worker.yaml: only the backend
-    differs, so the gateway's TTS_PRM_URL reaches either."""
-    default = _manifests(K8S / "prm-worker.yaml")
-    gpu = _manifests(K8S / "gpu-prm" / "prm-worker.yaml")
-    assert set(gpu) == set(default)
-    assert gpu[("Service", "tts-prm")] == default[("Service", "tts-prm")]
-    old, new = (
-        _container(default[("Deployment", "tts-prm")]),
-        _container(gpu[("Deployment", "tts-prm")]),
-    )
-    for key in ("name", "image", "ports", "readinessProbe", "resources"):
-        assert new[key] == old[key], key
-    assert _flag(old["args"], "--port") == _flag(new["args"], "--port")
-    gateway = _container(_manifests(K8S / "gateway.yaml")[("Deployment", "tts-gateway")])
-    env = {e["name"]: e.get("value") for e in gateway["env"]}
-    url = urlsplit(env["TTS_PRM_URL"])
-    assert (url.hostname, url.port) == (
-        "tts-prm",
-        default[("Service", "tts-prm")]["spec"]["ports"][0]["port"],
-    )
-
-
-def test_kustomize_builds_each_set_where_kubectl_exists(tmp_path: Path) -> None:
-    """kubectl's kustomize parses every manifest and refuses two objects of one name."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("no kubectl here (the YAML checks above still ran)")
-    sets = {
-        "default": [K8S / "gateway.yaml", K8S / "prm-worker.yaml"],
-        "gpu-prm": [K8S / "gateway.yaml", *sorted((K8S / "gpu-prm").glob("*.yaml"))],
-    }
-    for name, files in sets.items():
-        folder = tmp_path / name
-        folder.mkdir()
-        for i, path in enumerate(files):
-            shutil.copy(path, folder / f"{i}-{path.name}")
-        resources = sorted(p.name for p in folder.iterdir())
-        (folder / "kustomization.yaml").write_text(yaml.safe_dump({"resources": resources}))
-        result = subprocess.run(
-            [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+def test_compose_router_profile_puts_vllm_router_before_two_policy_replicas(
+    compose: dict[str, Any],
+) -> None:
+    services = _services(compose, "router")
+    reference = vllm_argv(Settings(), Path("/model"), 8100)
+    replicas = ["policy-0", "policy-1"]
+    for name in replicas:
+        command = services[name]["command"]
+        assert services[name]["image"] == services["policy"]["image"]
+        assert _flag(command, "--block-size") == _flag(reference, "--block-size")
+        assert "--enable-prompt-tokens-details" in command
+        assert _flag(command, "--served-model-name") == _flag(
+            services["policy"]["command"], "--served-model-name"
         )
-        assert result.returncode == 0, result.stderr
-        kinds = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout)]
-        assert ("Deployment", "tts-prm") in kinds
-        assert (("Deployment", "tts-prm-vllm") in kinds) == (name == "gpu-prm")
+        assert "ports" not in services[name], "only the router calls the replicas"
+        assert services[name]["healthcheck"]["test"]
+
+    router = services["router"]
+    command = router["command"]
+    start = command.index("--worker-urls") + 1
+    end = next(i for i in range(start, len(command)) if command[i].startswith("--"))
+    workers = [urlsplit(u) for u in command[start:end]]
+    assert [(u.hostname, u.port) for u in workers] == [
+        (name, int(_flag(services[name]["command"], "--port"))) for name in replicas
+    ]
+    assert _flag(command, "--policy") == "sticky_least_loaded"
+    for name, value in [
+        ("--cb-failure-threshold", "2"),
+        ("--health-check-interval-secs", "5"),
+        ("--health-failure-threshold", "2"),
+        ("--log-level", "warning"),
+    ]:
+        assert _flag(command, name) == value
+    assert router["build"] == "../router" and ROUTER_DOCKERFILE.exists()
+    assert re.search(r"vllm-router==0\.1\.17\b", ROUTER_DOCKERFILE.read_text())
+    assert {r: {"condition": "service_healthy"} for r in replicas} == router["depends_on"]
+    router_port = int(_flag(command, "--port"))
+
+    gateway = services["gateway-router"]["environment"]
+    policy = urlsplit(gateway["TTS_POLICY_URL"])
+    assert (policy.hostname, policy.port) == ("router", router_port)
+    assert gateway["TTS_AFFINITY_HEADER"] == "x-session-id"  # the first header vllm-router reads
+    assert gateway["TTS_AFFINITY_SCOPE"] in ("request", "subtree")
+    release = urlsplit(gateway["TTS_AFFINITY_RELEASE_URL"])
+    assert (release.hostname, release.port, release.path) == (
+        "router",
+        router_port,
+        "/finish_session",
+    )
+    assert services["gateway-router"]["depends_on"]["router"]["condition"] == "service_healthy"
+
+
+def test_every_compose_gateway_env_var_is_a_setting(compose: dict[str, Any]) -> None:
+    fields = {f"TTS_{name.upper()}" for name in Settings.model_fields}
+    for name, service in compose["services"].items():
+        if service.get("command", [None])[0] in ("gateway", "prm-worker"):
+            unknown = set(service.get("environment", {})) - fields - AFFINITY_ENV
+            assert not unknown, f"{name}: {sorted(unknown)}"
+
+
+def test_compose_file_passes_yamllint() -> None:
+    from yamllint import config, linter
+
+    rules = config.YamlLintConfig(
+        "extends: default\n"
+        "rules:\n"
+        "  line-length: {max: 110}\n"  # the commands' flow lists
+        "  document-start: disable\n"
+        "  comments: {min-spaces-from-content: 1}\n"
+    )
+    problems = list(linter.run(COMPOSE.read_text(), rules))
+    assert not problems, "; ".join(f"{p.line}: {p.desc}" for p in problems)
