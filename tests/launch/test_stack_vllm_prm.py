@@ -52,6 +52,7 @@ def test_up_serves_beam_search_with_a_vllm_served_prm(tmp_path: Path) -> None:
             "TTS_POLICY_PORT": str(policy_port),
             "TTS_PRM_PORT": str(prm_port),
             "TTS_PRM_BACKEND": "vllm",
+            "TTS_PRM_VETO": "arith",  # reaches the worker through up's environment
             "TTS_PRM_MODEL": str(folder),  # the step tag id is read from its tokenizer
             "TTS_PRM_VLLM_PORT": str(prm_vllm_port),
             "TTS_PRM_DTYPE": "float32",
@@ -77,7 +78,7 @@ def test_up_serves_beam_search_with_a_vllm_served_prm(tmp_path: Path) -> None:
         assert len(pids) == 4, output  # policy, PRM vLLM, PRM worker, gateway
 
         health = httpx.get(f"http://127.0.0.1:{prm_port}/health", timeout=10).json()
-        assert health == {"status": "ok", "backend": "vllm", "model": "tiny-prm"}
+        assert health == {"status": "ok", "backend": "vllm", "veto": "arith", "model": "tiny-prm"}
         response = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             json={
