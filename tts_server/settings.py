@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     # each with kv_cache_gib, behind vllm-router on policy_port (1: one vLLM, no router).
     policy_replicas: int = Field(default=1, ge=1, le=16)
     router_bin: Path = CACHE_DIR / "router-venv" / "bin" / "vllm-router"
+    # sticky_least_loaded pins on the affinity header; the others are for comparison runs.
+    router_policy: Literal["sticky_least_loaded", "consistent_hash", "round_robin", "random"] = (
+        "sticky_least_loaded"
+    )
     router_prometheus_port: int = 8190
 
     # --- PRM worker (`tts-server prm-worker`) ---
