@@ -202,9 +202,8 @@ def run_stack(
         url = f"http://{settings.host}:{settings.port}"
         serving = None
         if replicas is not None:
-            serving = (
-                f"{len(replicas.replicas)} replicas behind vllm-router at {replicas.router_url}"
-            )
+            urls = ", ".join(r.url for r in replicas.replicas)
+            serving = f"replicas {urls} behind vllm-router at {replicas.router_url}"
         print(_banner(url, settings.policy_model, prm.describe(), serving), flush=True)
         while True:
             for child in children:
