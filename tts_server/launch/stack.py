@@ -41,6 +41,8 @@ class Child:
     env: dict[str, str] | None = None
     # Set on top of the stack's environment (a replica's KV cache share).
     env_overrides: dict[str, str] | None = None
+    # One of several policy replicas: the stack outlives it while another one serves.
+    replica: bool = False
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,11 +207,18 @@ def run_stack(
             urls = ", ".join(r.url for r in replicas.replicas)
             serving = f"replicas {urls} behind vllm-router at {replicas.router_url}"
         print(_banner(url, settings.policy_model, prm.describe(), serving), flush=True)
+        lost: set[str] = set()
         while True:
             for child in children:
-                if not child.alive():
-                    print(f"\n{child.name} exited unexpectedly; last log lines:\n{child.tail()}")
+                if child.alive() or child.name in lost:
+                    continue
+                print(f"\n{child.name} exited unexpectedly; last log lines:\n{child.tail()}")
+                spare = [c for c in children if c.replica and c.alive()]
+                if not (child.replica and spare):
                     return 1
+                # The router moves its sessions to the others: keep serving.
+                print(f"{len(spare)} replicas left; the router routes around it", flush=True)
+                lost.add(child.name)
             time.sleep(1.0)
     except _Stop:
         print("\nstopping...", flush=True)
@@ -235,6 +244,7 @@ def _replica_children(
             models_url=f"{replica.url}/v1/models",
             served_model=settings.policy_model,
             env_overrides=replica.env,
+            replica=True,
         )
         for i, replica in enumerate(plan.replicas)
     ]
