@@ -278,8 +278,8 @@ def test_scale_out_behind_vllm_router(stack: Stack, tmp_path: Path) -> None:
         f"kill: replica 1 killed at {killed_at:.1f} s with {in_flight:.0f} sub-requests in "
         f"flight; 8/8 answered 200 in {time.monotonic() - started:.1f} s; sub-requests: "
         f"{total} in all, {served_1:.0f} served by replica 1 before it died, {served_0:.0f} by "
-        f"replica 0 ({served_0 - (total - served_1):+.0f} beyond the rest: retried after the "
-        f"kill)"
+        f"replica 0 (the in-flight ones computed again there; {served_0 - (total - served_1):+.0f}"
+        f" computed twice)"
     )
     router = scrape(stack.router_metrics)
     figures.append(
