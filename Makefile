@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 CACHE ?= $(HOME)/.cache/tts-server
 VLLM_VENV ?= $(CACHE)/vllm-venv
+# vllm-router (a Rust binary in a wheel) for `tts-server up --replicas K`: its own small venv.
+ROUTER_VENV ?= $(CACHE)/router-venv
+VLLM_ROUTER := vllm-router==0.1.17
 MODEL_DIR := $(CACHE)/models/SmolLM2-135M-Instruct
 BIN := $(VENV)/bin
 # pip's notes about local index folders are noise here.
@@ -14,10 +17,11 @@ QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
 export TTS_CACHE_DIR := $(CACHE)
 export TTS_VLLM_PYTHON := $(VLLM_VENV)/bin/python
+export TTS_ROUTER_BIN := $(ROUTER_VENV)/bin/vllm-router
 
-.PHONY: install install-gateway install-vllm build-vllm model prometheus run test test-heavy test-unit lint format k8s clean
+.PHONY: install install-gateway install-vllm install-router build-vllm model prometheus run test test-heavy test-unit lint format k8s clean
 
-install: install-gateway install-vllm model
+install: install-gateway install-vllm install-router model
 
 install-gateway: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -33,6 +37,16 @@ install-vllm:
 		echo "==> vLLM CPU venv up to date ($(VLLM_VENV))"; \
 	else \
 		$(MAKE) --no-print-directory build-vllm; \
+	fi
+
+install-router:
+	@if [ "$$(cat $(ROUTER_VENV)/.installed 2>/dev/null)" = "$(VLLM_ROUTER)" ]; then \
+		echo "==> vllm-router up to date ($(ROUTER_VENV))"; \
+	else \
+		echo "==> vllm-router ($(ROUTER_VENV))"; \
+		$(PYTHON) -m venv $(ROUTER_VENV); \
+		$(ROUTER_VENV)/bin/pip install -q $(VLLM_ROUTER) $(QUIET_PIP); \
+		echo "$(VLLM_ROUTER)" > $(ROUTER_VENV)/.installed; \
 	fi
 
 build-vllm:

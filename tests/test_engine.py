@@ -36,6 +36,7 @@ class Policy(FakePolicy):
     def __init__(self, script=solution, delay_s: float = 0.0) -> None:  # type: ignore[no-untyped-def]
         super().__init__(script)
         self.delay_s = delay_s
+        self.tokenized: list[str | None] = []  # the affinity key of each tokenize call
 
     async def generate(
         self,
@@ -44,14 +45,19 @@ class Policy(FakePolicy):
         usage: PolicyUsage,
         *,
         n: int = 1,
+        affinity: Sequence[str] | None = None,
     ) -> list[list[Generation]]:
         await asyncio.sleep(self.delay_s)
-        return await super().generate(prompts, sampling, usage, n=n)
+        return await super().generate(prompts, sampling, usage, n=n, affinity=affinity)
 
-    async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    async def tokenize_chat(
+        self, messages: Sequence[dict[str, str]], *, affinity: str | None = None
+    ) -> list[int]:
+        self.tokenized.append(affinity)
         return encode("".join(m["content"] for m in messages) + "\nA:")
 
-    async def tokenize_text(self, text: str) -> list[int]:
+    async def tokenize_text(self, text: str, *, affinity: str | None = None) -> list[int]:
+        self.tokenized.append(affinity)
         return encode(text)
 
     async def model_root(self) -> str | None:
@@ -171,10 +177,10 @@ async def test_a_ceiling_is_kept_and_said() -> None:
 async def test_past_the_deadline_the_best_finished_answer_is_partial() -> None:
     # Whole samples arrive at once; the search's next call never returns in time.
     class Stalling(Policy):
-        async def generate(self, prompts, sampling, usage, *, n=1):  # type: ignore[no-untyped-def]
+        async def generate(self, prompts, sampling, usage, *, n=1, affinity=None):  # type: ignore[no-untyped-def]
             if self.calls:
                 await asyncio.sleep(30)
-            return await super().generate(prompts, sampling, usage, n=n)
+            return await super().generate(prompts, sampling, usage, n=n, affinity=affinity)
 
     e = engine(Stalling(lambda p, k: "2 + 3 = 5\n\nmore"))
     prepared, rendered = await e.prepare(job("auto", budget=8, deadline_s=0.3))

@@ -151,9 +151,9 @@ def test_flops_ceiling_is_never_exceeded(
     # The fake PRM reports tokens like a real worker: bytes of what it read.
     original = prm.score
 
-    async def scoring(question, solutions, usage, *, context=None):  # type: ignore[no-untyped-def]
+    async def scoring(question, solutions, usage, *, context=None, affinity=None):  # type: ignore[no-untyped-def]
         usage.tokens += sum(len(question) + sum(len(s) for s in steps) for steps in solutions)
-        return await original(question, solutions, usage, context=context)
+        return await original(question, solutions, usage, context=context, affinity=affinity)
 
     prm.score = scoring  # type: ignore[method-assign]
     config = SearchConfig(

@@ -6,6 +6,9 @@ Before each call under a ceiling the account reserves the call's worst case (not
 every sample runs to its token limit) and shrinks the call to fit what is left: fewer tokens per
 sample, or no call at all. Strategies need not know: a sample with no room comes back empty with
 finish "length", which ends its candidate; a PRM call with no room scores every step 0.
+
+The account also carries the request's `Affinity` (tts_server/affinity.py): it turns a
+strategy's affinity labels into the request's keys on every call it passes on.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from tts_server.affinity import Affinity
 from tts_server.flops import FlopsCounter
 from tts_server.prefixes import PrefixScores, prefix_keys
 from tts_server.types import (
@@ -44,6 +48,8 @@ class Account:
     samples: int = 0  # drawn so far: a seeded request's next call starts its seeds past them
     # Step scores by prefix for this request's search (None: every call scores every step).
     step_scores: PrefixScores | None = None
+    # The request's pin (None: its calls carry no affinity key).
+    affinity: Affinity | None = None
 
     @property
     def remaining(self) -> int | None:
@@ -67,8 +73,11 @@ class AccountedPolicy:
         usage: PolicyUsage,
         *,
         n: int = 1,
+        affinity: Sequence[str] | None = None,
     ) -> list[list[Generation]]:
         account = self.account
+        pin = account.affinity
+        keys = pin.keys(affinity, len(prompts)) if pin is not None else None
         remaining = account.remaining
         if remaining is not None:
             lengths = [len(p) for p in prompts]
@@ -88,7 +97,7 @@ class AccountedPolicy:
         started = time.perf_counter()
         call = PolicyUsage()
         try:
-            return await self.inner.generate(prompts, sampling, call, n=n)
+            return await self.inner.generate(prompts, sampling, call, n=n, affinity=keys)
         finally:
             usage.add(call)
             account.policy_usage.add(call)
@@ -131,7 +140,10 @@ class AccountedPRM:
         usage: PRMUsage,
         *,
         context: Sequence[int] | None = None,
+        affinity: str | None = None,
     ) -> list[list[float]]:
+        """`affinity` is ignored: a PRM call carries the request's key (one call scores every
+        subtree's candidates)."""
         first = list(context) if context is not None else [0] * len(solutions)
         cache = self.account.step_scores
         keys: list[list[bytes]] = [[] for _ in solutions]
@@ -193,8 +205,9 @@ class AccountedPRM:
                 return None
         started = time.perf_counter()
         context = first if any(first) else None
+        key = account.affinity.key() if account.affinity is not None else None
         try:
-            return await self.inner.score(question, solutions, call, context=context)
+            return await self.inner.score(question, solutions, call, context=context, affinity=key)
         finally:
             account.prm_scoring_s += time.perf_counter() - started
             if account.ceiling is not None:

@@ -22,6 +22,7 @@ def _settings(**overrides: Any) -> Settings:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from tts_server.launch.prm import plan_prm
+    from tts_server.launch.replicas import plan_replicas
     from tts_server.launch.stack import run_stack
     from tts_server.launch.vllm import LaunchError
 
@@ -36,18 +37,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         prm_vllm_port=args.prm_vllm_port,
         policy_url=args.policy_url,
         policy_model=args.policy_model,
+        policy_replicas=args.replicas,
     )
+    start_policy = args.policy_url is None
+    replicas = None
     try:  # before anything starts
         prm = plan_prm(settings)
+        if settings.policy_replicas > 1:
+            if not start_policy:
+                raise LaunchError("--replicas starts local vLLM replicas: drop --policy-url")
+            replicas = plan_replicas(settings)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    start_policy = args.policy_url is None
     if start_policy:
         settings = settings.model_copy(
             update={"policy_url": f"http://127.0.0.1:{settings.policy_port}"}
         )
-    return run_stack(settings, prm, start_policy=start_policy)
+    return run_stack(settings, prm, start_policy=start_policy, replicas=replicas)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -184,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy-url", default=None, help="use an existing vLLM server instead of starting one"
     )
     up.add_argument("--policy-model", default=None, help="served model name of the policy")
+    up.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="vLLM replicas of the policy behind vllm-router on the policy port (default 1)",
+    )
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tts_server.accounting import Account
+from tts_server.affinity import Affinity
 from tts_server.errors import DeadlineExceeded, FlopsUnknown, PromptTooLong, UpstreamDown
 from tts_server.flops import Flops, FlopsCounter, find_policy_shape, find_prm_shape
 from tts_server.prefixes import PrefixScores
@@ -109,7 +110,16 @@ class TTSEngine:
         if table is not None:
             logger.info("router table %s: auto serves %s", table.source, table.summary())
 
-    async def prepare(self, job: Job) -> tuple[Job, RenderedPrompt]:
+    def new_affinity(self) -> Affinity | None:
+        """A new request's pin, None when no affinity header is configured. Its caller releases
+        what it issued once the request is over (api/routes.py)."""
+        if not self.settings.affinity_header:
+            return None
+        return Affinity.new(self.settings.affinity_scope)
+
+    async def prepare(
+        self, job: Job, affinity: Affinity | None = None
+    ) -> tuple[Job, RenderedPrompt]:
         """Everything that can refuse a job before it costs a generation: the upstreams' health
         (with the PRM down, majority vote instead where allowed: the one place that decides),
         a FLOPs ceiling that cannot be counted, the prompt rendered, and its length."""
@@ -129,18 +139,27 @@ class TTSEngine:
                     "a FLOPs ceiling needs the models' parameter counts "
                     "(set TTS_POLICY_PARAMS / TTS_PRM_PARAMS on the server)"
                 )
+        key = affinity.key() if affinity is not None else None
         if isinstance(job.prompt, ChatPrompt):
-            rendered = await render_chat(self.profile, list(job.prompt.messages), self.policy)
+            messages = list(job.prompt.messages)
+            rendered = await render_chat(self.profile, messages, self.policy, affinity=key)
         else:  # a completions prompt is the client's raw text: no profile, no template
-            ids = await self.policy.tokenize_text(job.prompt.text)
+            ids = await self.policy.tokenize_text(job.prompt.text, affinity=key)
             rendered = RenderedPrompt(job.prompt.text, ids, [])
         if len(rendered.prompt_ids) > self.settings.max_prompt_tokens:
             raise PromptTooLong(len(rendered.prompt_ids), self.settings.max_prompt_tokens)
         return job, rendered
 
-    async def run(self, job: Job, rendered: RenderedPrompt, watch: Watch | None = None) -> Outcome:
+    async def run(
+        self,
+        job: Job,
+        rendered: RenderedPrompt,
+        watch: Watch | None = None,
+        affinity: Affinity | None = None,
+    ) -> Outcome:
         """Run a prepared job; past its deadline, answer with the best finished candidate
-        (partial) or raise DeadlineExceeded. `watch`, when given, sees the live counters."""
+        (partial) or raise DeadlineExceeded. `watch`, when given, sees the live counters;
+        `affinity`, the request's pin, goes on every upstream call."""
         counter = await self.flops_counter()
         strategy = REGISTRY[job.strategy]
         progress = Progress()
@@ -148,7 +167,7 @@ class TTSEngine:
         if job.strategy == "auto":
             config = dataclasses.replace(config, router=await self.router_table())
         steps = PrefixScores() if self.settings.prm_step_cache else None
-        account = Account(counter, job.max_flops, step_scores=steps)
+        account = Account(counter, job.max_flops, step_scores=steps, affinity=affinity)
         policy, prm = account.wrap(self.policy, self.prm)
         if watch is not None:
             watch.progress, watch.account = progress, account

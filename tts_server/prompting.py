@@ -69,9 +69,11 @@ class RenderedPrompt:
 
 
 class Tokenizer(Protocol):
-    async def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    async def tokenize_chat(
+        self, messages: list[dict[str, Any]], *, affinity: str | None = None
+    ) -> list[int]: ...
 
-    async def tokenize_text(self, text: str) -> list[int]: ...
+    async def tokenize_text(self, text: str, *, affinity: str | None = None) -> list[int]: ...
 
 
 class ProfileError(ValueError):
@@ -116,11 +118,16 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
 
 
 async def render_chat(
-    profile: PromptProfile, messages: list[dict[str, Any]], tokenizer: Tokenizer
+    profile: PromptProfile,
+    messages: list[dict[str, Any]],
+    tokenizer: Tokenizer,
+    *,
+    affinity: str | None = None,
 ) -> RenderedPrompt:
+    """`affinity`: the request's key, so the tokenizer call goes where its generations will."""
     question = last_user_text(messages)
     if profile.style == "plain":
-        ids = await tokenizer.tokenize_text(profile.plain_text(question))
+        ids = await tokenizer.tokenize_text(profile.plain_text(question), affinity=affinity)
     else:
-        ids = await tokenizer.tokenize_chat(profile.chat_messages(messages))
+        ids = await tokenizer.tokenize_chat(profile.chat_messages(messages), affinity=affinity)
     return RenderedPrompt(question, ids, list(profile.solution_stops), profile.temperature)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tts_server.affinity import AffinityScope
 from tts_server.types import Aggregation, SelectionRule, StrategyName
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -71,6 +72,18 @@ class Settings(BaseSettings):
     # tokens then known for its last prompt only (vLLM 0.32).
     policy_call_mode: Literal["per_prompt", "batched"] = "per_prompt"
 
+    # --- replica affinity (README "Scale-out"; tts_server/affinity.py) ---
+    # The header that carries a request's affinity key on every policy and PRM call, read by a
+    # router in front of several replicas (vllm-router pins on x-session-id); empty: none sent.
+    affinity_header: str = Field(default="x-session-id", pattern=r"^([A-Za-z0-9-]+)?$")
+    # "request": all of a request's calls on one replica (most prefix-cache hits); "subtree":
+    # each DVTS subtree on its own replica (spreads one request's load; others stay per request).
+    affinity_scope: AffinityScope = "request"
+    # Released when a request ends, `POST URL?session_id=KEY` (vllm-router's /finish_session);
+    # unset: no release (the router expires sessions itself).
+    affinity_release_url: str | None = None
+    affinity_release_timeout_s: float = Field(default=2.0, gt=0)
+
     # --- FLOPs count (tts_server/flops.py) ---
     # Parameter counts; unset: read from the policy's config.json (policy_config_path, else the
     # folder vLLM reports as the model's root) and from the PRM worker's /v1/models.
@@ -99,6 +112,15 @@ class Settings(BaseSettings):
     # recomputed. 32 is the smallest size vLLM CPU accepts (its attention kernel takes multiples
     # of 32: 16 fails at start with "No common block size").
     policy_block_size: int = Field(default=32, ge=32, multiple_of=32)
+    # `tts-server up`: vLLM replicas of the policy on consecutive free ports from policy_port,
+    # each with kv_cache_gib, behind vllm-router on policy_port (1: one vLLM, no router).
+    policy_replicas: int = Field(default=1, ge=1, le=16)
+    router_bin: Path = CACHE_DIR / "router-venv" / "bin" / "vllm-router"
+    # sticky_least_loaded pins on the affinity header; the others are for comparison runs.
+    router_policy: Literal["sticky_least_loaded", "consistent_hash", "round_robin", "random"] = (
+        "sticky_least_loaded"
+    )
+    router_prometheus_port: int = 8190
 
     # --- PRM worker (`tts-server prm-worker`) ---
     prm_port: int = 8200

@@ -183,10 +183,14 @@ class PolicyClient(Protocol):
         usage: PolicyUsage,
         *,
         n: int = 1,
+        affinity: Sequence[str] | None = None,
     ) -> list[list[Generation]]:
         """For each prompt, `n` independent samples (result[i][j] is sample j of prompt i).
 
-        Adds what the call cost to `usage`.
+        Adds what the call cost to `usage`. `affinity[i]` says which prompts belong together
+        (tts_server/affinity.py): a strategy labels its independent subtrees (None: all one);
+        the request's account turns labels into its keys, which a client sends so that calls
+        with equal keys reach one replica. Never part of what is generated.
         """
         ...
 
@@ -201,8 +205,11 @@ class PRMClient(Protocol):
         usage: PRMUsage,
         *,
         context: Sequence[int] | None = None,
+        affinity: str | None = None,
     ) -> list[list[float]]:
-        """result[i][k] in [0, 1] is the score of step context[i] + k of solution i: the first
+        """`affinity`: the request's key, sent so that its calls reach one replica.
+
+        result[i][k] in [0, 1] is the score of step context[i] + k of solution i: the first
         context[i] steps (default 0) are read as context but not scored, so len(result[i]) is
         len(solutions[i]) - context[i]."""
         ...
@@ -212,9 +219,11 @@ class PolicyService(PolicyClient, Protocol):
     """The policy server as the engine uses it: generation, and what rendering prompts, the FLOPs
     count and readiness need (the vLLM client is one; test doubles implement the same)."""
 
-    async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+    async def tokenize_chat(
+        self, messages: Sequence[dict[str, str]], *, affinity: str | None = None
+    ) -> list[int]: ...
 
-    async def tokenize_text(self, text: str) -> list[int]: ...
+    async def tokenize_text(self, text: str, *, affinity: str | None = None) -> list[int]: ...
 
     async def model_root(self) -> str | None:
         """Where the server loaded the model from, if it says (its config.json gives the size)."""

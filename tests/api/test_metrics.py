@@ -145,6 +145,7 @@ class SlowPRM(EquationPRM):
         usage: PRMUsage,
         *,
         context: Sequence[int] | None = None,
+        affinity: str | None = None,
     ) -> list[list[float]]:
         await asyncio.sleep(self.delay_s)
         return await super().score(question, solutions, usage, context=context)

@@ -67,11 +67,13 @@ def failing(failures: list[str], seen: list[str]) -> Handler:
         (["400"], 1, False),  # the request is wrong: never retried
         (["404"], 1, False),
         (["429"], 1, False),
-        (["500"], 1, False),  # an upstream bug, not a passing outage
+        # A router's answer while a dead replica's circuit is closed: the retry moves on.
+        (["500"], 2, True),
+        (["500", "500", "500"], 3, False),
         (["timeout"], 1, False),  # the first attempt may still be running
     ],
 )
-async def test_post_retries_connection_errors_and_502_503_only(
+async def test_post_retries_connection_errors_and_500_502_503_only(
     failures: list[str], attempts: int, succeeds: bool
 ) -> None:
     seen: list[str] = []
@@ -134,7 +136,13 @@ def raising(error: type[httpx.TransportError]) -> Handler:
         (raising(httpx.RemoteProtocolError), "unreachable (RemoteProtocolError)", 502, None),
         (answering(200, text="{oops"), "answered with invalid JSON", 502, 200),
         (answering(200, json=[1]), "answered with a JSON list, not an object", 502, 200),
-        (answering(500, json={"error": {"message": "boom"}}), "HTTP 500: boom", 502, 500),
+        # A 5xx body is not passed on (a router's names its workers' internal URLs).
+        (
+            answering(500, json={"error": {"message": "boom"}}),
+            "HTTP 500: Internal Server Error",
+            502,
+            500,
+        ),
         (answering(503, text="<html>busy</html>"), "HTTP 503: Service Unavailable", 502, 503),
         (answering(422, json={"detail": []}), "HTTP 422: Unprocessable Entity", 400, 422),
     ],

@@ -116,7 +116,8 @@ async def test_timeout_is_a_prm_error() -> None:
 @pytest.mark.parametrize(
     ("status", "body", "expected"),
     [
-        (500, {"error": {"message": "the PRM backend failed", "type": "server_error"}}, "failed"),
+        # A 5xx body stays in the worker's log: only its status is passed on.
+        (500, {"error": {"message": "the PRM backend failed", "type": "server_error"}}, "HTTP 500"),
         (400, {"error": {"message": "'question' is required", "param": "question"}}, "required"),
         (502, "Bad Gateway", "Bad Gateway"),
     ],

@@ -56,6 +56,9 @@ class FakeVLLM:
     # The model folder /v1/models reports (`root`).
     root: str = "org/fake-model"
     chat_calls: list[dict[str, Any]] = field(default_factory=list)
+    # (path, the affinity header's value or None) of every request, in order.
+    affinity_header: str = "x-session-id"
+    keys: list[tuple[str, str | None]] = field(default_factory=list)
 
     def sample_number(self, copy: int, body: dict[str, Any]) -> int:
         if not self.sample_by_seed:
@@ -94,6 +97,7 @@ class FakeVLLM:
         @app.middleware("http")
         async def record(request: Request, call_next: Any) -> Any:
             self.paths.append(request.url.path)
+            self.keys.append((request.url.path, request.headers.get(self.affinity_header)))
             return await call_next(request)
 
         @app.get("/health")

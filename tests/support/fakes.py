@@ -53,6 +53,7 @@ class PolicyCall:
     prompts: list[list[int]]
     n: int
     sampling: SamplingConfig
+    affinity: list[str] | None = None  # one key per prompt, as the call carried them
 
 
 @dataclass
@@ -67,8 +68,10 @@ class FakePolicy:
         usage: PolicyUsage,
         *,
         n: int = 1,
+        affinity: Sequence[str] | None = None,
     ) -> list[list[Generation]]:
-        self.calls.append(PolicyCall([list(p) for p in prompts], n, sampling))
+        keys = None if affinity is None else list(affinity)
+        self.calls.append(PolicyCall([list(p) for p in prompts], n, sampling, keys))
         result: list[list[Generation]] = []
         for i, prompt in enumerate(prompts):
             samples = []
@@ -91,6 +94,7 @@ class PRMCall:
     question: str
     solutions: list[list[str]]
     context: list[int] = field(default_factory=list)  # leading steps not to score, per solution
+    affinity: str | None = None
 
 
 def tails(rows: list[list[float]], context: Sequence[int] | None) -> list[list[float]]:
@@ -113,9 +117,10 @@ class FakePRM:
         usage: PRMUsage,
         *,
         context: Sequence[int] | None = None,
+        affinity: str | None = None,
     ) -> list[list[float]]:
         first = list(context) if context is not None else [0] * len(solutions)
-        self.calls.append(PRMCall(question, [list(s) for s in solutions], first))
+        self.calls.append(PRMCall(question, [list(s) for s in solutions], first, affinity))
         rows = tails([self.scorer(steps) for steps in solutions], context)
         usage.calls += 1
         usage.steps_scored += sum(len(row) for row in rows)

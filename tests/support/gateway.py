@@ -48,6 +48,7 @@ class EquationPRM:
         usage: PRMUsage,
         *,
         context: Sequence[int] | None = None,
+        affinity: str | None = None,
     ) -> list[list[float]]:
         self.calls += 1
         rows = [[0.1 if "= 9" in step or "is 9" in step else 0.9 for step in s] for s in solutions]
@@ -137,6 +138,7 @@ class SlowPRM(EquationPRM):
         usage: PRMUsage,
         *,
         context: Sequence[int] | None = None,
+        affinity: str | None = None,
     ) -> list[list[float]]:
         await asyncio.sleep(0.05)
         return await super().score(question, solutions, usage, context=context)
@@ -150,5 +152,6 @@ class FailingPRM(EquationPRM):
         usage: PRMUsage,
         *,
         context: Sequence[int] | None = None,
+        affinity: str | None = None,
     ) -> list[list[float]]:
         raise PRMError("the worker said 500", status=500)

@@ -8,11 +8,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from tts_server.api import metrics
 from tts_server.api.errors import install_error_handlers
 from tts_server.api.guard import Guard
 from tts_server.api.reliability import Admission, KeyChecker, Readiness
 from tts_server.api.routes import Gateway, router
-from tts_server.clients import HTTPPRMClient, RetryPolicy, VLLMPolicyClient
+from tts_server.clients import HTTPPRMClient, RetryPolicy, SessionRelease, VLLMPolicyClient
 from tts_server.engine import TTSEngine
 from tts_server.prompting import load_profile
 from tts_server.router import load_table
@@ -25,9 +26,11 @@ def create_app(
     *,
     policy: PolicyService | None = None,
     prm: PRMService | None = None,
+    sessions: SessionRelease | None = None,
 ) -> FastAPI:
-    """The gateway over `policy` and `prm` (built from settings when not given; the app then
-    closes them on shutdown). A bad prompt profile or router table fails here, at start."""
+    """The gateway over `policy` and `prm`, releasing affinity sessions through `sessions` (each
+    built from settings when not given; the app then closes them on shutdown). A bad prompt
+    profile or router table fails here, at start."""
     settings = settings or Settings()
     # What can be wrong in the configuration fails first, before any client is opened.
     profile = load_profile(settings.profile_for(settings.policy_model))
@@ -43,11 +46,24 @@ def create_app(
             timeout=settings.policy_timeout_s,
             call_mode=settings.policy_call_mode,
             retry=retry,
+            affinity_header=settings.affinity_header,
         )
         owned.append(policy)
     if prm is None:
-        prm = HTTPPRMClient(settings.prm_url, timeout=settings.prm_timeout_s, retry=retry)
+        prm = HTTPPRMClient(
+            settings.prm_url,
+            timeout=settings.prm_timeout_s,
+            retry=retry,
+            affinity_header=settings.affinity_header,
+        )
         owned.append(prm)
+    release = None
+    if sessions is None and settings.affinity_header and settings.affinity_release_url:
+        release = sessions = SessionRelease(
+            settings.affinity_release_url,
+            timeout_s=settings.affinity_release_timeout_s,
+            on_outcome=metrics.observe_release,
+        )
     readiness = Readiness(policy.health, prm.health, interval_s=settings.probe_interval_s)
     admission = Admission(settings.max_in_flight, settings.max_queue, settings.queue_timeout_s)
     engine = TTSEngine(settings, policy, prm, readiness, profile, table)
@@ -62,9 +78,11 @@ def create_app(
             await readiness.stop()
             for client in owned:
                 await client.aclose()
+            if release is not None:
+                await release.aclose()
 
     app = FastAPI(title="tts-server", version="0.1.0", lifespan=lifespan)
-    app.state.gateway = Gateway(settings, engine, readiness, admission)
+    app.state.gateway = Gateway(settings, engine, readiness, admission, sessions)
     install_error_handlers(app)
     app.add_middleware(
         Guard,

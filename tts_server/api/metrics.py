@@ -105,6 +105,12 @@ CONFIDENCE = Histogram(
     buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
     registry=REGISTRY,
 )
+AFFINITY_RELEASES = Counter(
+    "tts_affinity_releases",
+    "Affinity sessions released at the router when a request ended, by outcome (ok, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 ROUTED = Counter(
     "tts_router_decisions",
     "What the router chose for `auto` requests, by difficulty bin.",
@@ -134,6 +140,10 @@ def observe_answer(outcome: Outcome, endpoint: str, model: str) -> None:
         CONFIDENCE.labels(strategy).observe(result.votes.get(result.answer, 0.0) / votes)
     if decision is not None:
         ROUTED.labels(decision.strategy, difficulty).inc()
+
+
+def observe_release(ok: bool) -> None:
+    AFFINITY_RELEASES.labels("ok" if ok else "failed").inc()
 
 
 def status_class(status: int) -> str:

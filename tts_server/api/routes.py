@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from tts_server.affinity import Affinity
 from tts_server.api import metrics
 from tts_server.api.errors import ENGINE_ERRORS, ClientGone, from_engine
 from tts_server.api.options import resolve_job
@@ -19,6 +20,7 @@ from tts_server.api.protocol_responses import ModelCard, ModelList
 from tts_server.api.reliability import Admission, Readiness
 from tts_server.api.responses import ENDPOINTS, Kind, completion, response_headers
 from tts_server.api.streaming import stream_response
+from tts_server.clients import SessionRelease
 from tts_server.engine import Outcome, TTSEngine
 from tts_server.settings import Settings
 
@@ -36,6 +38,13 @@ class Gateway:
     engine: TTSEngine
     readiness: Readiness
     admission: Admission  # the guard's; the draining server (api/serve.py) reads it
+    # Releases a finished request's affinity keys at the router (None: not configured).
+    sessions: SessionRelease | None = None
+
+    def release(self, affinity: Affinity | None) -> None:
+        """Once a request is over, however it ended: in the background, never raising."""
+        if affinity is not None and self.sessions is not None:
+            self.sessions.release(affinity.issued_keys())
 
 
 def _gateway(request: Request) -> Gateway:
@@ -96,23 +105,32 @@ async def _answer(
     job = resolve_job(
         body, request.headers, gateway.settings, profile_temperature=engine.profile.temperature
     )
+    affinity = engine.new_affinity()
+    streaming = False  # a stream releases the pin itself, when it ends
     try:
-        job, rendered = await engine.prepare(job)
-    except ENGINE_ERRORS as exc:
-        raise from_engine(exc, prompt_param=ENDPOINTS[kind].prompt_param) from exc
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return stream_response(
-            request,
-            job,
-            lambda watch: engine.run(job, rendered, watch),
-            kind=kind,
-            model=model,
-            include_usage=include_usage,
-            interval_s=gateway.settings.stream_progress_interval_s,
-            poll_s=DISCONNECT_POLL_S,
-        )
-    outcome = await _until_disconnect(request, engine.run(job, rendered))
+        try:
+            job, rendered = await engine.prepare(job, affinity)
+        except ENGINE_ERRORS as exc:
+            raise from_engine(exc, prompt_param=ENDPOINTS[kind].prompt_param) from exc
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            response = stream_response(
+                request,
+                job,
+                lambda watch: engine.run(job, rendered, watch, affinity),
+                kind=kind,
+                model=model,
+                include_usage=include_usage,
+                interval_s=gateway.settings.stream_progress_interval_s,
+                poll_s=DISCONNECT_POLL_S,
+                on_end=lambda: gateway.release(affinity),
+            )
+            streaming = True
+            return response
+        outcome = await _until_disconnect(request, engine.run(job, rendered, None, affinity))
+    finally:
+        if not streaming:
+            gateway.release(affinity)
     metrics.observe_answer(outcome, ENDPOINTS[kind].path, model)
     answer = completion(outcome, kind, model).model_dump()
     return JSONResponse(answer, headers=response_headers(job, outcome))

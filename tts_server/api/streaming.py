@@ -93,6 +93,7 @@ async def _events(
     chunks: Chunks,
     interval_s: float,
     poll_s: float,
+    on_end: Callable[[], None] | None = None,
 ) -> AsyncIterator[bytes]:
     watch = Watch()
     task = asyncio.ensure_future(run(watch))
@@ -134,6 +135,8 @@ async def _events(
         if not task.done():  # the client left, or this response was cancelled
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        if on_end is not None:  # the search is over, its upstream calls closed
+            on_end()
 
 
 def stream_response(
@@ -146,12 +149,14 @@ def stream_response(
     include_usage: bool,
     interval_s: float,
     poll_s: float,
+    on_end: Callable[[], None] | None = None,
 ) -> StreamingResponse:
-    """The response for a prepared `job`: its headers say what will run (known before it runs)."""
+    """The response for a prepared `job`: its headers say what will run (known before it runs).
+    `on_end` is called once the stream is over, however it ended."""
     chunks = Chunks(kind, model, include_usage)
     headers = {**response_headers(job), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(
-        _events(request, run, chunks, interval_s, poll_s),
+        _events(request, run, chunks, interval_s, poll_s, on_end),
         media_type="text/event-stream",
         headers=headers,
     )

@@ -4,12 +4,14 @@
 from tts_server.clients.http import RetryPolicy, UpstreamError
 from tts_server.clients.policy import PolicyError, VLLMPolicyClient
 from tts_server.clients.prm import HTTPPRMClient, PRMError
+from tts_server.clients.sessions import SessionRelease
 
 __all__ = [
     "HTTPPRMClient",
     "PRMError",
     "PolicyError",
     "RetryPolicy",
+    "SessionRelease",
     "UpstreamError",
     "VLLMPolicyClient",
 ]

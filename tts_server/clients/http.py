@@ -55,8 +55,12 @@ class UpstreamError(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Connection errors and 502/503 answers are retried `retries` times with capped, jittered
-    exponential backoff; 4xx never (the request itself is wrong)."""
+    """Connection errors and 500/502/503 answers are retried `retries` times with capped,
+    jittered exponential backoff; 4xx never (the request itself is wrong).
+
+    500 is what a router in front of replicas answers while a dead replica's circuit is still
+    closed; the retry then reaches a live one. Every POST the clients send is stateless (a
+    generate, a tokenize, a score), so sending it again is safe."""
 
     retries: int = 2
     backoff_s: float = 0.2
@@ -67,13 +71,13 @@ class RetryPolicy:
         return random.uniform(0, ceiling)  # full jitter
 
 
-RETRYABLE_STATUS = frozenset((502, 503))
+RETRYABLE_STATUS = frozenset((500, 502, 503))
 
 
 async def send_with_retries(
     send: Callable[[], Awaitable[httpx.Response]], policy: RetryPolicy
 ) -> httpx.Response:
-    """`send()` again after a connection error or a 502/503, up to `policy.retries` times.
+    """`send()` again after a connection error or a 500/502/503, up to `policy.retries` times.
 
     Timeouts are not retried: the upstream may still be working on the first attempt.
     """
@@ -121,8 +125,12 @@ def error_code(response: httpx.Response) -> str | None:
 
 
 class Upstream:
-    """One upstream server: its base URL, one pooled `httpx.AsyncClient`, the retry policy, and
-    `error`, the `UpstreamError` subclass its failures are raised as."""
+    """One upstream server: its base URL, one pooled `httpx.AsyncClient`, the retry policy,
+    `error`, the `UpstreamError` subclass its failures are raised as, and `affinity_header`,
+    the header a call's affinity key travels in (None: keys are not sent).
+
+    A 5xx answer's body is never passed on: behind a router it names internal worker URLs, and
+    what the client can act on is only that the upstream failed."""
 
     def __init__(
         self,
@@ -133,8 +141,10 @@ class Upstream:
         connections: int,
         retry: RetryPolicy | None = None,
         client: httpx.AsyncClient | None = None,
+        affinity_header: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.affinity_header = affinity_header or None
         self.error = error
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
@@ -148,13 +158,24 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST `body`, retried per the policy; the answer's JSON object, else `error`."""
+    async def post_json(
+        self, path: str, body: dict[str, Any], *, affinity: str | None = None
+    ) -> dict[str, Any]:
+        """POST `body`, retried per the policy (each attempt with the same affinity key, so a
+        router moves the pin only off a dead replica); the answer's JSON object, else `error`."""
         url = self.base_url + path
+        headers = self.headers(affinity)
         return await self._json(
-            lambda: send_with_retries(lambda: self._client.post(url, json=body), self.retry),
+            lambda: send_with_retries(
+                lambda: self._client.post(url, json=body, headers=headers), self.retry
+            ),
             self.timeout,
         )
+
+    def headers(self, affinity: str | None) -> dict[str, str] | None:
+        if affinity is None or self.affinity_header is None:
+            return None
+        return {self.affinity_header: affinity}
 
     async def get_json(self, path: str) -> dict[str, Any]:
         """GET, once and with the probes' short timeout: these are lookups whose callers fall
@@ -184,9 +205,8 @@ class Upstream:
         status = response.status_code
         if status != 200:
             reason = response.reason_phrase or "no error message"
-            message = error_message(response) or error.UNEXPLAINED.format(
-                status=status, reason=reason
-            )
+            explained = error_message(response) if status < 500 else None
+            message = explained or error.UNEXPLAINED.format(status=status, reason=reason)
             raise error(
                 error.REFUSED.format(status=status, message=message),
                 status=error.answer_status(status),

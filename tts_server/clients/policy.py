@@ -12,6 +12,10 @@ Two ways to send a step's prompts (`call_mode`):
   last prompt only, so the cached count is a lower bound. A seeded request is sent per prompt
   all the same: vLLM takes one seed per request, and the copies of a prompt would share it
   (sample alike), so a batched call could honour no seed.
+
+Affinity keys (tts_server/affinity.py) go in `affinity_header`: per prompt in "per_prompt" mode
+(so a DVTS subtree's requests share one key), and in "batched" mode the first prompt's key for
+the whole call (one request has one header: a step's subtrees then share a replica).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class VLLMPolicyClient:
         client: httpx.AsyncClient | None = None,
         call_mode: CallMode = "per_prompt",
         retry: RetryPolicy | None = None,
+        affinity_header: str | None = None,
     ) -> None:
         self.model = model
         self.call_mode = call_mode
@@ -61,6 +66,7 @@ class VLLMPolicyClient:
             connections=256,
             retry=retry,
             client=client,
+            affinity_header=affinity_header,
         )
 
     async def aclose(self) -> None:
@@ -73,19 +79,29 @@ class VLLMPolicyClient:
         usage: PolicyUsage,
         *,
         n: int = 1,
+        affinity: Sequence[str] | None = None,
     ) -> list[list[Generation]]:
         if not prompts or n < 1:
             return [[] for _ in prompts]
         expanded = [list(p) for p in prompts for _ in range(n)]
+        keys: list[str | None] = [None] * len(expanded)
+        if affinity is not None:
+            keys = [key for key in affinity for _ in range(n)]
         if self.call_mode == "batched" and sampling.seed is None:
-            generations = await self._complete(expanded, sampling, usage, seed=None)
+            generations = await self._complete(
+                expanded, sampling, usage, seed=None, affinity=keys[0]
+            )
         else:
-            generations = await self._complete_each(expanded, sampling, usage)
+            generations = await self._complete_each(expanded, sampling, usage, keys)
         usage.calls += 1
         return [generations[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     async def _complete_each(
-        self, prompts: list[list[int]], sampling: SamplingConfig, usage: PolicyUsage
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        usage: PolicyUsage,
+        keys: list[str | None],
     ) -> list[Generation]:
         """One request per prompt, all in flight together; the first failure cancels the rest."""
 
@@ -96,6 +112,7 @@ class VLLMPolicyClient:
                 usage,
                 # Distinct seeds: copies of one prompt must not sample identically.
                 seed=None if sampling.seed is None else sampling.seed + i,
+                affinity=keys[i],
             )
             if sampling.on_sample is not None:
                 sampling.on_sample(i, generations[0])
@@ -118,6 +135,7 @@ class VLLMPolicyClient:
         usage: PolicyUsage,
         *,
         seed: int | None,
+        affinity: str | None = None,
     ) -> list[Generation]:
         body: dict[str, Any] = {
             "model": self.model,
@@ -134,7 +152,7 @@ class VLLMPolicyClient:
             body["stop"] = list(sampling.stop)
         if seed is not None:
             body["seed"] = seed
-        data = await self._upstream.post_json("/v1/completions", body)
+        data = await self._upstream.post_json("/v1/completions", body, affinity=affinity)
         choices = sorted(data.get("choices", []), key=lambda c: int(c["index"]))
         if len(choices) != len(prompts):
             raise PolicyError(
@@ -159,15 +177,17 @@ class VLLMPolicyClient:
         usage.add(call)
         return generations
 
-    async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    async def tokenize_chat(
+        self, messages: Sequence[dict[str, str]], *, affinity: str | None = None
+    ) -> list[int]:
         """The chat template applied once, with the generation prompt, as vLLM renders it."""
         body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
-        data = await self._upstream.post_json("/tokenize", body)
+        data = await self._upstream.post_json("/tokenize", body, affinity=affinity)
         return [int(t) for t in data["tokens"]]
 
-    async def tokenize_text(self, text: str) -> list[int]:
+    async def tokenize_text(self, text: str, *, affinity: str | None = None) -> list[int]:
         body = {"model": self.model, "prompt": text, "add_special_tokens": True}
-        data = await self._upstream.post_json("/tokenize", body)
+        data = await self._upstream.post_json("/tokenize", body, affinity=affinity)
         return [int(t) for t in data["tokens"]]
 
     async def model_root(self) -> str | None:

@@ -30,9 +30,16 @@ class HTTPPRMClient:
         timeout: float = 60.0,
         client: httpx.AsyncClient | None = None,
         retry: RetryPolicy | None = None,
+        affinity_header: str | None = None,
     ) -> None:
         self._upstream = Upstream(
-            base_url, error=PRMError, timeout=timeout, connections=128, retry=retry, client=client
+            base_url,
+            error=PRMError,
+            timeout=timeout,
+            connections=128,
+            retry=retry,
+            client=client,
+            affinity_header=affinity_header,
         )
 
     async def aclose(self) -> None:
@@ -45,6 +52,7 @@ class HTTPPRMClient:
         usage: PRMUsage,
         *,
         context: Sequence[int] | None = None,
+        affinity: str | None = None,
     ) -> list[list[float]]:
         first = list(context) if context is not None else [0] * len(solutions)
         wanted = [len(steps) - f for steps, f in zip(solutions, first, strict=True)]
@@ -56,7 +64,7 @@ class HTTPPRMClient:
         }
         if any(first):
             body["context_steps"] = first
-        data = await self._upstream.post_json("/v1/score", body)
+        data = await self._upstream.post_json("/v1/score", body, affinity=affinity)
         scores = _parse_scores(data, wanted)
         usage.calls += 1
         usage.steps_scored += _count(data, "steps_scored", sum(wanted))

@@ -1,5 +1,6 @@
 """`tts-server up`: the policy server, the PRM worker and the gateway as child processes, and for
-the `vllm` PRM backend a fourth, the PRM's own vLLM server (launch/prm.py decides).
+the `vllm` PRM backend a fourth, the PRM's own vLLM server (launch/prm.py decides). With
+`--replicas K` (K > 1) the policy is K vLLM replicas behind vllm-router (launch/replicas.py).
 
 Children run in their own sessions so that Ctrl-C reaches only this supervisor, which then stops
 them in order (gateway first) by PID, and kills what does not exit in time.
@@ -19,6 +20,7 @@ from types import FrameType
 import httpx
 
 from tts_server.launch.prm import PRMPlan, plan_prm
+from tts_server.launch.replicas import ReplicaPlan, plan_replicas
 from tts_server.settings import Settings
 
 STOP_TIMEOUT_S = 15.0
@@ -37,6 +39,10 @@ class Child:
     served_model: str | None = None
     # Its own environment instead of the stack's (a vLLM started directly).
     env: dict[str, str] | None = None
+    # Set on top of the stack's environment (a replica's KV cache share).
+    env_overrides: dict[str, str] | None = None
+    # One of several policy replicas: the stack outlives it while another one serves.
+    replica: bool = False
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +51,7 @@ class Child:
             self.argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self.env or env,
+            env={**(self.env or env), **(self.env_overrides or {})},
             start_new_session=True,
         )
         log.close()
@@ -111,12 +117,17 @@ def run_stack(
     *,
     start_policy: bool = True,
     ready_timeout_s: float = 900.0,
+    replicas: ReplicaPlan | None = None,
 ) -> int:
     logs = settings.cache_dir / "logs"
     cli = [sys.executable, "-m", "tts_server.cli"]
     prm = prm or plan_prm(settings)  # LaunchError: nothing started yet
+    if replicas is None and start_policy and settings.policy_replicas > 1:
+        replicas = plan_replicas(settings)
     children: list[Child] = []
-    if start_policy:
+    if replicas is not None:
+        children += _replica_children(settings, replicas, cli, logs)
+    elif start_policy:
         policy = f"http://127.0.0.1:{settings.policy_port}"
         children.append(
             Child(
@@ -172,6 +183,8 @@ def run_stack(
     env["TTS_POLICY_URL"] = settings.policy_url
     env["TTS_PRM_URL"] = f"http://127.0.0.1:{settings.prm_port}"
     env["TTS_POLICY_MODEL"] = settings.policy_model
+    if replicas is not None and settings.affinity_release_url is None:
+        env["TTS_AFFINITY_RELEASE_URL"] = replicas.release_url
 
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
@@ -189,12 +202,23 @@ def run_stack(
                 return 1
             print(f"{child.name} healthy after {time.monotonic() - started:.0f} s", flush=True)
         url = f"http://{settings.host}:{settings.port}"
-        print(_banner(url, settings.policy_model, prm.describe()), flush=True)
+        serving = None
+        if replicas is not None:
+            urls = ", ".join(r.url for r in replicas.replicas)
+            serving = f"replicas {urls} behind vllm-router at {replicas.router_url}"
+        print(_banner(url, settings.policy_model, prm.describe(), serving), flush=True)
+        lost: set[str] = set()
         while True:
             for child in children:
-                if not child.alive():
-                    print(f"\n{child.name} exited unexpectedly; last log lines:\n{child.tail()}")
+                if child.alive() or child.name in lost:
+                    continue
+                print(f"\n{child.name} exited unexpectedly; last log lines:\n{child.tail()}")
+                spare = [c for c in children if c.replica and c.alive()]
+                if not (child.replica and spare):
                     return 1
+                # The router moves its sessions to the others: keep serving.
+                print(f"{len(spare)} replicas left; the router routes around it", flush=True)
+                lost.add(child.name)
             time.sleep(1.0)
     except _Stop:
         print("\nstopping...", flush=True)
@@ -207,13 +231,45 @@ def run_stack(
         print("stopped", flush=True)
 
 
+def _replica_children(
+    settings: Settings, plan: ReplicaPlan, cli: list[str], logs: Path
+) -> list[Child]:
+    """The replicas, then the router (stopped before them: children stop in reverse)."""
+    children = [
+        Child(
+            f"policy replica {i} (vLLM)",
+            [*cli, "policy", "--port", str(replica.port)],
+            f"{replica.url}/health",
+            logs / f"policy-{i}.log",
+            models_url=f"{replica.url}/v1/models",
+            served_model=settings.policy_model,
+            env_overrides=replica.env,
+            replica=True,
+        )
+        for i, replica in enumerate(plan.replicas)
+    ]
+    children.append(
+        Child(
+            "vllm-router",
+            plan.router_argv,
+            f"{plan.router_url}/health",
+            logs / "router.log",
+            # Through the router: a replica serves the model.
+            models_url=f"{plan.router_url}/v1/models",
+            served_model=settings.policy_model,
+        )
+    )
+    return children
+
+
 SAMPLE_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 
 
-def _banner(url: str, model: str, prm: str) -> str:
+def _banner(url: str, model: str, prm: str, policy: str | None = None) -> str:
     messages = f'[{{"role": "user", "content": "{SAMPLE_QUESTION}"}}]'
+    where = f"PRM: {prm}" if policy is None else f"policy: {policy}; PRM: {prm}"
     return f"""
-tts-server is ready at {url} (PRM: {prm})
+tts-server is ready at {url} ({where})
 
 Try it (strategies: auto, greedy, majority, best_of_n, beam_search, dvts):
 

@@ -1,4 +1,8 @@
-"""Beam search over steps: N beams, the PRM keeps the best N/M, each copied M times."""
+"""Beam search over steps: N beams, the PRM keeps the best N/M, each copied M times.
+
+Its beams are one tree (a survivor's copies replace any beam), so its calls carry no affinity
+labels: under either affinity scope the whole search stays on one replica, near its prefixes.
+"""
 
 from __future__ import annotations
 

@@ -139,8 +139,10 @@ async def expand(
     *,
     n: int,
     last: bool,
+    affinity: Sequence[str] | None = None,
 ) -> list[list[Candidate]]:
-    """Sample `n` next steps for every (unfinished) parent in ONE policy call.
+    """Sample `n` next steps for every (unfinished) parent in ONE policy call; `affinity`
+    labels the parents that belong together (a subtree each), None: all one request.
 
     result[i][j] is parent i extended by its j-th sample. Each parent is continued from
     exactly its token ids. One call has one token limit, the smallest of the parents' caps;
@@ -159,7 +161,7 @@ async def expand(
         seed=config.seed,
     )
     prompts = [[*problem.prompt_ids, *p.token_ids] for p in parents]
-    samples = await policy.generate(prompts, sampling, usage, n=n)
+    samples = await policy.generate(prompts, sampling, usage, n=n, affinity=affinity)
     return [
         [extend(parent, g, config, cap=cap, last=last) for g in gens]
         for parent, cap, gens in zip(parents, caps, samples, strict=True)

@@ -1,4 +1,8 @@
-"""Diverse verifier tree search: N/M independent subtrees, each greedily follows its best of M."""
+"""Diverse verifier tree search: N/M independent subtrees, each greedily follows its best of M.
+
+Each subtree's prompts carry its own affinity label: with the "subtree" affinity scope a subtree
+stays on one replica (its prefixes cached there) while the subtrees spread over the replicas.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from tts_server.types import (
 
 @dataclass
 class _Subtree:
+    label: str
     head: Candidate = field(default_factory=Candidate)
     finished: list[Candidate] = field(default_factory=list)
 
@@ -35,7 +40,7 @@ async def dvts(
     assert width >= 1 and n % width == 0, "the budget must be a multiple of the beam width"
     policy_usage, prm_usage = PolicyUsage(), PRMUsage()
 
-    subtrees = [_Subtree() for _ in range(n // width)]
+    subtrees = [_Subtree(str(k)) for k in range(n // width)]
     iterations = 0
     for iteration in range(config.max_iterations):
         live = [t for t in subtrees if t.live]
@@ -44,7 +49,10 @@ async def dvts(
         last = iteration == config.max_iterations - 1
         iterations += 1
         heads = [t.head for t in live]
-        expanded = await expand(problem, heads, config, policy, policy_usage, n=width, last=last)
+        labels = [t.label for t in live]
+        expanded = await expand(
+            problem, heads, config, policy, policy_usage, n=width, last=last, affinity=labels
+        )
         await score(verifier, problem, [c for kids in expanded for c in kids], config, prm_usage)
         for tree, children in zip(live, expanded, strict=True):
             tree.finished.extend(c for c in children if c.finished)

@@ -214,6 +214,38 @@ GATEWAY = Dashboard(
                 Query(f"sum(rate(vllm:generation_tokens_total[{RATE}]))", "generated"),
             ),
         ),
+        # Per replica (`tts-server up --replicas K`: each vLLM is its own scrape target).
+        Panel(
+            "vLLM requests per replica",
+            "Requests each policy replica finished per second (one per sample in per_prompt "
+            "mode): with affinity on, a client request's calls all land on one replica.",
+            "reqps",
+            (
+                Query(
+                    f"sum by (instance) (rate(vllm:request_success_total[{RATE}]))",
+                    "{{instance}}",
+                ),
+            ),
+        ),
+        Panel(
+            "Prefix-cache hit rate per replica",
+            "Share of each replica's prompt tokens served from its prefix cache (vLLM's own "
+            "counters): what pinning a request to one replica is for.",
+            "percentunit",
+            (
+                Query(
+                    f"sum by (instance) (rate(vllm:prefix_cache_hits_total[{RATE}]))"
+                    f" / sum by (instance) (rate(vllm:prefix_cache_queries_total[{RATE}]))",
+                    "{{instance}}",
+                ),
+            ),
+        ),
+        Panel(
+            "Requests running per replica",
+            "Requests each replica is running now: how evenly the router spreads the load.",
+            "short",
+            (Query("sum by (instance) (vllm:num_requests_running)", "{{instance}}"),),
+        ),
     ),
 )
 
