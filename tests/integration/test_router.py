@@ -90,8 +90,14 @@ def test_the_router_pins_each_request_to_one_replica_and_spreads_them(routed: Ro
     assert len(on[0] | on[1]) == 8  # a key per request
     assert not on[0] & on[1]  # no request's calls on both replicas
     assert on[0] and on[1]  # and the requests on both
+    # Releases run in the background after each answer: wait for the last ones (up to 10 s).
+    released = 'tts_affinity_releases_total{outcome="ok"} 8.0'
+    deadline = time.monotonic() + 10
     metrics = httpx.get(routed.gateway.url + "/metrics").text
-    assert 'tts_affinity_releases_total{outcome="ok"} 8.0' in metrics  # the router said ok
+    while released not in metrics and time.monotonic() < deadline:
+        time.sleep(0.1)
+        metrics = httpx.get(routed.gateway.url + "/metrics").text
+    assert released in metrics  # the router said ok, once per request
 
 
 def test_a_replica_dying_under_load_fails_no_request(routed: Routed) -> None:
