@@ -444,15 +444,23 @@ def test_network_policies_can_be_left_out() -> None:
 # --- the policy: vLLM StatefulSet behind vllm-router ------------------------------------------
 
 
-def test_policy_replicas_run_with_the_launchers_flags_and_gpus(
+def own_policy(
     value_set: tuple[str, dict[str, Any], str],
-) -> None:
+) -> tuple[dict[str, Any], Objects, dict[str, Any]]:
+    """(merged values, rendered objects, the policy StatefulSet) of a value set whose policy is
+    the chart's own vLLM; skips the others."""
     _, values, text = value_set
     v = merged(values)
     if v["policy"]["mode"] != "vllm":
         pytest.skip("the policy is an external router here")
     objs = objects(text)
-    policy = component(objs, "StatefulSet", "policy")
+    return v, objs, component(objs, "StatefulSet", "policy")
+
+
+def test_policy_replicas_run_with_the_launchers_flags_and_gpus(
+    value_set: tuple[str, dict[str, Any], str],
+) -> None:
+    v, objs, policy = own_policy(value_set)
     c = container(policy)
     args = c["args"]
     reference = vllm_argv(Settings(), Path("/model"), 8100)
@@ -478,12 +486,7 @@ def test_policy_replicas_run_with_the_launchers_flags_and_gpus(
 def test_router_lists_every_policy_replica_with_the_measured_flags(
     value_set: tuple[str, dict[str, Any], str],
 ) -> None:
-    _, values, text = value_set
-    v = merged(values)
-    if v["policy"]["mode"] != "vllm":
-        pytest.skip("the policy is an external router here")
-    objs = objects(text)
-    policy = component(objs, "StatefulSet", "policy")
+    _, objs, policy = own_policy(value_set)
     headless = policy["spec"]["serviceName"]
     port = service_port(component(objs, "Service", "policy"))
     router = container(component(objs, "Deployment", "router"))
