@@ -40,6 +40,7 @@ MAX_TOKENS = 48
 @dataclass
 class Stack:
     gateway: str  # `up`'s gateway: sticky router, affinity on
+    router: str  # `up`'s router (sticky_least_loaded)
     replicas: list[str]
     pids: list[int]  # the replicas' (each leads its own process group)
     router_metrics: str
@@ -147,6 +148,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         print("".join(line for line in lines if "healthy after" in line), end="")
         yield Stack(
             f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{policy_port}",
             list(replicas),
             pids,
             f"http://127.0.0.1:{metrics_port}",
@@ -180,12 +182,15 @@ def start_round_robin(stack: Stack, log_dir: Path) -> tuple[ServerProcess, Serve
     return router, gateway
 
 
-def gateway_process(stack: Stack, policy_url: str, log_dir: Path, name: str) -> ServerProcess:
-    """Another gateway over the stack's PRM worker, without affinity."""
+def gateway_process(
+    stack: Stack, policy_url: str, log_dir: Path, name: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """Another gateway over the stack's PRM worker, without affinity unless `env` says."""
     port = free_port()
     argv = cli("gateway", "--port", str(port), "--policy-url", policy_url, "--prm-url", stack.prm)
     server = ServerProcess(name, argv, port, log_dir)
-    return server.start({"TTS_AFFINITY_HEADER": ""}).wait_healthy(120, "/health/ready")
+    environment = env if env is not None else {"TTS_AFFINITY_HEADER": ""}
+    return server.start(environment).wait_healthy(120, "/health/ready")
 
 
 class Figures(list[str]):
@@ -209,18 +214,26 @@ def test_scale_out_behind_vllm_router(stack: Stack, tmp_path: Path) -> None:
         assert sorted(moved) == [0, tts["policy_tokens"]["requests"]], (strategy, moved)
         figures.append(f"stickiness {strategy}: vLLM requests per replica {moved}")
 
-    # 2. The same load: sticky with affinity, one replica alone, round_robin without affinity.
+    # 2. The same load: sticky with affinity (random keys, then prompt keys: a question's
+    # searches share a replica), one replica alone, round_robin without affinity.
     sticky_s, sticky = run_load(stack.gateway, stack.replicas)
+    by_prompt_env = {
+        "TTS_AFFINITY_KEY": "prompt",
+        "TTS_AFFINITY_RELEASE_URL": f"{stack.router}/finish_session",
+    }
+    by_prompt_gw = gateway_process(stack, stack.router, tmp_path, "gateway-prompt", by_prompt_env)
     alone_gw = gateway_process(stack, stack.replicas[0], tmp_path, "gateway-one")
     rr_router, rr_gw = start_round_robin(stack, tmp_path)
     try:
+        prompt_s, by_prompt = run_load(by_prompt_gw.url, stack.replicas)
         alone_s, alone = run_load(alone_gw.url, stack.replicas)
         rr_s, rr = run_load(rr_gw.url, stack.replicas)
     finally:
-        for server in (rr_gw, rr_router, alone_gw):
+        for server in (rr_gw, rr_router, alone_gw, by_prompt_gw):
             server.stop()
     for name, seconds, d in (
         ("sticky x2", sticky_s, sticky),
+        ("sticky x2, prompt keys", prompt_s, by_prompt),
         ("one replica", alone_s, alone),
         ("round_robin x2", rr_s, rr),
     ):
@@ -233,7 +246,9 @@ def test_scale_out_behind_vllm_router(stack: Stack, tmp_path: Path) -> None:
         f"round_robin / sticky: wall {rr_s / sticky_s:.2f}x, "
         f"hit share {hit_share(rr) / max(hit_share(sticky), 1e-9):.2f}x"
     )
-    assert hit_share(sticky) >= hit_share(alone) - 0.02  # as high as on one replica
+    assert hit_share(sticky) >= hit_share(alone) - 0.02  # nearly as high as on one replica
+    # With prompt keys a question's prefix is computed on one replica only, as when alone.
+    assert hit_share(by_prompt) >= hit_share(alone) - 0.005
     assert hit_share(sticky) >= hit_share(rr)
 
     # 3. Spread: 16 concurrent best-of-8 requests.
