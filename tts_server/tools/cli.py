@@ -1,4 +1,5 @@
-"""The offline tools' subcommands of `tts-server`: eval, calibrate, plot, report, dashboards.
+"""The offline tools' subcommands of `tts-server`: eval, calibrate, plot, report, dashboards,
+diagnose.
 
 The gateway builds the same parser at every start, so registering these imports none of the tools:
 a command imports its module when it runs, and that module imports matplotlib or tqdm (the tools
@@ -48,6 +49,12 @@ def _dashboards(args: argparse.Namespace) -> int:
     for path in write_all(args.out):
         print(path)
     return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from tts_server.tools.erank import main_erank
+
+    return main_erank(args)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +141,22 @@ def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("deploy/grafana/dashboards"))
 
 
+def add_diagnose_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="diagnostic", required=True)
+    erank = sub.add_parser("erank", help="effective rank of the hidden representations per layer")
+    erank.add_argument("--model", type=Path, required=True, help="a Hugging Face model folder")
+    erank.add_argument("--reference", type=Path, default=None, help="the model it was made from")
+    erank.add_argument("--dataset", default="mawps_singleop", help="packaged name or .jsonl path")
+    erank.add_argument("--limit", type=int, default=32, help="prompts (their tokens are the rows)")
+    erank.add_argument("--offset", type=int, default=0)
+    erank.add_argument(
+        "--tolerance", type=float, default=0.1, help="flag layers this far below the reference"
+    )
+    erank.add_argument("--out", type=Path, default=Path("reports/erank"))
+    erank.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    erank.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 @dataclass(frozen=True)
 class Tool:
     help: str
@@ -164,6 +187,12 @@ TOOLS = {
     ),
     "dashboards": Tool(
         "write the Grafana dashboards as JSON", add_dashboards_arguments, _dashboards
+    ),
+    "diagnose": Tool(
+        "check a policy model before serving it: `diagnose erank`, eRank per layer",
+        add_diagnose_arguments,
+        _diagnose,
+        ("torch", "transformers", "matplotlib", "tqdm"),
     ),
 }
 
