@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from tts_server.accounting import Account
 from tts_server.affinity import Affinity
+from tts_server.choices import rank
 from tts_server.errors import DeadlineExceeded, FlopsUnknown, PromptTooLong, UpstreamDown
 from tts_server.flops import Flops, FlopsCounter, find_policy_shape, find_prm_shape
 from tts_server.prefixes import PrefixScores
@@ -22,6 +23,7 @@ from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.strategies.common import finish
 from tts_server.types import (
+    Candidate,
     ChatPrompt,
     Decision,
     Job,
@@ -62,6 +64,14 @@ class Outcome:
     stages: dict[str, float] = dataclasses.field(default_factory=dict)
     # The deadline passed: the answer is the best of the candidates finished by then.
     partial: bool = False
+    # The candidates answered as choices, best first (`choices.rank`; empty: the chosen one).
+    choices: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def selected(self) -> list[Candidate]:
+        """The candidates to answer with, one per choice, best first."""
+        result = self.result
+        return [result.candidates[i] for i in self.choices or [result.chosen]]
 
 
 @dataclass
@@ -182,6 +192,9 @@ class TTSEngine:
             # wait_for cancelled the strategy: its upstream calls are closed by now.
             result = await _best_so_far(progress, config, account, job.deadline_s)
             partial = True
+        # Ranking compares answers with math-verify (CPU work): off the event loop, and only when
+        # more than one choice is asked for.
+        choices = await asyncio.to_thread(rank, result, job.n) if job.n > 1 else []
         wall = time.perf_counter() - started
         stages = {
             **progress.stages,
@@ -198,6 +211,7 @@ class TTSEngine:
             flops_limited=account.limited,
             stages=stages,
             partial=partial,
+            choices=choices,
         )
 
     def _search_config(
@@ -217,6 +231,7 @@ class TTSEngine:
             max_iterations=s.max_iterations,
             solution_stops=tuple(dict.fromkeys([*rendered.solution_stops, *job.stops])),
             seed=job.seed,
+            passthrough=job.passthrough,
             progress=progress,
         )
 

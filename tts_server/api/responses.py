@@ -25,7 +25,7 @@ from tts_server.api.protocol_responses import (
     Usage,
 )
 from tts_server.engine import Outcome
-from tts_server.types import FinishReason, Job
+from tts_server.types import Candidate, FinishReason, Job
 
 # The endpoint a response answers: chat (a message) or completions (a text).
 Kind = Literal["chat", "text"]
@@ -47,9 +47,9 @@ class Endpoint:
     def new_id(self) -> str:
         return f"{self.id_prefix}-{uuid.uuid4().hex}"
 
-    def answer_text(self, outcome: Outcome) -> str:
-        """The selected solution as the client gets it."""
-        text = outcome.result.best.text
+    def answer_text(self, candidate: Candidate) -> str:
+        """A selected solution as the client gets it."""
+        text = candidate.text
         return text.strip() if self.strip else text
 
 
@@ -134,17 +134,20 @@ def tts_report(outcome: Outcome) -> TTSReport:
 
 
 def completion(outcome: Outcome, kind: Kind, model: str) -> Completion:
-    """A whole response: `chat.completion` or `text_completion`, the selected solution its one
-    choice."""
+    """A whole response: `chat.completion` or `text_completion`, the selected solution its
+    first choice (and with `n`, the next best distinct ones the next)."""
     endpoint = ENDPOINTS[kind]
-    choice = endpoint.whole.choice(
-        endpoint.answer_text(outcome), finish_reason(outcome.result.best.finish_reason)
-    )
+    choices = [
+        endpoint.whole.choice(
+            endpoint.answer_text(candidate), finish_reason(candidate.finish_reason), index
+        )
+        for index, candidate in enumerate(outcome.selected)
+    ]
     return endpoint.whole(
         id=endpoint.new_id(),
         created=int(time.time()),
         model=model,
-        choices=[choice],
+        choices=choices,
         usage=usage_of(outcome),
         tts=tts_report(outcome),
     )

@@ -4,8 +4,9 @@ A search has no answer before it has chosen one. While the strategy runs, the st
 `stream_progress_interval_s`, a chunk with an empty delta whose `tts.progress` says what the search
 has done so far (finished candidates, completion tokens, PRM steps scored, the router's decision),
 or a keep-alive comment when nothing changed. The chosen answer then comes as one content chunk
-(never typed out piece by piece after the fact), then the finishing chunk with `finish_reason` and
-the whole `tts` object, the usage chunk when `stream_options.include_usage` asks for it, and
+(never typed out piece by piece after the fact; with `n`, every choice's text in that one chunk,
+each under its `index`), then the finishing chunk with every choice's `finish_reason` and the
+whole `tts` object, the usage chunk when `stream_options.include_usage` asks for it, and
 `data: [DONE]`. A failure after the headers went out is an `error` event, as vLLM sends it.
 """
 
@@ -76,12 +77,18 @@ class Chunks:
         return self._chunk([self.endpoint.chunk.choice(None)], tts=TTSProgress(progress=seen))
 
     def answer(self, outcome: Outcome) -> bytes:
-        text = self.endpoint.answer_text(outcome)
-        return self._chunk([self.endpoint.chunk.choice(text)])
+        """Every choice's whole text, in one chunk."""
+        chunk = self.endpoint.chunk
+        texts = [self.endpoint.answer_text(c) for c in outcome.selected]
+        return self._chunk([chunk.first_of(text, i) for i, text in enumerate(texts)])
 
     def finish(self, outcome: Outcome) -> bytes:
-        reason = finish_reason(outcome.result.best.finish_reason)
-        return self._chunk([self.endpoint.chunk.choice(None, reason)], tts=tts_report(outcome))
+        """Every choice's finish reason, in one chunk with the `tts` report."""
+        choices = [
+            self.endpoint.chunk.choice(None, finish_reason(c.finish_reason), i)
+            for i, c in enumerate(outcome.selected)
+        ]
+        return self._chunk(choices, tts=tts_report(outcome))
 
     def usage(self, outcome: Outcome) -> bytes:
         return self._chunk([], usage=usage_of(outcome))

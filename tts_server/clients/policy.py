@@ -152,6 +152,7 @@ class VLLMPolicyClient:
             body["stop"] = list(sampling.stop)
         if seed is not None:
             body["seed"] = seed
+        body.update(sampling.passthrough.body())
         data = await self._upstream.post_json("/v1/completions", body, affinity=affinity)
         choices = sorted(data.get("choices", []), key=lambda c: int(c["index"]))
         if len(choices) != len(prompts):

@@ -67,6 +67,7 @@ def full_sampling(config: SearchConfig, *, temperature: float | None = None) -> 
         max_tokens=config.max_tokens,
         stop=config.solution_stops,
         seed=config.seed,
+        passthrough=config.passthrough,
     )
 
 
@@ -159,6 +160,7 @@ async def expand(
         max_tokens=min(caps),
         stop=tuple(dict.fromkeys(stops)),
         seed=config.seed,
+        passthrough=config.passthrough,
     )
     prompts = [[*problem.prompt_ids, *p.token_ids] for p in parents]
     samples = await policy.generate(prompts, sampling, usage, n=n, affinity=affinity)
