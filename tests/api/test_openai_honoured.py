@@ -229,6 +229,16 @@ async def test_a_bad_value_is_a_400_naming_the_parameter(
     assert fake_vllm.paths == []
 
 
+async def test_a_value_vllm_refuses_is_a_400_naming_the_parameter(
+    gateway: httpx.AsyncClient,
+) -> None:
+    response = await gateway.post(PATHS["chat"], json=chat("greedy", logit_bias={"1114112": -5}))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "logit_bias"
+    assert "out-of-vocab" in error["message"]
+
+
 # --- max_completion_tokens, user ---
 
 
