@@ -152,7 +152,10 @@ class TTSEngine:
         key = affinity.key() if affinity is not None else None
         if isinstance(job.prompt, ChatPrompt):
             messages = list(job.prompt.messages)
-            rendered = await render_chat(self.profile, messages, self.policy, affinity=key)
+            tools = job.tools.definitions if job.tools is not None else None
+            rendered = await render_chat(
+                self.profile, messages, self.policy, affinity=key, tools=tools
+            )
         else:  # a completions prompt is the client's raw text: no profile, no template
             ids = await self.policy.tokenize_text(job.prompt.text, affinity=key)
             rendered = RenderedPrompt(job.prompt.text, ids, [])

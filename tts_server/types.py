@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args
 
 if TYPE_CHECKING:  # the router's table is a knob of `auto`; the router imports this module
     from tts_server.router import RouterTable
 
-FinishReason = Literal["stop", "length"]
+# "tool_calls": the answer is a function call (`Tools.call`), never a vLLM finish.
+FinishReason = Literal["stop", "length", "tool_calls"]
 Aggregation = Literal["last", "min", "prod", "mean"]
 SelectionRule = Literal["naive", "weighted", "majority"]
 # What a client may ask for; the registry in `strategies` says what each one needs.
@@ -101,6 +102,18 @@ class PassThrough:
 
 
 @dataclass(frozen=True)
+class Tools:
+    """A chat request's OpenAI tool definitions, rendered into the prompt by the model's chat
+    template, and the function call the answer must be: a function's name, ANY_TOOL (any of
+    them), or None (the answer is text)."""
+
+    definitions: tuple[Mapping[str, Any], ...]
+    call: str | None = None
+
+    ANY_TOOL: ClassVar[str] = "*"
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.8
     top_p: float = 1.0
@@ -143,6 +156,7 @@ class Job:
     stops: tuple[str, ...] = ()
     seed: int | None = None
     passthrough: PassThrough = PassThrough()
+    tools: Tools | None = None
     # Choices to answer with: the n best distinct candidates (api.options checks n <= budget).
     n: int = 1
     max_flops: int | None = None
@@ -249,7 +263,11 @@ class PolicyService(PolicyClient, Protocol):
     count and readiness need (the vLLM client is one; test doubles implement the same)."""
 
     async def tokenize_chat(
-        self, messages: Sequence[dict[str, str]], *, affinity: str | None = None
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        affinity: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]: ...
 
     async def tokenize_text(self, text: str, *, affinity: str | None = None) -> list[int]: ...

@@ -9,6 +9,7 @@ prompts, return_token_ids, stop strings, /health, /metrics) and records every ca
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +112,8 @@ class FakeVLLM:
         async def tokenize(request: Request) -> dict[str, Any]:
             body = await request.json()
             text = render_chat(body["messages"]) if "messages" in body else body["prompt"]
+            if body.get("tools"):  # as a template that renders tools would, before the turns
+                text = f"<tools>{json.dumps(body['tools'])}</tools>" + text
             return {"tokens": encode(text), "count": len(text)}
 
         @app.post("/v1/completions")

@@ -19,6 +19,7 @@ from tts_server.errors import (
     PromptTooLong,
     UpstreamDown,
 )
+from tts_server.prompting import ToolsNotRendered
 from tts_server.types import PassThrough
 
 logger = logging.getLogger("tts_server.gateway")
@@ -74,6 +75,8 @@ def from_engine(exc: Exception, *, prompt_param: str | None = None) -> APIError:
         return APIError(400, str(exc), param=prompt_param, code="prompt_too_long")
     if isinstance(exc, FlopsUnknown):
         return APIError(400, str(exc), param=HEADER_MAX_FLOPS)
+    if isinstance(exc, ToolsNotRendered):
+        return APIError(400, str(exc), param="tools", code="unsupported_parameter")
     if isinstance(exc, DeadlineExceeded):
         return APIError(504, str(exc), code="deadline_exceeded")
     if isinstance(exc, PolicyError):

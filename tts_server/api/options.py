@@ -5,12 +5,13 @@ server cannot honour (`PARAMETERS`): never silently dropped."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from tts_server.api.errors import APIError
-from tts_server.api.passthrough import choices, passthrough
+from tts_server.api.passthrough import call_format, choices, passthrough, tools
 from tts_server.api.protocol import (
     HEADER_BEAM_WIDTH,
     HEADER_BUDGET,
@@ -79,10 +80,7 @@ _PENALTY = (
     "may route to one) continue a solution over several vLLM calls, where vLLM's penalty would "
     "see only the current step; ask for one of those strategies, or leave it out or set 0"
 )
-_TOOLS = (
-    "'{}' is not supported: answers are text, never a tool or function call (the gateway "
-    "renders prompts itself and parses no tool calls from what the policy writes)"
-)
+_TOOLS = "'{}' (deprecated by OpenAI) is not supported: use '{}'"
 _RESPONSE_FORMAT = (
     "'response_format' is honoured by greedy, majority and best_of_n only: a step search (and "
     "auto, which may route to one) grows a solution a step at a time, and a format constrains "
@@ -128,12 +126,14 @@ CHAT: dict[str, Rule] = {
     "prompt_cache_key": METADATA,
     "logprobs": _not_yet("logprobs", False),
     "top_logprobs": _not_yet("top_logprobs", 0),
-    "tools": _refused(_TOOLS.format("tools"), []),
-    # Without tools, "none" and "auto" (OpenAI's defaults without and with tools) ask for nothing.
-    "tool_choice": _refused(_TOOLS.format("tool_choice"), "none", "auto"),
-    "parallel_tool_calls": _refused(_TOOLS.format("parallel_tool_calls"), True),
-    "functions": _refused(_TOOLS.format("functions"), []),
-    "function_call": _refused(_TOOLS.format("function_call"), "none", "auto"),
+    # Rendered into the prompt by the chat template; a call answered by greedy only, and "auto"
+    # (a call or text, as the model likes) refused: `api.passthrough.tools` checks them.
+    "tools": HONOURED,
+    "tool_choice": HONOURED,
+    # An answer is at most one call, which both values allow.
+    "parallel_tool_calls": HONOURED,
+    "functions": _refused(_TOOLS.format("functions", "tools"), []),
+    "function_call": _refused(_TOOLS.format("function_call", "tool_choice"), "none", "auto"),
     "response_format": _whole_solutions_only(_RESPONSE_FORMAT, {"type": "text"}),
     "modalities": _refused("'modalities': only [\"text\"] is supported", ["text"]),
     "audio": _refused("'audio' is not supported: the policy writes text"),
@@ -219,6 +219,10 @@ def resolve_job(
     beam_width = _beam_width(headers, opts, settings, strategy, budget)
     n = choices(body.n, strategy, budget)
     sent_on = passthrough(body)
+    calling = tools(body, strategy)
+    if calling is not None and calling.call is not None:
+        # The answer must be that call: its JSON shape constrains every token.
+        sent_on = dataclasses.replace(sent_on, response_format=call_format(calling))
     max_tokens = _max_tokens(body, settings)
     # Only now the prompt: bad options are found first, whatever the prompt.
     prompt = _prompt(body)
@@ -243,6 +247,7 @@ def resolve_job(
         stops=tuple(stops),
         seed=body.seed,
         passthrough=sent_on,
+        tools=calling,
         n=n,
         max_flops=_max_flops(headers, opts),
         deadline_s=_deadline(headers, opts, settings.request_timeout_s),

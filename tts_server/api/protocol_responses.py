@@ -133,9 +133,25 @@ class TTSProgress(_Wire):
 # --- whole responses ---
 
 
-class AssistantMessage(_Wire):
+class FunctionCall(_Wire):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Sparse):
+    """`tool_calls` is left out unless the answer is a call (then `content` is null)."""
+
+    sparse = frozenset({"tool_calls"})
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Wire):
@@ -191,11 +207,19 @@ class TextCompletion(Completion):
 # --- stream chunks ---
 
 
+class ToolCallDelta(_Wire):
+    index: int = 0
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Delta(_Sparse):
-    sparse = frozenset({"role", "content"})
+    sparse = frozenset({"role", "content", "tool_calls"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Wire):

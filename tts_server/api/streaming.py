@@ -25,12 +25,20 @@ from pydantic import BaseModel
 
 from tts_server.api import metrics
 from tts_server.api.errors import ENGINE_ERRORS, APIError, error_body, from_engine
-from tts_server.api.protocol_responses import TTSProgress
+from tts_server.api.protocol_responses import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    Delta,
+    ToolCall,
+    ToolCallDelta,
+    TTSProgress,
+)
 from tts_server.api.responses import (
     ENDPOINTS,
     Kind,
     finish_reason,
     response_headers,
+    tool_call,
     tts_report,
     usage_of,
 )
@@ -76,17 +84,32 @@ class Chunks:
     def progress(self, seen: dict[str, Any]) -> bytes:
         return self._chunk([self.endpoint.chunk.choice(None)], tts=TTSProgress(progress=seen))
 
+    def _calls(self, outcome: Outcome) -> list[ToolCall | None]:
+        chat = self.endpoint.chunk is ChatCompletionChunk
+        return [tool_call(outcome, c) if chat else None for c in outcome.selected]
+
     def answer(self, outcome: Outcome) -> bytes:
-        """Every choice's whole text, in one chunk."""
+        """Every choice's whole text (or its tool call), in one chunk."""
         chunk = self.endpoint.chunk
-        texts = [self.endpoint.answer_text(c) for c in outcome.selected]
-        return self._chunk([chunk.first_of(text, i) for i, text in enumerate(texts)])
+        choices: list[BaseModel] = []
+        for i, (candidate, call) in enumerate(
+            zip(outcome.selected, self._calls(outcome), strict=True)
+        ):
+            if call is None:
+                choices.append(chunk.first_of(self.endpoint.answer_text(candidate), i))
+                continue
+            # Only greedy answers a call: one choice, whose role the opening chunk gave.
+            delta = Delta(tool_calls=[ToolCallDelta(id=call.id, function=call.function)])
+            choices.append(ChatChunkChoice(index=i, delta=delta, finish_reason=None))
+        return self._chunk(choices)
 
     def finish(self, outcome: Outcome) -> bytes:
         """Every choice's finish reason, in one chunk with the `tts` report."""
         choices = [
-            self.endpoint.chunk.choice(None, finish_reason(c.finish_reason), i)
-            for i, c in enumerate(outcome.selected)
+            self.endpoint.chunk.choice(
+                None, "tool_calls" if call is not None else finish_reason(c.finish_reason), i
+            )
+            for i, (c, call) in enumerate(zip(outcome.selected, self._calls(outcome), strict=True))
         ]
         return self._chunk(choices, tts=tts_report(outcome))
 
