@@ -213,6 +213,7 @@ async def test_defaults_send_nothing_more(gateway: httpx.AsyncClient, fake_vllm:
         ("logit_bias", {"the": 1}),
         ("logit_bias", {"13": 101}),
         ("logit_bias", {"-13": 1}),
+        ("logit_bias", {"²": 1}),  # a digit to str.isdigit, not to int()
         ("presence_penalty", 2.5),
         ("frequency_penalty", -3),
         ("response_format", {"type": "yaml"}),

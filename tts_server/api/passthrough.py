@@ -43,7 +43,7 @@ def passthrough(body: CompletionRequest | ChatCompletionRequest) -> PassThrough:
     bias = body.logit_bias or None
     if bias is not None:
         for token, value in bias.items():
-            if not token.isdigit():
+            if not (token.isascii() and token.isdigit()):
                 raise APIError(
                     400,
                     f"'logit_bias' keys are token ids (as strings), got {token!r}",
