@@ -5,6 +5,7 @@ vLLM ignores them), the limit's two names, and `user`, which goes nowhere."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.fake_vllm import FakeVLLM
+from tests.support.fake_vllm import EOS, FakeVLLM
 from tests.support.gateway import MODEL, EquationPRM, chat, events, gateway_with, script
 
 PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
@@ -192,6 +193,17 @@ async def test_response_format_reaches_every_sample_of_a_whole_solution_strategy
     await post(gateway, "chat", chat(strategy, response_format=response_format))
     assert fake_vllm.calls
     assert all(call["response_format"] == response_format for call in fake_vllm.calls)
+
+
+async def test_a_formatted_answer_is_never_cut_at_its_stated_answer(tmp_path: Path) -> None:
+    # Free text is cut after the step that states the answer; JSON cut there would not parse.
+    answer = '{"reasoning": "3 + 5 = 8. The answer is 8.",\n\n"answer": 8}'
+    fake = FakeVLLM(script=lambda prompt, sample: answer + EOS, model=MODEL)
+    async with gateway_with(fake, EquationPRM(), tmp_path) as client:
+        data = await post(client, "chat", chat("greedy", response_format={"type": "json_object"}))
+        assert json.loads(data["choices"][0]["message"]["content"]) == json.loads(answer)
+        plain = await post(client, "chat", chat("greedy"))
+    assert plain["choices"][0]["message"]["content"] == answer.split("\n\n")[0]
 
 
 async def test_defaults_send_nothing_more(gateway: httpx.AsyncClient, fake_vllm: FakeVLLM) -> None:

@@ -24,13 +24,7 @@ from tts_server.api.protocol import (
 )
 from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
-from tts_server.types import (
-    STRATEGY_NAMES,
-    ChatPrompt,
-    Job,
-    StrategyName,
-    TextPrompt,
-)
+from tts_server.types import STRATEGY_NAMES, ChatPrompt, Job, StrategyName, TextPrompt
 
 if TYPE_CHECKING:  # the endpoints' names only: options need nothing else of the responses
     from tts_server.api.responses import Kind
@@ -95,7 +89,7 @@ _BOTH: dict[str, Rule] = {
     "top_p": HONOURED,
     "stop": HONOURED,
     "seed": HONOURED,
-    # The n best distinct candidates (`_choices` says when it cannot be honoured).
+    # The n best distinct candidates (`api.passthrough.choices` says when it cannot be).
     "n": HONOURED,
     "stream": HONOURED,
     "stream_options": HONOURED,

@@ -75,9 +75,11 @@ def solution_candidate(generation: Generation, config: SearchConfig) -> Candidat
     """A finished candidate from one whole generated solution."""
     steps = split_steps(strip_solution_stop(generation, config), config.step_delimiter)
     # A solution ends at its first stated answer; what a small model rambles on with after it
-    # is cut (its tokens still count in usage).
+    # is cut (its tokens still count in usage). Not in a text held to a format (JSON, a tool
+    # call): a cut would break it.
+    formatted = config.passthrough.response_format is not None
     for k, step in enumerate(steps):
-        if has_final_answer(step):
+        if not formatted and has_final_answer(step):
             steps = steps[: k + 1]
             break
     text = "".join(steps)
