@@ -77,6 +77,21 @@ async def test_n_answers_the_best_distinct_candidates_and_usage_counts_them_once
     assert two["tts"]["num_candidates"] == one["tts"]["num_candidates"]
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "text"])
+async def test_n_with_auto_ranks_the_pilot_and_route_candidates(
+    gateway: httpx.AsyncClient, endpoint: str
+) -> None:
+    one = await post(gateway, endpoint, body(endpoint, "auto", 8, seed=0))
+    two = await post(gateway, endpoint, body(endpoint, "auto", 8, seed=0, n=2))
+    answers = {a for a in two["tts"]["candidates_answers"] if a is not None}
+    # The pilot's odd draws wrote 9; the route (beam search, pruning 9s) wrote 8s.
+    assert sorted(answers) == ["8", "9"] and len(two["choices"]) == 2
+    assert two["choices"][0] == one["choices"][0]
+    assert two["usage"] == one["usage"]
+    texts = [text_of(endpoint, c).strip() for c in two["choices"]]
+    assert len(set(texts)) == len(texts)
+
+
 async def test_n_past_the_distinct_answers_gives_fewer_choices(gateway: httpx.AsyncClient) -> None:
     data = await post(gateway, "chat", chat("majority", 4, seed=0, n=3))
     assert [c["message"]["content"] for c in data["choices"]] == [
