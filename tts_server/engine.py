@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from tts_server.accounting import Account
 from tts_server.affinity import Affinity, Pins
+from tts_server.choices import rank
 from tts_server.errors import DeadlineExceeded, FlopsUnknown, PromptTooLong, UpstreamDown
 from tts_server.flops import Flops, FlopsCounter, find_policy_shape, find_prm_shape
 from tts_server.prefixes import PrefixScores
@@ -23,6 +24,7 @@ from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.strategies.common import finish
 from tts_server.types import (
+    Candidate,
     ChatPrompt,
     Decision,
     Job,
@@ -64,6 +66,14 @@ class Outcome:
     stages: dict[str, float] = dataclasses.field(default_factory=dict)
     # The deadline passed: the answer is the best of the candidates finished by then.
     partial: bool = False
+    # The candidates answered as choices, best first (`choices.rank`; empty: the chosen one).
+    choices: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def selected(self) -> list[Candidate]:
+        """The candidates to answer with, one per choice, best first."""
+        result = self.result
+        return [result.candidates[i] for i in self.choices or [result.chosen]]
 
 
 @dataclass
@@ -156,7 +166,10 @@ class TTSEngine:
         key = affinity.key() if affinity is not None else None
         if isinstance(job.prompt, ChatPrompt):
             messages = list(job.prompt.messages)
-            rendered = await render_chat(self.profile, messages, self.policy, affinity=key)
+            tools = job.tools.definitions if job.tools is not None else None
+            rendered = await render_chat(
+                self.profile, messages, self.policy, affinity=key, tools=tools
+            )
         else:  # a completions prompt is the client's raw text: no profile, no template
             ids = await self.policy.tokenize_text(job.prompt.text, affinity=key)
             rendered = RenderedPrompt(job.prompt.text, ids, [])
@@ -196,6 +209,9 @@ class TTSEngine:
             # wait_for cancelled the strategy: its upstream calls are closed by now.
             result = await _best_so_far(progress, config, account, job.deadline_s)
             partial = True
+        # Ranking compares answers with math-verify (CPU work): off the event loop, and only when
+        # more than one choice is asked for.
+        choices = await asyncio.to_thread(rank, result, job.n) if job.n > 1 else []
         wall = time.perf_counter() - started
         stages = {
             **progress.stages,
@@ -212,6 +228,7 @@ class TTSEngine:
             flops_limited=account.limited,
             stages=stages,
             partial=partial,
+            choices=choices,
         )
 
     def _search_config(
@@ -231,6 +248,7 @@ class TTSEngine:
             max_iterations=s.max_iterations,
             solution_stops=tuple(dict.fromkeys([*rendered.solution_stops, *job.stops])),
             seed=job.seed,
+            passthrough=job.passthrough,
             progress=progress,
         )
 

@@ -8,10 +8,13 @@ chat turns through the model's own template (applied once, by vLLM's /tokenize).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from tts_server.errors import JobError
 
 PROFILE_DIR = Path(__file__).parent / "prompts"
 
@@ -70,7 +73,11 @@ class RenderedPrompt:
 
 class Tokenizer(Protocol):
     async def tokenize_chat(
-        self, messages: list[dict[str, Any]], *, affinity: str | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        affinity: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]: ...
 
     async def tokenize_text(self, text: str, *, affinity: str | None = None) -> list[int]: ...
@@ -78,6 +85,10 @@ class Tokenizer(Protocol):
 
 class ProfileError(ValueError):
     pass
+
+
+class ToolsNotRendered(JobError):
+    """A request's tools, and a profile that renders no chat template."""
 
 
 @lru_cache(maxsize=32)
@@ -123,11 +134,22 @@ async def render_chat(
     tokenizer: Tokenizer,
     *,
     affinity: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> RenderedPrompt:
-    """`affinity`: the request's key, so the tokenizer call goes where its generations will."""
+    """`affinity`: the request's key, so the tokenizer call goes where its generations will.
+    `tools`: OpenAI tool definitions for the chat template (a "plain" profile has no template
+    to render them: ToolsNotRendered)."""
     question = last_user_text(messages)
     if profile.style == "plain":
+        if tools:
+            raise ToolsNotRendered(
+                f"'tools' cannot be rendered: the prompt profile {profile.name!r} writes plain "
+                "text, without the model's chat template"
+            )
         ids = await tokenizer.tokenize_text(profile.plain_text(question), affinity=affinity)
+    elif tools:
+        chat = profile.chat_messages(messages)
+        ids = await tokenizer.tokenize_chat(chat, affinity=affinity, tools=tools)
     else:
         ids = await tokenizer.tokenize_chat(profile.chat_messages(messages), affinity=affinity)
     return RenderedPrompt(question, ids, list(profile.solution_stops), profile.temperature)

@@ -6,14 +6,15 @@ the PRM worker, the fakes in tests implement the same protocols.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args
 
 if TYPE_CHECKING:  # the router's table is a knob of `auto`; the router imports this module
     from tts_server.router import RouterTable
 
-FinishReason = Literal["stop", "length"]
+# "tool_calls": the answer is a function call (`Tools.call`), never a vLLM finish.
+FinishReason = Literal["stop", "length", "tool_calls"]
 Aggregation = Literal["last", "min", "prod", "mean"]
 SelectionRule = Literal["naive", "weighted", "majority"]
 # What a client may ask for; the registry in `strategies` says what each one needs.
@@ -76,12 +77,50 @@ class PRMUsage:
 
 
 @dataclass(frozen=True)
+class PassThrough:
+    """OpenAI sampling parameters sent to vLLM as the client gave them, on every sample of a
+    request (`api.options` refuses them for the strategies that cannot honour them). Empty: the
+    wire body is exactly as without them."""
+
+    logit_bias: Mapping[str, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    response_format: Mapping[str, Any] | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The fields to add to a vLLM /v1/completions body (only those that ask for something)."""
+        fields: dict[str, Any] = {}
+        if self.logit_bias:
+            fields["logit_bias"] = dict(self.logit_bias)
+        if self.presence_penalty:
+            fields["presence_penalty"] = self.presence_penalty
+        if self.frequency_penalty:
+            fields["frequency_penalty"] = self.frequency_penalty
+        if self.response_format is not None:
+            fields["response_format"] = dict(self.response_format)
+        return fields
+
+
+@dataclass(frozen=True)
+class Tools:
+    """A chat request's OpenAI tool definitions, rendered into the prompt by the model's chat
+    template, and the function call the answer must be: a function's name, ANY_TOOL (any of
+    them), or None (the answer is text)."""
+
+    definitions: tuple[Mapping[str, Any], ...]
+    call: str | None = None
+
+    ANY_TOOL: ClassVar[str] = "*"
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.8
     top_p: float = 1.0
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    passthrough: PassThrough = PassThrough()
     # Called with (index in the call's flattened samples, generation) as each sample arrives,
     # where the client can tell (so a deadline can use samples finished before the call ends).
     on_sample: Callable[[int, Generation], None] | None = field(
@@ -116,6 +155,10 @@ class Job:
     max_tokens: int
     stops: tuple[str, ...] = ()
     seed: int | None = None
+    passthrough: PassThrough = PassThrough()
+    tools: Tools | None = None
+    # Choices to answer with: the n best distinct candidates (api.options checks n <= budget).
+    n: int = 1
     max_flops: int | None = None
     deadline_s: float | None = None
     # Why the job is not run as asked (the PRM is down: majority vote instead).
@@ -220,7 +263,11 @@ class PolicyService(PolicyClient, Protocol):
     count and readiness need (the vLLM client is one; test doubles implement the same)."""
 
     async def tokenize_chat(
-        self, messages: Sequence[dict[str, str]], *, affinity: str | None = None
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        affinity: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]: ...
 
     async def tokenize_text(self, text: str, *, affinity: str | None = None) -> list[int]: ...
@@ -272,6 +319,7 @@ class SearchConfig:
     # Strings that end a whole solution (e.g. the next few-shot "Question:"); removed from text.
     solution_stops: tuple[str, ...] = ()
     seed: int | None = None
+    passthrough: PassThrough = PassThrough()
     # `auto`: the table it routes by; `adaptive`: when it stops drawing.
     router: RouterTable | None = field(default=None, compare=False, repr=False)
     stopping: StopRule = StopRule()

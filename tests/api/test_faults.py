@@ -58,7 +58,7 @@ def test_limits_are_400_naming_the_field_and_never_reach_vllm(tmp_path: Path) ->
     with rig(tmp_path, max_prompt_tokens=300, max_messages=3, max_budget=16) as r:
         long_prompt = "How many? " * 100  # 1000 tokens in the fake's one-char tokens
         cases: list[tuple[dict[str, Any], dict[str, str], str]] = [
-            (body(n=2), {}, "n"),
+            (body(n=5), {}, "n"),
             (body(budget=17), {}, "tts.budget"),
             (body(), {"X-TTS-Budget": "100"}, "X-TTS-Budget"),
             (body(max_tokens=100_000), {}, "max_tokens"),
@@ -402,7 +402,7 @@ def test_no_prompt_or_key_in_error_bodies_or_metrics(tmp_path: Path) -> None:
         payloads = [
             {**body(), "messages": [{"role": "user", "content": canary}], "max_tokens": "x"},
             {**body(), "messages": [{"role": "robot", "content": canary}]},
-            {**body(), "messages": [{"role": "user", "content": canary}], "n": 3},
+            {**body(), "messages": [{"role": "user", "content": canary}], "n": 5},
         ]
         texts = [c.post("/v1/chat/completions", json=p, headers=headers).text for p in payloads]
         texts.append(

@@ -212,7 +212,7 @@ def _cases() -> dict[str, Case]:
         ("width_not_dividing", {"tts": {"strategy": "dvts", "budget": 6, "beam_width": 4}}, {}),
         ("bad_aggregation", {"tts": {"aggregation": "median"}}, {}),
         ("wrong_model", {"model": "other"}, {}),
-        ("n_two", {"n": 2}, {}),
+        ("n_over_budget", {"n": 9}, {}),
         ("stream_options_alone", {"stream_options": {"include_usage": True}}, {}),
         ("max_tokens_over_cap", {"max_tokens": 100_000}, {}),
         ("bad_ceiling", {}, {"X-TTS-Max-FLOPs": "lots"}),

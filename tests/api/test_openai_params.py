@@ -27,6 +27,7 @@ from tests.support.gateway import (
 )
 from tts_server.api.options import PARAMETERS
 from tts_server.api.protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
+from tts_server.types import STRATEGY_NAMES
 
 PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 README = Path(__file__).parents[2] / "README.md"
@@ -68,22 +69,13 @@ REFUSED: list[tuple[str, str, object]] = [
         (endpoint, name, value)
         for endpoint in ("chat", "text")
         for name, value in [
-            ("n", 2),
             ("stream_options.include_obfuscation", True),
-            ("frequency_penalty", 0.5),
-            ("presence_penalty", -1),
-            ("logit_bias", {"42": -100}),
         ]
     ),
     ("chat", "logprobs", True),
     ("chat", "top_logprobs", 3),
-    ("chat", "tools", [{"type": "function", "function": {"name": "add"}}]),
-    ("chat", "tool_choice", "required"),
-    ("chat", "tool_choice", {"type": "function", "function": {"name": "add"}}),
-    ("chat", "parallel_tool_calls", False),
     ("chat", "functions", [{"name": "add"}]),
     ("chat", "function_call", {"name": "add"}),
-    ("chat", "response_format", {"type": "json_object"}),
     ("chat", "modalities", ["text", "audio"]),
     ("chat", "audio", {"voice": "alloy", "format": "wav"}),
     ("chat", "prediction", {"type": "content", "content": "8"}),
@@ -127,6 +119,52 @@ async def test_a_refused_parameter_is_a_400_naming_it_and_costs_nothing(
     assert error["param"] == name and error["type"] == "invalid_request_error"
     assert name in error["message"]
     assert fake_vllm.paths == []  # not even the prompt was tokenized
+
+
+# (endpoint, parameter, a value that asks for something, a strategy that cannot honour it)
+REFUSED_BY_STRATEGY: list[tuple[str, str, object, str]] = [
+    *(
+        (endpoint, name, value, strategy)
+        for endpoint in ("chat", "text")
+        for name, value in [("frequency_penalty", 0.5), ("presence_penalty", -1)]
+        for strategy in ("beam_search", "dvts", "auto")
+    ),
+    *(
+        ("chat", "response_format", {"type": "json_object"}, strategy)
+        for strategy in ("beam_search", "dvts", "auto")
+    ),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "name", "value", "strategy"), REFUSED_BY_STRATEGY)
+async def test_a_parameter_the_strategy_cannot_honour_is_a_400_naming_it(
+    gateway: httpx.AsyncClient,
+    fake_vllm: FakeVLLM,
+    endpoint: str,
+    name: str,
+    value: object,
+    strategy: str,
+) -> None:
+    sent = with_value(body(endpoint, strategy), name, value)
+    response = await gateway.post(PATHS[endpoint], json=sent)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (name, "unsupported_parameter")
+    assert name in error["message"] and "greedy, majority and best_of_n" in error["message"]
+    assert fake_vllm.paths == []
+
+
+def test_every_strategy_limit_has_a_case() -> None:
+    cases = {(endpoint, name, strategy) for endpoint, name, _, strategy in REFUSED_BY_STRATEGY}
+    limits = {
+        (endpoint, name, strategy)
+        for endpoint, table in PARAMETERS.items()
+        for name, rule in table.items()
+        if rule.strategies is not None
+        for strategy in STRATEGY_NAMES
+        if strategy not in rule.strategies
+    }
+    assert cases == limits
 
 
 def test_every_refusal_rule_has_a_case() -> None:

@@ -124,7 +124,7 @@ def test_sampling_fields_and_limits_travel_in_the_job() -> None:
         ({"X-TTS-Max-FLOPs": "0"}, {}, "X-TTS-Max-FLOPs"),
         ({"X-TTS-Max-FLOPs": "1e999"}, {}, "X-TTS-Max-FLOPs"),  # int(float()) overflows
         ({"X-TTS-Deadline-S": "soon"}, {}, "X-TTS-Deadline-S"),
-        ({}, {"n": 2}, "n"),
+        ({}, {"n": 9}, "n"),  # over the default budget, 8
         ({}, {"stop": ["x" * 129]}, "stop"),
         ({}, {"max_tokens": 4096}, "max_tokens"),
         ({}, {"max_completion_tokens": 4096}, "max_completion_tokens"),

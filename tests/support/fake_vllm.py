@@ -9,6 +9,7 @@ prompts, return_token_ids, stop strings, /health, /metrics) and records every ca
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ class FakeVLLM:
     judge: Judge | None = None
     # Chat prompts longer than this (in tokens) are refused with a 400, as vLLM does.
     max_model_len: int = 2048
+    # Token ids a logit_bias may name (one token = one character: Unicode's code points); others
+    # are refused as vLLM refuses them, with `param` naming the field.
+    vocab_size: int = 0x110000
     # The model folder /v1/models reports (`root`).
     root: str = "org/fake-model"
     chat_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -108,6 +112,8 @@ class FakeVLLM:
         async def tokenize(request: Request) -> dict[str, Any]:
             body = await request.json()
             text = render_chat(body["messages"]) if "messages" in body else body["prompt"]
+            if body.get("tools"):  # as a template that renders tools would, before the turns
+                text = f"<tools>{json.dumps(body['tools'])}</tools>" + text
             return {"tokens": encode(text), "count": len(text)}
 
         @app.post("/v1/completions")
@@ -116,6 +122,11 @@ class FakeVLLM:
             self.calls.append(body)
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
+            unknown = [t for t in body.get("logit_bias") or {} if int(t) >= self.vocab_size]
+            if unknown:
+                message = f"token_id(s) {unknown} in logit_bias contain out-of-vocab token ids."
+                error = {"message": message, "type": "BadRequestError", "param": "logit_bias"}
+                return JSONResponse({"error": {**error, "code": 400}}, status_code=400)
             prompts = body["prompt"]
             if prompts and isinstance(prompts[0], int):
                 prompts = [prompts]

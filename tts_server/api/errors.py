@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,8 @@ from tts_server.errors import (
     PromptTooLong,
     UpstreamDown,
 )
+from tts_server.prompting import ToolsNotRendered
+from tts_server.types import PassThrough
 
 logger = logging.getLogger("tts_server.gateway")
 
@@ -56,6 +59,8 @@ class APIError(Exception):
         self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "error")
 
 
+# The client's parameters the policy client sends vLLM as they are: a refusal naming one is theirs.
+SENT_ON = frozenset(field.name for field in dataclasses.fields(PassThrough))
 # What the engine and its clients raise, answered as HTTP.
 ENGINE_ERRORS = (JobError, PolicyError, PRMError)
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code, also the PRM worker's
@@ -70,10 +75,14 @@ def from_engine(exc: Exception, *, prompt_param: str | None = None) -> APIError:
         return APIError(400, str(exc), param=prompt_param, code="prompt_too_long")
     if isinstance(exc, FlopsUnknown):
         return APIError(400, str(exc), param=HEADER_MAX_FLOPS)
+    if isinstance(exc, ToolsNotRendered):
+        return APIError(400, str(exc), param="tools", code="unsupported_parameter")
     if isinstance(exc, DeadlineExceeded):
         return APIError(504, str(exc), code="deadline_exceeded")
     if isinstance(exc, PolicyError):
         param = prompt_param if exc.status == 400 else None
+        if exc.status == 400 and exc.upstream_param in SENT_ON:
+            param = exc.upstream_param  # vLLM refused a value the client gave (logit_bias...)
         return APIError(exc.status, exc.message, param=param)
     if isinstance(exc, PRMError):
         if exc.upstream_status == 400 and exc.upstream_code == CONTEXT_LENGTH_EXCEEDED:

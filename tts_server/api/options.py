@@ -5,11 +5,13 @@ server cannot honour (`PARAMETERS`): never silently dropped."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from tts_server.api.errors import APIError
+from tts_server.api.passthrough import call_format, choices, passthrough, tools
 from tts_server.api.protocol import (
     HEADER_BEAM_WIDTH,
     HEADER_BUDGET,
@@ -29,18 +31,25 @@ if TYPE_CHECKING:  # the endpoints' names only: options need nothing else of the
 
 Use = Literal["honoured", "metadata", "refused"]
 
+# The strategies that sample whole solutions, one vLLM call per sample: a parameter that shapes
+# a whole generation means there what it means to OpenAI.
+WHOLE_SOLUTIONS: tuple[StrategyName, ...] = ("greedy", "majority", "best_of_n")
+
 
 @dataclass(frozen=True)
 class Rule:
     """What the server does with one parameter. `honoured`: what OpenAI does with it (the README
-    says how each strategy uses it); `metadata`: accepted and never used, because it changes
-    neither what is generated nor what is answered; `refused`: a 400 naming it, unless its value
-    is null or one of `accepted`, the values that ask for nothing (OpenAI's defaults)."""
+    says how each strategy uses it), by every strategy or only by `strategies` (for the others,
+    a 400 naming it with `message`); `metadata`: accepted and never used, because it changes
+    neither what is generated nor what is answered; `refused`: a 400 naming it. A refusal is
+    never made for null or one of `accepted`, the values that ask for nothing (OpenAI's
+    defaults)."""
 
     use: Use
     accepted: tuple[object, ...] = ()
     message: str = ""
     code: str | None = "unsupported_parameter"
+    strategies: tuple[StrategyName, ...] | None = None
 
 
 HONOURED = Rule("honoured")
@@ -55,12 +64,23 @@ def _not_yet(name: str, *accepted: object) -> Rule:
     return _refused(f"'{name}' is not supported yet", *accepted)
 
 
-# The same penalty would mean something else in each strategy.
+def _whole_solutions_only(message: str, *accepted: object) -> Rule:
+    return Rule("honoured", accepted, message, strategies=WHOLE_SOLUTIONS)
+
+
+# vLLM's penalties count the tokens generated in one call: a step search makes one call per step.
 _PENALTY = (
-    "'{}' is not supported yet: the step searches continue a solution over several vLLM "
-    "calls, where vLLM's penalty would see only the current step; leave it out or set 0"
+    "'{}' is honoured by greedy, majority and best_of_n only: the step searches (and auto, which "
+    "may route to one) continue a solution over several vLLM calls, where vLLM's penalty would "
+    "see only the current step; ask for one of those strategies, or leave it out or set 0"
 )
-_TOOLS = "'{}' is not supported yet: answers are text, never a tool or function call"
+_TOOLS = "'{}' (deprecated by OpenAI) is not supported: use '{}'"
+_RESPONSE_FORMAT = (
+    "'response_format' is honoured by greedy, majority and best_of_n only: a step search (and "
+    "auto, which may route to one) grows a solution a step at a time, and a format constrains "
+    "one whole generation; ask for one of those strategies, or leave it out or use "
+    '{"type": "text"}'
+)
 
 _BOTH: dict[str, Rule] = {
     "model": HONOURED,
@@ -69,23 +89,24 @@ _BOTH: dict[str, Rule] = {
     "top_p": HONOURED,
     "stop": HONOURED,
     "seed": HONOURED,
+    # The n best distinct candidates (`api.passthrough.choices` says when it cannot be).
+    "n": HONOURED,
     "stream": HONOURED,
     "stream_options": HONOURED,
     "stream_options.include_usage": HONOURED,
     "tts": HONOURED,  # this server's own: the search options
-    # Golden-pinned message and code: this refusal predates the table.
-    "n": _refused("n must be 1: use the tts budget to sample more candidates", 1, code=None),
     "stream_options.include_obfuscation": _refused(
         "'stream_options.include_obfuscation' is not supported: chunks are never padded; "
         "leave it out or set false",
         False,
     ),
-    # An end-user id for OpenAI's abuse monitoring; this server records no user (no metric
-    # label, no log line holds one).
+    # An end-user id for OpenAI's abuse monitoring; vLLM ignores it, so it is not sent on, and
+    # this server records no user (no metric label, no log line holds one).
     "user": METADATA,
-    "frequency_penalty": _refused(_PENALTY.format("frequency_penalty"), 0),
-    "presence_penalty": _refused(_PENALTY.format("presence_penalty"), 0),
-    "logit_bias": _not_yet("logit_bias", {}),
+    "frequency_penalty": _whole_solutions_only(_PENALTY.format("frequency_penalty"), 0),
+    "presence_penalty": _whole_solutions_only(_PENALTY.format("presence_penalty"), 0),
+    # A bias per token, the same at every position: every sample of every strategy.
+    "logit_bias": HONOURED,
 }
 
 CHAT: dict[str, Rule] = {
@@ -99,17 +120,15 @@ CHAT: dict[str, Rule] = {
     "prompt_cache_key": METADATA,
     "logprobs": _not_yet("logprobs", False),
     "top_logprobs": _not_yet("top_logprobs", 0),
-    "tools": _refused(_TOOLS.format("tools"), []),
-    # Without tools, "none" and "auto" (OpenAI's defaults without and with tools) ask for nothing.
-    "tool_choice": _refused(_TOOLS.format("tool_choice"), "none", "auto"),
-    "parallel_tool_calls": _refused(_TOOLS.format("parallel_tool_calls"), True),
-    "functions": _refused(_TOOLS.format("functions"), []),
-    "function_call": _refused(_TOOLS.format("function_call"), "none", "auto"),
-    "response_format": _refused(
-        "'response_format' is not supported yet: answers are free text; "
-        'leave it out or use {"type": "text"}',
-        {"type": "text"},
-    ),
+    # Rendered into the prompt by the chat template; a call answered by greedy only, and "auto"
+    # (a call or text, as the model likes) refused: `api.passthrough.tools` checks them.
+    "tools": HONOURED,
+    "tool_choice": HONOURED,
+    # An answer is at most one call, which both values allow.
+    "parallel_tool_calls": HONOURED,
+    "functions": _refused(_TOOLS.format("functions", "tools"), []),
+    "function_call": _refused(_TOOLS.format("function_call", "tool_choice"), "none", "auto"),
+    "response_format": _whole_solutions_only(_RESPONSE_FORMAT, {"type": "text"}),
     "modalities": _refused("'modalities': only [\"text\"] is supported", ["text"]),
     "audio": _refused("'audio' is not supported: the policy writes text"),
     "prediction": _refused("'prediction' (predicted outputs) is not supported"),
@@ -189,8 +208,15 @@ def resolve_job(
 
     opts = body.tts or TTSOptions()
     requested, strategy = _strategy(headers, opts, settings)
+    _refuse_unsupported(body, strategy)
     budget = _budget(headers, opts, settings, strategy)
     beam_width = _beam_width(headers, opts, settings, strategy, budget)
+    n = choices(body.n, strategy, budget)
+    sent_on = passthrough(body)
+    calling = tools(body, strategy)
+    if calling is not None and calling.call is not None:
+        # The answer must be that call: its JSON shape constrains every token.
+        sent_on = dataclasses.replace(sent_on, response_format=call_format(calling))
     max_tokens = _max_tokens(body, settings)
     # Only now the prompt: bad options are found first, whatever the prompt.
     prompt = _prompt(body)
@@ -214,16 +240,25 @@ def resolve_job(
         max_tokens=max_tokens,
         stops=tuple(stops),
         seed=body.seed,
+        passthrough=sent_on,
+        tools=calling,
+        n=n,
         max_flops=_max_flops(headers, opts),
         deadline_s=_deadline(headers, opts, settings.request_timeout_s),
     )
 
 
-def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
-    """A 400 naming the first parameter (in the table's order) the server cannot honour."""
+def _refuse_unsupported(
+    body: CompletionRequest | ChatCompletionRequest, strategy: StrategyName | None = None
+) -> None:
+    """A 400 naming the first parameter (in the table's order) the server cannot honour: those
+    refused by every strategy, or with `strategy`, those that strategy cannot honour."""
     table = PARAMETERS["chat" if isinstance(body, ChatCompletionRequest) else "text"]
     for name, rule in table.items():
-        if rule.use != "refused":
+        if strategy is None:
+            if rule.use != "refused":
+                continue
+        elif rule.strategies is None or strategy in rule.strategies:
             continue
         value = _field(body, name)
         if value is not None and not any(value == ok for ok in rule.accepted):
@@ -310,6 +345,14 @@ def _beam_width(
 
 def _max_tokens(body: CompletionRequest | ChatCompletionRequest, settings: Settings) -> int:
     token_limit = body.token_limit() if isinstance(body, ChatCompletionRequest) else None
+    both = isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None
+    if both and body.max_tokens is not None and body.max_tokens != token_limit:
+        raise APIError(
+            400,
+            "max_tokens and max_completion_tokens are two names for one limit and disagree "
+            f"({body.max_tokens} and {token_limit}): send one",
+            param="max_completion_tokens",
+        )
     limit = token_limit if token_limit is not None else body.max_tokens
     max_tokens = limit or settings.default_max_tokens
     if max_tokens > settings.max_tokens_cap:

@@ -65,9 +65,9 @@ class _Common(BaseModel):
     tts: TTSOptions | None = None
     # Accepted, never used.
     user: str | None = None
-    # Refused unless they have OpenAI's default value.
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    # Sent to vLLM on every sample, by the strategies that can honour them.
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
 
     def stop_list(self) -> list[str]:
@@ -127,7 +127,9 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    # Honoured by the whole-solution strategies (api.options).
     response_format: dict[str, Any] | None = None
+    # Refused unless they have OpenAI's default value.
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None

@@ -133,9 +133,25 @@ class TTSProgress(_Wire):
 # --- whole responses ---
 
 
-class AssistantMessage(_Wire):
+class FunctionCall(_Wire):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Sparse):
+    """`tool_calls` is left out unless the answer is a call (then `content` is null)."""
+
+    sparse = frozenset({"tool_calls"})
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Wire):
@@ -165,7 +181,7 @@ class Completion(_Wire):
 
     @classmethod
     @abstractmethod
-    def choice(cls, text: str, finish_reason: FinishReason) -> BaseModel: ...
+    def choice(cls, text: str, finish_reason: FinishReason, index: int = 0) -> BaseModel: ...
 
 
 class ChatCompletion(Completion):
@@ -173,8 +189,10 @@ class ChatCompletion(Completion):
     choices: list[ChatChoice]
 
     @classmethod
-    def choice(cls, text: str, finish_reason: FinishReason) -> ChatChoice:
-        return ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+    def choice(cls, text: str, finish_reason: FinishReason, index: int = 0) -> ChatChoice:
+        return ChatChoice(
+            index=index, message=AssistantMessage(content=text), finish_reason=finish_reason
+        )
 
 
 class TextCompletion(Completion):
@@ -182,18 +200,26 @@ class TextCompletion(Completion):
     choices: list[TextChoice]
 
     @classmethod
-    def choice(cls, text: str, finish_reason: FinishReason) -> TextChoice:
-        return TextChoice(text=text, finish_reason=finish_reason)
+    def choice(cls, text: str, finish_reason: FinishReason, index: int = 0) -> TextChoice:
+        return TextChoice(index=index, text=text, finish_reason=finish_reason)
 
 
 # --- stream chunks ---
 
 
+class ToolCallDelta(_Wire):
+    index: int = 0
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Delta(_Sparse):
-    sparse = frozenset({"role", "content"})
+    sparse = frozenset({"role", "content", "tool_calls"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Wire):
@@ -229,8 +255,16 @@ class CompletionChunk(_Sparse):
 
     @classmethod
     @abstractmethod
-    def choice(cls, text: str | None, finish_reason: FinishReason | None = None) -> BaseModel:
+    def choice(
+        cls, text: str | None, finish_reason: FinishReason | None = None, index: int = 0
+    ) -> BaseModel:
         """A choice with `text` (None: nothing new, as in a progress or finishing chunk)."""
+
+    @classmethod
+    def first_of(cls, text: str, index: int) -> BaseModel:
+        """Choice `index`'s whole text, as its first chunk: for a choice past the first, opened
+        with the text (no opening chunk went out for it)."""
+        return cls.choice(text, None, index)
 
     @classmethod
     def opening(cls) -> BaseModel | None:
@@ -243,9 +277,19 @@ class ChatCompletionChunk(CompletionChunk):
     choices: list[ChatChunkChoice]
 
     @classmethod
-    def choice(cls, text: str | None, finish_reason: FinishReason | None = None) -> ChatChunkChoice:
+    def choice(
+        cls, text: str | None, finish_reason: FinishReason | None = None, index: int = 0
+    ) -> ChatChunkChoice:
         delta = Delta() if text is None else Delta(content=text)
-        return ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+        return ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+
+    @classmethod
+    def first_of(cls, text: str, index: int) -> ChatChunkChoice:
+        if index == 0:  # the opening chunk gave it its role
+            return cls.choice(text)
+        return ChatChunkChoice(
+            index=index, delta=Delta(role="assistant", content=text), finish_reason=None
+        )
 
     @classmethod
     def opening(cls) -> ChatChunkChoice:
@@ -258,8 +302,10 @@ class TextCompletionChunk(CompletionChunk):
     choices: list[TextChunkChoice]
 
     @classmethod
-    def choice(cls, text: str | None, finish_reason: FinishReason | None = None) -> TextChunkChoice:
-        return TextChunkChoice(text=text or "", finish_reason=finish_reason)
+    def choice(
+        cls, text: str | None, finish_reason: FinishReason | None = None, index: int = 0
+    ) -> TextChunkChoice:
+        return TextChunkChoice(index=index, text=text or "", finish_reason=finish_reason)
 
 
 # --- /v1/models ---

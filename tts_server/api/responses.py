@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import BaseModel
+
 from tts_server.api.protocol import HEADER_BUDGET, HEADER_DIFFICULTY, HEADER_ROUTED, HEADER_STRATEGY
 from tts_server.api.protocol_responses import (
+    AssistantMessage,
+    ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
     CompletionChunk,
     DifficultyReport,
     FlopsReport,
+    FunctionCall,
     PolicyTokens,
     PRMReport,
     PromptTokensDetails,
     RouteReport,
     TextCompletion,
     TextCompletionChunk,
+    ToolCall,
     TTSReport,
     Usage,
 )
 from tts_server.engine import Outcome
-from tts_server.types import FinishReason, Job
+from tts_server.types import Candidate, FinishReason, Job
 
 # The endpoint a response answers: chat (a message) or completions (a text).
 Kind = Literal["chat", "text"]
@@ -47,9 +54,9 @@ class Endpoint:
     def new_id(self) -> str:
         return f"{self.id_prefix}-{uuid.uuid4().hex}"
 
-    def answer_text(self, outcome: Outcome) -> str:
-        """The selected solution as the client gets it."""
-        text = outcome.result.best.text
+    def answer_text(self, candidate: Candidate) -> str:
+        """A selected solution as the client gets it."""
+        text = candidate.text
         return text.strip() if self.strip else text
 
 
@@ -75,6 +82,28 @@ ENDPOINTS: dict[Kind, Endpoint] = {
 
 def finish_reason(reason: str | None) -> FinishReason:
     return "length" if reason == "length" else "stop"
+
+
+def tool_call(outcome: Outcome, candidate: Candidate) -> ToolCall | None:
+    """The call a candidate makes, when the request asked for one (`tool_choice`): vLLM kept
+    its text to the call's JSON shape; a text cut short by the token limit is no call (it is
+    answered as text, with finish_reason "length")."""
+    tools = outcome.job.tools
+    if tools is None or tools.call is None:
+        return None
+    try:
+        data = json.loads(candidate.text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return None
+    arguments = data.get("arguments")
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(
+        id=f"call_{uuid.uuid4().hex[:24]}",
+        function=FunctionCall(name=data["name"], arguments=json.dumps(arguments)),
+    )
 
 
 def usage_of(outcome: Outcome) -> Usage:
@@ -134,17 +163,23 @@ def tts_report(outcome: Outcome) -> TTSReport:
 
 
 def completion(outcome: Outcome, kind: Kind, model: str) -> Completion:
-    """A whole response: `chat.completion` or `text_completion`, the selected solution its one
-    choice."""
+    """A whole response: `chat.completion` or `text_completion`, the selected solution its
+    first choice (and with `n`, the next best distinct ones the next)."""
     endpoint = ENDPOINTS[kind]
-    choice = endpoint.whole.choice(
-        endpoint.answer_text(outcome), finish_reason(outcome.result.best.finish_reason)
-    )
+    choices: list[BaseModel] = []
+    for index, candidate in enumerate(outcome.selected):
+        call = tool_call(outcome, candidate) if kind == "chat" else None
+        if call is not None:
+            message = AssistantMessage(content=None, tool_calls=[call])
+            choices.append(ChatChoice(index=index, message=message, finish_reason="tool_calls"))
+            continue
+        text, reason = endpoint.answer_text(candidate), finish_reason(candidate.finish_reason)
+        choices.append(endpoint.whole.choice(text, reason, index))
     return endpoint.whole(
         id=endpoint.new_id(),
         created=int(time.time()),
         model=model,
-        choices=[choice],
+        choices=choices,
         usage=usage_of(outcome),
         tts=tts_report(outcome),
     )

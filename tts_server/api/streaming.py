@@ -4,8 +4,9 @@ A search has no answer before it has chosen one. While the strategy runs, the st
 `stream_progress_interval_s`, a chunk with an empty delta whose `tts.progress` says what the search
 has done so far (finished candidates, completion tokens, PRM steps scored, the router's decision),
 or a keep-alive comment when nothing changed. The chosen answer then comes as one content chunk
-(never typed out piece by piece after the fact), then the finishing chunk with `finish_reason` and
-the whole `tts` object, the usage chunk when `stream_options.include_usage` asks for it, and
+(never typed out piece by piece after the fact; with `n`, every choice's text in that one chunk,
+each under its `index`), then the finishing chunk with every choice's `finish_reason` and the
+whole `tts` object, the usage chunk when `stream_options.include_usage` asks for it, and
 `data: [DONE]`. A failure after the headers went out is an `error` event, as vLLM sends it.
 """
 
@@ -24,12 +25,20 @@ from pydantic import BaseModel
 
 from tts_server.api import metrics
 from tts_server.api.errors import ENGINE_ERRORS, APIError, error_body, from_engine
-from tts_server.api.protocol_responses import TTSProgress
+from tts_server.api.protocol_responses import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    Delta,
+    ToolCall,
+    ToolCallDelta,
+    TTSProgress,
+)
 from tts_server.api.responses import (
     ENDPOINTS,
     Kind,
     finish_reason,
     response_headers,
+    tool_call,
     tts_report,
     usage_of,
 )
@@ -75,13 +84,34 @@ class Chunks:
     def progress(self, seen: dict[str, Any]) -> bytes:
         return self._chunk([self.endpoint.chunk.choice(None)], tts=TTSProgress(progress=seen))
 
+    def _calls(self, outcome: Outcome) -> list[ToolCall | None]:
+        chat = self.endpoint.chunk is ChatCompletionChunk
+        return [tool_call(outcome, c) if chat else None for c in outcome.selected]
+
     def answer(self, outcome: Outcome) -> bytes:
-        text = self.endpoint.answer_text(outcome)
-        return self._chunk([self.endpoint.chunk.choice(text)])
+        """Every choice's whole text (or its tool call), in one chunk."""
+        chunk = self.endpoint.chunk
+        choices: list[BaseModel] = []
+        for i, (candidate, call) in enumerate(
+            zip(outcome.selected, self._calls(outcome), strict=True)
+        ):
+            if call is None:
+                choices.append(chunk.first_of(self.endpoint.answer_text(candidate), i))
+                continue
+            # Only greedy answers a call: one choice, whose role the opening chunk gave.
+            delta = Delta(tool_calls=[ToolCallDelta(id=call.id, function=call.function)])
+            choices.append(ChatChunkChoice(index=i, delta=delta, finish_reason=None))
+        return self._chunk(choices)
 
     def finish(self, outcome: Outcome) -> bytes:
-        reason = finish_reason(outcome.result.best.finish_reason)
-        return self._chunk([self.endpoint.chunk.choice(None, reason)], tts=tts_report(outcome))
+        """Every choice's finish reason, in one chunk with the `tts` report."""
+        choices = [
+            self.endpoint.chunk.choice(
+                None, "tool_calls" if call is not None else finish_reason(c.finish_reason), i
+            )
+            for i, (c, call) in enumerate(zip(outcome.selected, self._calls(outcome), strict=True))
+        ]
+        return self._chunk(choices, tts=tts_report(outcome))
 
     def usage(self, outcome: Outcome) -> bytes:
         return self._chunk([], usage=usage_of(outcome))

@@ -39,12 +39,14 @@ class UpstreamError(Exception):
         status: int = 502,
         upstream_status: int | None = None,
         upstream_code: str | None = None,
+        upstream_param: str | None = None,
     ):
         super().__init__(message)
         self.message = message
         self.status = status
         self.upstream_status = upstream_status
         self.upstream_code = upstream_code  # the `code` of the upstream's OpenAI-style error
+        self.upstream_param = upstream_param  # and its `param` (vLLM names a bad field there)
 
     @classmethod
     def answer_status(cls, upstream_status: int) -> int:
@@ -113,14 +115,14 @@ def error_message(response: httpx.Response) -> str | None:
     return None
 
 
-def error_code(response: httpx.Response) -> str | None:
-    """The `code` of an OpenAI-style error body, if it has one."""
+def error_code(response: httpx.Response, field: str = "code") -> str | None:
+    """The `code` (or another string `field`) of an OpenAI-style error body, if it has one."""
     try:
         body = response.json()
     except ValueError:
         return None
     error = body.get("error") if isinstance(body, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
+    code = error.get(field) if isinstance(error, dict) else None
     return code if isinstance(code, str) else None
 
 
@@ -212,6 +214,7 @@ class Upstream:
                 status=error.answer_status(status),
                 upstream_status=status,
                 upstream_code=error_code(response),
+                upstream_param=error_code(response, "param"),
             )
         try:
             data = response.json()

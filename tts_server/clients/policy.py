@@ -21,7 +21,7 @@ the whole call (one request has one header: a step's subtrees then share a repli
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import httpx
@@ -152,6 +152,7 @@ class VLLMPolicyClient:
             body["stop"] = list(sampling.stop)
         if seed is not None:
             body["seed"] = seed
+        body.update(sampling.passthrough.body())
         data = await self._upstream.post_json("/v1/completions", body, affinity=affinity)
         choices = sorted(data.get("choices", []), key=lambda c: int(c["index"]))
         if len(choices) != len(prompts):
@@ -178,10 +179,21 @@ class VLLMPolicyClient:
         return generations
 
     async def tokenize_chat(
-        self, messages: Sequence[dict[str, str]], *, affinity: str | None = None
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        affinity: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
-        """The chat template applied once, with the generation prompt, as vLLM renders it."""
-        body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
+        """The chat template applied once, with the generation prompt (and the tools, if any),
+        as vLLM renders it."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": list(messages),
+            "add_generation_prompt": True,
+        }
+        if tools:
+            body["tools"] = [dict(tool) for tool in tools]
         data = await self._upstream.post_json("/tokenize", body, affinity=affinity)
         return [int(t) for t in data["tokens"]]
 

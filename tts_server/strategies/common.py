@@ -67,6 +67,7 @@ def full_sampling(config: SearchConfig, *, temperature: float | None = None) -> 
         max_tokens=config.max_tokens,
         stop=config.solution_stops,
         seed=config.seed,
+        passthrough=config.passthrough,
     )
 
 
@@ -74,9 +75,11 @@ def solution_candidate(generation: Generation, config: SearchConfig) -> Candidat
     """A finished candidate from one whole generated solution."""
     steps = split_steps(strip_solution_stop(generation, config), config.step_delimiter)
     # A solution ends at its first stated answer; what a small model rambles on with after it
-    # is cut (its tokens still count in usage).
+    # is cut (its tokens still count in usage). Not in a text held to a format (JSON, a tool
+    # call): a cut would break it.
+    formatted = config.passthrough.response_format is not None
     for k, step in enumerate(steps):
-        if has_final_answer(step):
+        if not formatted and has_final_answer(step):
             steps = steps[: k + 1]
             break
     text = "".join(steps)
@@ -159,6 +162,7 @@ async def expand(
         max_tokens=min(caps),
         stop=tuple(dict.fromkeys(stops)),
         seed=config.seed,
+        passthrough=config.passthrough,
     )
     prompts = [[*problem.prompt_ids, *p.token_ids] for p in parents]
     samples = await policy.generate(prompts, sampling, usage, n=n, affinity=affinity)
