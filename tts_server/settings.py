@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     max_messages: int = 64
     max_stop_strings: int = 4
     max_stop_length: int = 128
+    # Slow clients (tts_server/api/connections.py): a request's head must arrive within
+    # head_timeout_s, its body within body_timeout_s of the head (else 408, connection closed);
+    # an idle kept-alive connection is closed after keep_alive_timeout_s; past max_connections
+    # open connections per worker process (0: no cap) a new one gets a 503 and is closed.
+    head_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=2048, ge=0)
     max_in_flight: int = 16
     max_queue: int = 64
     queue_timeout_s: float = 30.0

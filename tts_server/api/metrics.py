@@ -111,6 +111,24 @@ AFFINITY_RELEASES = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+REJECTIONS = Counter(
+    "tts_rejections",
+    "Requests and connections refused before they ran, by reason: a quota "
+    "(quota_requests, quota_tokens, quota_flops_minute, quota_flops_day), the quota store "
+    "down with fail-closed (quota_store), a slow client (head_deadline, body_deadline: 408 and "
+    "closed), the per-worker connection cap (connection_cap: 503).",
+    ["reason"],
+    registry=REGISTRY,
+)
+QUOTA_REMAINING = Gauge(
+    "tts_quota_remaining",
+    "What an API key has left in its current window, by key (a prefix of the key's SHA-256, "
+    "never the key) and kind (requests, tokens per minute, flops_minute, flops_day). With "
+    "several workers and no Redis each worker counts apart: the lowest is shown.",
+    ["key", "kind"],
+    registry=REGISTRY,
+    multiprocess_mode="min",
+)
 ROUTED = Counter(
     "tts_router_decisions",
     "What the router chose for `auto` requests, by difficulty bin.",
