@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tts_server.api.keys_file import KeysFileError
 from tts_server.prompting import ProfileError
 from tts_server.router import RouterTableError
 from tts_server.settings import Settings
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in settings_problems(exc):
             print(f"error: invalid setting {line}", file=sys.stderr)
         return 2
-    except (ProfileError, RouterTableError) as exc:  # found when the gateway is built, at start
+    except (ProfileError, RouterTableError, KeysFileError) as exc:  # found at start
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return result
