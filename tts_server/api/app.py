@@ -93,6 +93,7 @@ def create_app(
 
     app = FastAPI(title="tts-server", version="0.1.0", lifespan=lifespan)
     app.state.gateway = Gateway(settings, engine, readiness, admission, sessions)
+    app.state.quotas = quotas
     install_error_handlers(app)
     app.add_middleware(
         Guard,
