@@ -120,6 +120,19 @@ REJECTIONS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+# Every reason exists from the start at 0, so that rate() sees the first rejection.
+REJECTION_REASONS = (
+    "quota_requests",
+    "quota_tokens",
+    "quota_flops_minute",
+    "quota_flops_day",
+    "quota_store",
+    "head_deadline",
+    "body_deadline",
+    "connection_cap",
+)
+for _reason in REJECTION_REASONS:
+    REJECTIONS.labels(_reason)
 QUOTA_REMAINING = Gauge(
     "tts_quota_remaining",
     "What an API key has left in its current window, by key (a prefix of the key's SHA-256, "
