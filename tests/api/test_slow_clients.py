@@ -5,6 +5,7 @@ thousands of stalled bodies, and the per-worker connection cap (503, probes stil
 from __future__ import annotations
 
 import json
+import pickle
 import resource
 import selectors
 import socket
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from tests.support.servers import ServerProcess, cli, free_port
+from tts_server.api.connections import ConnectionLimits, GuardedH11Protocol
 
 HEAD_S, BODY_S, KEEP_ALIVE_S = 1.0, 3.0, 1.0
 STALLED_HEAD = (
@@ -243,3 +245,15 @@ def test_past_the_connection_cap_a_new_connection_gets_503_fast_but_health_answe
         for sock in held:
             sock.close()
         server.stop()
+
+
+def test_the_protocol_options_reach_uvicorn_workers_intact() -> None:
+    """`--workers N` hands uvicorn's config to spawned processes: the protocol must pickle."""
+    from tts_server.api.serve import connection_options
+    from tts_server.settings import Settings
+
+    options = connection_options(Settings(head_timeout_s=3, body_timeout_s=7, max_connections=9))
+    factory = pickle.loads(pickle.dumps(options["http"]))
+    assert factory.keywords["limits"] == ConnectionLimits(3.0, 7.0, 9)
+    assert issubclass(factory.func, GuardedH11Protocol)
+    assert options["timeout_keep_alive"] == 5.0

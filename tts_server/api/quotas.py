@@ -131,9 +131,9 @@ class Spending:
             if self.known:
                 left = max(0, self.limits[kind] - self.counts.get(kind, 0))
                 headers[f"x-ratelimit-remaining-{suffix}"] = str(left)
-                headers[f"x-ratelimit-reset-{suffix}"] = reset_text(
-                    window(kind, self.now)[1] - self.now
-                )
+                # The window the counts are of, from now (a long answer's headers go late).
+                ends = window(kind, self.now)[1]
+                headers[f"x-ratelimit-reset-{suffix}"] = reset_text(max(0.0, ends - clock()))
         return headers
 
 
