@@ -3,9 +3,9 @@
 Starts a zero-latency fake vLLM and the PRM worker app (arith) on 127.0.0.1 in this process and
 the gateway as its own process, with per-key quotas (a keys file: the good key generous, the
 greedy key 60 requests and 2e10 FLOPs a minute), short slow-client deadlines and a connection cap.
-Good clients (good key, mixed strategies, budget 4) run for two phases of `--phase` seconds
-each: alone, then with the abusers, which run in a child process of their own (so that their
-work does not slow this process's clients):
+Good clients (good key, mixed strategies, budget 4) run `--phase` seconds alone and as long
+beside the abusers, alternating in blocks of `--block` seconds (so that the rest of a shared
+machine's load weighs on both alike). The abusers run in a child process of their own:
 
 - slowloris: `--stalled` connections that send a head (with the greedy key) and part of a
   body, then nothing, each reopened as soon as the gateway closes it;
@@ -13,9 +13,10 @@ work does not slow this process's clients):
 - greedy: the greedy key sending best-of-16 requests as fast as `--greedy-concurrency`
   clients can (refused with 429 past its quota).
 
-Prints a JSON summary: good latency per phase and their ratio, what the abusers got (statuses,
-408s, connections cut), the gateway's rejections by reason, its descriptors at the end. Stops by
-itself; traffic only to 127.0.0.1.
+Prints a JSON summary: good latency (and the gateway's CPU share) alone and attacked, their
+ratio, what the abusers got (statuses, 408s, connections cut, their own CPU seconds), the
+gateway's rejections by reason, its descriptors mid-attack. Stops by itself; traffic only to
+127.0.0.1.
 
     .venv/bin/python -m loadtests.abuse_soak                 # 2 x 30 s
     .venv/bin/python -m loadtests.abuse_soak --phase 150     # 5 minutes
@@ -26,11 +27,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +67,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[int(q * (len(ordered) - 1))], 4) if ordered else None
 
 
-async def good_clients(url: str, duration_s: float, concurrency: int) -> dict[str, Any]:
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
+@dataclass
+class Block:
+    """What the good clients saw in one block, and the gateway's CPU seconds meanwhile."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    gateway_cpu_s: float = 0.0
+    seconds: float = 0.0
+
+
+async def good_clients(url: str, duration_s: float, concurrency: int, block: Block) -> None:
     stop_at = time.monotonic() + duration_s
     headers = {"Authorization": f"Bearer {GOOD_KEY}"}
 
@@ -82,19 +95,37 @@ async def good_clients(url: str, duration_s: float, concurrency: int) -> dict[st
                 status = (await client.post(url, json=body, headers=headers)).status_code
             except httpx.HTTPError:
                 status = 0
-            latencies.append(time.perf_counter() - started)
-            statuses[status] = statuses.get(status, 0) + 1
+            block.latencies.append(time.perf_counter() - started)
+            block.statuses[status] = block.statuses.get(status, 0) + 1
             i += concurrency
 
     async with httpx.AsyncClient(timeout=60) as client:
         await asyncio.gather(*(worker(k, client) for k in range(concurrency)))
+
+
+def summarise(block: Block) -> dict[str, Any]:
+    latencies = block.latencies
     return {
         "requests": len(latencies),
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "statuses": {str(k): v for k, v in sorted(block.statuses.items())},
         "latency_p50_s": round(statistics.median(latencies), 4) if latencies else None,
         "latency_p95_s": percentile(latencies, 0.95),
         "latency_mean_s": round(statistics.fmean(latencies), 4) if latencies else None,
+        "gateway_cpu_share": round(block.gateway_cpu_s / block.seconds, 3),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_block(url: str, seconds: float, concurrency: int, pid: int, block: Block) -> None:
+    cpu, started = cpu_seconds(pid), time.monotonic()
+    asyncio.run(good_clients(url, seconds, concurrency, block))
+    block.gateway_cpu_s += cpu_seconds(pid) - cpu
+    block.seconds += time.monotonic() - started
 
 
 # --- the abusers (run as a child process: --abuse PORT) ---
@@ -150,7 +181,9 @@ async def abuse(port: int, duration_s: float, stalled: int, silent: int, greedy_
         *(hold(port, b"", stop_at, seen) for _ in range(silent)),
         *(greedy(url, stop_at, statuses) for _ in range(greedy_n)),
     )
-    print(json.dumps({"slow_connections": seen, "greedy_statuses": statuses}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = round(usage.ru_utime + usage.ru_stime, 2)
+    print(json.dumps({"slow_connections": seen, "greedy_statuses": statuses, "cpu_s": cpu}))
 
 
 # --- the soak ---
@@ -165,9 +198,23 @@ def rejections(url: str) -> dict[str, float]:
     return found
 
 
+def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The abuser children's reports, added up."""
+    merged: dict[str, Any] = {"slow_connections": {}, "greedy_statuses": {}, "cpu_s": 0.0}
+    for report in reports:
+        for part in ("slow_connections", "greedy_statuses"):
+            for name, count in report[part].items():
+                merged[part][name] = merged[part].get(name, 0) + count
+        merged["cpu_s"] = round(merged["cpu_s"] + report["cpu_s"], 2)
+    return merged
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phase", type=float, default=30.0, help="seconds per phase (max 150)")
+    parser.add_argument(
+        "--block", type=float, default=15.0, help="phases alternate in blocks of this length"
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="good clients")
     parser.add_argument("--stalled", type=int, default=300, help="slowloris connections")
     parser.add_argument("--silent", type=int, default=100, help="connections that send nothing")
@@ -209,36 +256,51 @@ def main() -> int:
     try:
         gateway.wait_healthy(60, path="/health/ready")
         assert gateway.process is not None
-        print(f"abuse soak: 2 phases of {phase:g} s...", file=sys.stderr)
-        asyncio.run(good_clients(url, min(5.0, phase), args.concurrency))  # warm-up
-        alone = asyncio.run(good_clients(url, phase, args.concurrency))
-        child_argv = [
-            *(sys.executable, "-m", "loadtests.abuse_soak", "--abuse", str(port)),
-            *("--phase", str(phase + 3), "--stalled", str(args.stalled)),
-            *("--silent", str(args.silent), "--greedy-concurrency", str(args.greedy_concurrency)),
-        ]
-        child = subprocess.Popen(child_argv, stdout=subprocess.PIPE)
-        time.sleep(3)  # the abusers are up
-        attacked = asyncio.run(good_clients(url, phase, args.concurrency))
-        fds, sockets = open_fds(gateway.process.pid)
-        out, _ = child.communicate(timeout=60)
+        pid = gateway.process.pid
+        blocks = max(1, math.ceil(phase / args.block))
+        seconds = phase / blocks
+        print(
+            f"abuse soak: {blocks} x ({seconds:g} s alone, {seconds:g} s attacked)", file=sys.stderr
+        )
+        asyncio.run(good_clients(url, min(5.0, seconds), args.concurrency, Block()))  # warm-up
+        alone, attacked = Block(), Block()
+        abusers: list[dict[str, Any]] = []
+        fds_seen: list[tuple[int, int]] = []
+        for _ in range(blocks):
+            # Alternating, so that the rest of the machine's load weighs on both alike.
+            run_block(url, seconds, args.concurrency, pid, alone)
+            child_argv = [
+                *(sys.executable, "-m", "loadtests.abuse_soak", "--abuse", str(port)),
+                *("--phase", str(seconds + 3), "--stalled", str(args.stalled)),
+                *("--silent", str(args.silent)),
+                *("--greedy-concurrency", str(args.greedy_concurrency)),
+            ]
+            child = subprocess.Popen(child_argv, stdout=subprocess.PIPE)
+            time.sleep(3)  # the abusers are up
+            run_block(url, seconds / 2, args.concurrency, pid, attacked)
+            fds_seen.append(open_fds(pid))
+            run_block(url, seconds / 2, args.concurrency, pid, attacked)
+            out, _ = child.communicate(timeout=60)
+            abusers.append(json.loads(out.decode().strip().splitlines()[-1]))
+        good_alone, good_attacked = summarise(alone), summarise(attacked)
         summary = {
             "phase_s": phase,
+            "blocks": blocks,
             "good_concurrency": args.concurrency,
-            "good_alone": alone,
-            "good_with_abusers": attacked,
-            "p50_ratio": round(attacked["latency_p50_s"] / alone["latency_p50_s"], 3),
-            "p95_ratio": round(attacked["latency_p95_s"] / alone["latency_p95_s"], 3),
-            "abusers": json.loads(out.decode().strip().splitlines()[-1]),
+            "good_alone": good_alone,
+            "good_with_abusers": good_attacked,
+            "p50_ratio": round(good_attacked["latency_p50_s"] / good_alone["latency_p50_s"], 3),
+            "p95_ratio": round(good_attacked["latency_p95_s"] / good_alone["latency_p95_s"], 3),
+            "abusers": _merge(abusers),
             "gateway_rejections": rejections(gateway.url),
-            "gateway_fds_under_attack": fds,
-            "gateway_sockets_under_attack": sockets,
+            "gateway_fds_under_attack_max": max(f for f, _ in fds_seen),
+            "gateway_sockets_under_attack_max": max(s for _, s in fds_seen),
         }
         text = json.dumps(summary, indent=2)
         print(text)
         if args.out:
             args.out.write_text(text + "\n")
-        good_ok = set(attacked["statuses"]) == {"200"}
+        good_ok = set(good_attacked["statuses"]) == {"200"}
         return 0 if good_ok else 1
     finally:
         gateway.stop()
