@@ -352,6 +352,16 @@ def test_service_monitor_only_when_asked_and_it_scrapes_the_gateway() -> None:
     assert endpoint["path"] == "/metrics"
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert monitor["metadata"]["labels"]["r"] == "p"
+    # The router's own metrics too, on its metrics port (with the project's vLLM behind it).
+    router_monitor = component(objs, "ServiceMonitor", "router")
+    router_service = component(objs, "Service", "router")
+    assert selects(
+        router_monitor["spec"]["selector"]["matchLabels"], router_service["metadata"]["labels"]
+    )
+    [router_endpoint] = router_monitor["spec"]["endpoints"]
+    ports = {p["name"]: p["port"] for p in router_service["spec"]["ports"]}
+    assert ports[router_endpoint["port"]] == router_service["spec"]["ports"][1]["port"]
+    assert router_endpoint["port"] == "metrics" and router_monitor["metadata"]["labels"]["r"] == "p"
 
 
 def test_api_key_digests_come_from_a_secret() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tts_server.accounting import Account
-from tts_server.affinity import Affinity
+from tts_server.affinity import Affinity, Pins
 from tts_server.errors import DeadlineExceeded, FlopsUnknown, PromptTooLong, UpstreamDown
 from tts_server.flops import Flops, FlopsCounter, find_policy_shape, find_prm_shape
 from tts_server.prefixes import PrefixScores
@@ -32,6 +33,7 @@ from tts_server.types import (
     Progress,
     SearchConfig,
     StrategyResult,
+    TextPrompt,
 )
 
 logger = logging.getLogger("tts_server.engine")
@@ -89,6 +91,13 @@ class Watch:
         return seen
 
 
+def _canonical_prompt(prompt: ChatPrompt | TextPrompt) -> str:
+    """One text per distinct prompt (what a prompt-derived pin is a digest of)."""
+    if isinstance(prompt, ChatPrompt):
+        return json.dumps(prompt.messages, sort_keys=True, ensure_ascii=False)
+    return prompt.text
+
+
 class TTSEngine:
     def __init__(
         self,
@@ -108,15 +117,20 @@ class TTSEngine:
         self.profile = profile
         self._counter: FlopsCounter | None = None
         self._table = table
+        self.pins = Pins(settings.affinity_scope, settings.affinity_key, settings.affinity_secret)
         if table is not None:
             logger.info("router table %s: auto serves %s", table.source, table.summary())
 
-    def new_affinity(self) -> Affinity | None:
-        """A new request's pin, None when no affinity header is configured. Its caller releases
-        what it issued once the request is over (api/routes.py)."""
+    def new_affinity(self, job: Job) -> Affinity | None:
+        """A new request's pin, None when no affinity header is configured. Its caller hands it
+        back to `end_affinity` once the request is over, however it ended (api/routes.py)."""
         if not self.settings.affinity_header:
             return None
-        return Affinity.new(self.settings.affinity_scope)
+        return self.pins.acquire(_canonical_prompt(job.prompt))
+
+    def end_affinity(self, affinity: Affinity) -> list[str]:
+        """The keys to release at the router now that `affinity`'s request is over."""
+        return self.pins.release(affinity)
 
     async def prepare(
         self, job: Job, affinity: Affinity | None = None

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tts_server.affinity import AffinityScope
+from tts_server.affinity import AffinityKey, AffinityScope
 from tts_server.types import Aggregation, SelectionRule, StrategyName
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     # "request": all of a request's calls on one replica (most prefix-cache hits); "subtree":
     # each DVTS subtree on its own replica (spreads one request's load; others stay per request).
     affinity_scope: AffinityScope = "request"
+    # "random": a request's own id; "prompt": a keyed digest of its prompt, so requests that ask
+    # the same question share a pin (and a replica's prefix cache), released after the last.
+    affinity_key: AffinityKey = "random"
+    # The digest's secret for "prompt"; empty: a random one per process (set one shared secret
+    # when several gateway replicas should send the same question to the same replica).
+    affinity_secret: str = Field(default="", repr=False)
     # Released when a request ends, `POST URL?session_id=KEY` (vllm-router's /finish_session);
     # unset: no release (the router expires sessions itself).
     affinity_release_url: str | None = None

@@ -129,6 +129,39 @@ async def test_requests_get_distinct_keys_even_for_the_same_prompt(tmp_path: Pat
         assert {r for _, _, r in setup.router.routed} == {0, 1}
 
 
+async def test_prompt_keys_send_the_same_question_to_one_replica_and_release_after_the_last(
+    tmp_path: Path,
+) -> None:
+    async with behind_router(tmp_path, affinity_key="prompt", delay_s=0.05) as setup:
+        same = [ask(setup, "beam_search") for _ in range(3)]
+        other = ask(setup, "beam_search", messages=[{"role": "user", "content": "Ann: 2 + 2?"}])
+        answers = await asyncio.gather(*same, other)
+        assert [a.status_code for a in answers] == [200] * 4
+        keys = set(keys_of(setup.router))
+        assert len(keys) == 2  # one pin per question, not per request
+        replicas_of = {k: {r for _, key, r in setup.router.routed if key == k} for k in keys}
+        assert all(len(r) == 1 for r in replicas_of.values()), replicas_of
+        # Each key released once, when the last request holding it ended.
+        assert sorted(setup.router.finished) == sorted(keys)
+        assert all("apples" not in k and "Ann" not in k for k in keys)
+
+
+async def test_the_pins_gauge_counts_the_pins_held_in_flight(tmp_path: Path) -> None:
+    def pins() -> float | None:
+        return metrics.REGISTRY.get_sample_value("tts_affinity_pins")
+
+    async with behind_router(tmp_path, affinity_key="prompt", delay_s=0.2) as setup:
+        tasks = [asyncio.ensure_future(ask(setup, "best_of_n")) for _ in range(2)]
+        other = asyncio.ensure_future(
+            ask(setup, "best_of_n", messages=[{"role": "user", "content": "Ann: 2 + 2?"}])
+        )
+        while len({k for p, k, _ in setup.router.routed if p == "/v1/completions"}) < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        assert pins() == 2  # three requests, two questions
+        await asyncio.gather(*tasks, other)
+        assert pins() == 0
+
+
 async def test_subtree_scope_gives_each_dvts_subtree_its_own_key(tmp_path: Path) -> None:
     async with behind_router(tmp_path, affinity_scope="subtree") as setup:
         response = await ask(setup, "dvts", budget=8)  # 4 subtrees of width 2

@@ -1,5 +1,6 @@
-"""A real Prometheus scraping the real stack (gateway, PRM worker, vLLM): every dashboard panel's
-PromQL and every alert rule is evaluated through Prometheus' HTTP API.
+"""A real Prometheus scraping the real stack (gateway, PRM worker, vLLM, and a real vllm-router in
+front of that vLLM): every dashboard panel's PromQL and every alert rule is evaluated through
+Prometheus' HTTP API.
 
 Prometheus comes from Debian's package (`make prometheus`, part of `make test`).
 """
@@ -23,6 +24,8 @@ import yaml
 
 from tests.conftest import Stack
 from tests.support.servers import ServerProcess, free_port
+from tts_server.launch.replicas import plan_replicas
+from tts_server.settings import Settings
 from tts_server.tools.dashboards import every_query, substitute
 
 # promtool needs no server, but it comes with the Prometheus package that only `make test`
@@ -54,6 +57,12 @@ def test_promtool_accepts_the_shipped_config_and_rules() -> None:
 
 
 @dataclass
+class Router:
+    url: str
+    metrics_url: str
+
+
+@dataclass
 class Prometheus:
     url: str
 
@@ -75,8 +84,9 @@ class Prometheus:
         return seen
 
 
-def scrape_config(stack: Stack, rules: Path) -> dict[str, Any]:
-    """deploy/prometheus/prometheus.yml with the test's targets and a 1 s interval."""
+def scrape_config(stack: Stack, router_metrics: str, rules: Path) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml with the test's targets and a 1 s interval. The stack's
+    one vLLM stands behind the router (there are no other replicas to scrape)."""
     config: dict[str, Any] = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(rules)]
@@ -84,7 +94,10 @@ def scrape_config(stack: Stack, rules: Path) -> dict[str, Any]:
         "tts-gateway": stack.gateway_url,
         "tts-prm-worker": stack.prm_url,
         "vllm": stack.policy_url,
+        "vllm-router": router_metrics,
     }
+    assert {job["job_name"] for job in config["scrape_configs"]} == {*targets, "vllm-replicas"}
+    config["scrape_configs"] = [j for j in config["scrape_configs"] if j["job_name"] in targets]
     for job in config["scrape_configs"]:
         address = targets[job["job_name"]].removeprefix("http://")
         job["static_configs"] = [{"targets": [address]}]
@@ -92,11 +105,33 @@ def scrape_config(stack: Stack, rules: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+def router(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+    """A real vllm-router (`make install-router`) in front of the stack's vLLM, as
+    `tts-server up --replicas K` starts it (with one replica)."""
+    folder = tmp_path_factory.mktemp("router")
+    port, metrics_port = free_port(), free_port()
+    plan = plan_replicas(
+        Settings(policy_port=port, policy_replicas=1, router_prometheus_port=metrics_port)
+    )
+    argv = list(plan.router_argv)
+    argv[argv.index("--worker-urls") + 1] = stack.policy_url
+    server = ServerProcess("vllm-router", argv, port, folder).start()
+    try:
+        server.wait_healthy(60)
+        yield Router(server.url, f"http://127.0.0.1:{metrics_port}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    stack: Stack, router: Router, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
     binary = _binary("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     config = folder / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config(stack, DEPLOY / "prometheus/alerts.yml")))
+    alerts = DEPLOY / "prometheus/alerts.yml"
+    config.write_text(yaml.safe_dump(scrape_config(stack, router.metrics_url, alerts)))
     port = free_port()
     argv = [
         binary,
@@ -110,9 +145,9 @@ def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         server.wait_healthy(60, path="/-/ready")
         prom = Prometheus(server.url)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and prom.value("count(up == 1)") < 3:
+        while time.monotonic() < deadline and prom.value("count(up == 1)") < 4:
             time.sleep(0.5)
-        assert prom.value("count(up == 1)") == 3, prom.query("up")
+        assert prom.value("count(up == 1)") == 4, prom.query("up")
         yield prom
     finally:
         server.stop()
@@ -133,8 +168,16 @@ def send(stack: Stack, strategy: str, content: str = CANARY) -> httpx.Response:
     )
 
 
+def through_router(stack: Stack, router: Router) -> None:
+    """A short generation through the router, pinned like the gateway's calls."""
+    body = {"model": stack.model, "prompt": CANARY, "max_tokens": 4, "temperature": 0}
+    headers = {"x-session-id": "prom-test-session"}
+    response = httpx.post(f"{router.url}/v1/completions", json=body, headers=headers, timeout=120)
+    assert response.status_code == 200, response.text
+
+
 @pytest.fixture(scope="module")
-def traffic(stack: Stack, prometheus: Prometheus) -> float:
+def traffic(stack: Stack, router: Router, prometheus: Prometheus) -> float:
     """Every strategy (plus a client error), twice; returns the FLOPs the clients were told.
 
     Twice, because a labelled series is born with its first observation already counted, so
@@ -149,6 +192,7 @@ def traffic(stack: Stack, prometheus: Prometheus) -> float:
             assert response.status_code == 200, response.text
             told += response.json()["tts"]["flops"]["total"]
         assert send(stack, "no-such-strategy").status_code == 400
+        through_router(stack, router)
         seen = prometheus.wait_for(flops_sum, before + told)
         assert seen == pytest.approx(before + told, rel=1e-9)
     time.sleep(3)  # a few more scrapes, so that rate() over the window has two points after it
@@ -217,9 +261,9 @@ def test_every_alert_rule_parses_and_is_evaluated_healthy(
 
 @integration
 def test_no_prompt_or_key_in_any_scraped_metric(
-    stack: Stack, prometheus: Prometheus, traffic: float
+    stack: Stack, router: Router, prometheus: Prometheus, traffic: float
 ) -> None:
-    for url in (stack.gateway_url, stack.prm_url):
+    for url in (stack.gateway_url, stack.prm_url, router.metrics_url):
         text = httpx.get(f"{url}/metrics", timeout=10).text
         assert "prom-canary" not in text and "sk-prom-canary-key" not in text
     # Nor in any label value Prometheus stored.

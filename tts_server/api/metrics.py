@@ -142,6 +142,12 @@ QUOTA_REMAINING = Gauge(
     registry=REGISTRY,
     multiprocess_mode="min",
 )
+AFFINITY_PINS = Gauge(
+    "tts_affinity_pins",
+    "Affinity pins held by requests in flight: each a session at the router until released.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 ROUTED = Counter(
     "tts_router_decisions",
     "What the router chose for `auto` requests, by difficulty bin.",
@@ -171,6 +177,10 @@ def observe_answer(outcome: Outcome, endpoint: str, model: str) -> None:
         CONFIDENCE.labels(strategy).observe(result.votes.get(result.answer, 0.0) / votes)
     if decision is not None:
         ROUTED.labels(decision.strategy, difficulty).inc()
+
+
+def observe_pins(held: int) -> None:
+    AFFINITY_PINS.set(held)
 
 
 def observe_release(ok: bool) -> None:

@@ -46,8 +46,12 @@ class Gateway:
 
     def release(self, affinity: Affinity | None) -> None:
         """Once a request is over, however it ended: in the background, never raising."""
-        if affinity is not None and self.sessions is not None:
-            self.sessions.release(affinity.issued_keys())
+        if affinity is None:
+            return
+        keys = self.engine.end_affinity(affinity)
+        metrics.observe_pins(self.engine.pins.held)
+        if self.sessions is not None:
+            self.sessions.release(keys)
 
 
 def _gateway(request: Request) -> Gateway:
@@ -113,7 +117,8 @@ async def _answer(
     left = spending.flops_left if spending is not None else None
     if left is not None and (job.max_flops is None or job.max_flops > left):
         job = dataclasses.replace(job, max_flops=left)  # the key's FLOPs budget is the ceiling
-    affinity = engine.new_affinity()
+    affinity = engine.new_affinity(job)
+    metrics.observe_pins(engine.pins.held)
     streaming = False  # a stream releases the pin itself, when it ends
     try:
         try:

@@ -8,40 +8,19 @@ the same PromQL. `$__rate_interval` is Grafana's; the report and the tests subst
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-RATE = "$__rate_interval"
-FLOPS_UNIT = "si:FLOPs"  # Grafana custom unit: SI prefixes, "FLOPs" suffix
-LATENCY = "tts_request_duration_seconds"
+from tts_server.tools.panels import (
+    FLOPS_UNIT,
+    RATE,
+    Dashboard,
+    Panel,
+    Query,
+    substitute,
+    to_grafana,
+)
 
-
-@dataclass(frozen=True)
-class Query:
-    expr: str
-    legend: str = ""
-
-
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    description: str
-    unit: str
-    queries: tuple[Query, ...]
-    kind: str = "timeseries"  # or "heatmap"
-    in_report: bool = False  # drawn by `tts-server report`
-    width: int = 12
-
-
-@dataclass(frozen=True)
-class Dashboard:
-    uid: str
-    title: str
-    description: str
-    panels: tuple[Panel, ...]
-    tags: tuple[str, ...] = ("tts-server",)
-    links: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+__all__ = ["DASHBOARDS", "Panel", "every_query", "substitute", "to_grafana", "write_all"]
 
 
 def _mean(metric: str, by: str) -> str:
@@ -53,6 +32,44 @@ def _mean(metric: str, by: str) -> str:
 
 def _quantile(q: float, metric: str, by: str) -> str:
     return f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket[{RATE}])))"
+
+
+# vllm-router's own metrics (its --prometheus-port; job `vllm-router`) and the gateway's pins.
+# vllm-router 0.1.17 exports no session count per worker, and the gateway cannot see which
+# replica the router chose: sessions are shown as the pins the gateway holds, in total.
+ROUTER_PANELS = (
+    Panel(
+        "Router: requests per replica",
+        "Requests vllm-router sent to each replica per second (its own count, by worker URL).",
+        "reqps",
+        (
+            Query(
+                f"sum by (worker) (rate(vllm_router_processed_requests_total[{RATE}]))",
+                "{{worker}}",
+            ),
+        ),
+    ),
+    Panel(
+        "Router: circuit breaker and health per replica",
+        "Circuit-breaker state per replica (0 closed: serving; 1 open: skipped) and the "
+        "router's health check (1 healthy).",
+        "short",
+        (
+            Query("max by (worker) (vllm_router_cb_state)", "breaker {{worker}}"),
+            Query("min by (worker) (vllm_router_worker_health)", "healthy {{worker}}"),
+        ),
+    ),
+    Panel(
+        "Affinity sessions held",
+        "Pins held by the gateway's requests in flight (each a router session until released) "
+        "and the replicas the router counts as active.",
+        "short",
+        (
+            Query("sum(tts_affinity_pins)", "pins held"),
+            Query("max(vllm_router_active_workers)", "active replicas"),
+        ),
+    ),
+)
 
 
 GATEWAY = Dashboard(
@@ -246,6 +263,7 @@ GATEWAY = Dashboard(
             "short",
             (Query("sum by (instance) (vllm:num_requests_running)", "{{instance}}"),),
         ),
+        *ROUTER_PANELS,
         # Slow and greedy clients (README "Reliability and security").
         Panel(
             "Rejections by reason",
@@ -364,69 +382,6 @@ DASHBOARDS = (GATEWAY, PRM_WORKER)
 def every_query() -> list[tuple[str, str, str]]:
     """(dashboard uid, panel title, PromQL) for every target of every panel."""
     return [(d.uid, p.title, q.expr) for d in DASHBOARDS for p in d.panels for q in p.queries]
-
-
-def substitute(expr: str, window: str) -> str:
-    """A panel's PromQL with Grafana's variables replaced, for Prometheus itself."""
-    return expr.replace(RATE, window)
-
-
-def to_grafana(dashboard: Dashboard) -> dict[str, Any]:
-    panels: list[dict[str, Any]] = []
-    x = y = 0
-    for number, panel in enumerate(dashboard.panels, start=1):
-        if x + panel.width > 24:
-            x, y = 0, y + 8
-        targets = [
-            {
-                "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                "expr": q.expr,
-                "legendFormat": q.legend,
-                "refId": chr(ord("A") + i),
-                **({"format": "heatmap"} if panel.kind == "heatmap" else {}),
-            }
-            for i, q in enumerate(panel.queries)
-        ]
-        panels.append(
-            {
-                "id": number,
-                "type": panel.kind,
-                "title": panel.title,
-                "description": panel.description,
-                "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
-                "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
-                "options": {},
-                "targets": targets,
-            }
-        )
-        x += panel.width
-    return {
-        "uid": dashboard.uid,
-        "title": dashboard.title,
-        "description": dashboard.description,
-        "tags": list(dashboard.tags),
-        "links": list(dashboard.links),
-        "editable": True,
-        "schemaVersion": 39,
-        "version": 1,
-        "refresh": "30s",
-        "time": {"from": "now-1h", "to": "now"},
-        "timezone": "",
-        "templating": {
-            "list": [
-                {
-                    "name": "datasource",
-                    "label": "Prometheus",
-                    "type": "datasource",
-                    "query": "prometheus",
-                    "current": {},
-                    "hide": 0,
-                }
-            ]
-        },
-        "panels": panels,
-    }
 
 
 def write_all(folder: Path) -> list[Path]:
