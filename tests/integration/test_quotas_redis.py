@@ -184,3 +184,62 @@ async def test_redis_stopped_mid_test_fails_open_or_closed_logged_once(
         again = await post(gateway)
     assert again.status_code == 200
     assert again.headers["x-ratelimit-remaining-requests"] == "2"  # a fresh Redis: 1 counted
+
+
+def test_a_two_worker_gateway_process_shares_the_budget_and_cuts_slow_bodies(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """`tts-server gateway --workers 2` over Redis: one budget for both worker processes (each
+    request on a fresh connection, which either worker may accept), and the slow-client protocol is
+    in the workers too."""
+    import json
+    import socket
+
+    from tests.support.faults import ThreadServer
+    from tests.support.gateway import MODEL
+    from tests.support.servers import ServerProcess, cli, free_port
+    from tts_server.prm_worker import create_app as create_prm_app
+    from tts_server.prm_worker.backends.arith import ArithBackend
+
+    profile = tmp_path / "plain-chat.json"
+    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
+    vllm = ThreadServer(FakeVLLM(script=script, model=MODEL).app())
+    prm = ThreadServer(create_prm_app(ArithBackend()))
+    with vllm, prm:
+        port = free_port()
+        env = {
+            "TTS_POLICY_MODEL": MODEL,
+            "TTS_PROMPT_PROFILES": json.dumps({MODEL: str(profile)}),
+            "TTS_API_KEY_HASHES": hash_key(KEY),
+            "TTS_REDIS_URL": redis_server.url,
+            "TTS_QUOTA_REQUESTS_PER_MINUTE": "6",
+            "TTS_BODY_TIMEOUT_S": "1",
+            "TTS_LOG_LEVEL": "warning",
+        }
+        argv = cli("gateway", "--port", str(port), "--policy-url", vllm.url, "--prm-url", prm.url)
+        gateway = ServerProcess("gateway", [*argv, "--workers", "2"], port, tmp_path).start(env)
+        try:
+            gateway.wait_healthy(90, path="/health/ready")
+            # The process's clock is its own: keep the ten requests inside one minute.
+            if time.time() % 60 > 50:
+                time.sleep(61 - time.time() % 60)
+            codes = []
+            for _ in range(10):
+                with httpx.Client(base_url=gateway.url, timeout=30) as client:  # a new connection
+                    r = client.post(
+                        "/v1/chat/completions",
+                        json=chat("greedy", 1),
+                        headers={"Authorization": f"Bearer {KEY}"},
+                    )
+                    codes.append(r.status_code)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            head = f"Authorization: Bearer {KEY}\r\nContent-Length: 500\r\n\r\n{{"
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + head.encode())
+            started = time.monotonic()
+            answer = sock.recv(4096)
+            waited = time.monotonic() - started
+            sock.close()
+        finally:
+            gateway.stop()
+    assert codes == [200] * 6 + [429] * 4
+    assert answer.startswith(b"HTTP/1.1 408") and waited < 3
