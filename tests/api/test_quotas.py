@@ -212,3 +212,15 @@ def test_keys_file_limits_read_as_numbers(tmp_path: Path) -> None:
     path = tmp_path / "keys.toml"
     path.write_text(f'[[keys]]\nhash = "{hash_key(KEY)}"\nflops_per_day = 1e17\n')
     assert load_keys_file(path) == {hash_key(KEY): {"flops_day": 10**17}}
+
+
+async def test_a_streams_headers_carry_the_budget_left_when_it_starts(tmp_path: Path) -> None:
+    fake = FakeVLLM(script=script, model="fake-model")
+    settings = {"api_key_hashes": hash_key(KEY), "quota_requests_per_minute": 2}
+    async with gateway_with(fake, EquationPRM(), tmp_path, **settings) as client:
+        streamed = await client.post(
+            "/v1/chat/completions", json=chat("greedy", 1, stream=True), headers=auth()
+        )
+        whole = await post(client)
+    assert streamed.status_code == 200 and "[DONE]" in streamed.text
+    assert remaining(streamed, "requests") == 1 and remaining(whole, "requests") == 0
