@@ -248,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-model", help="prepare the embedded SmolLM2 folder once")
     prep.set_defaults(func=cmd_prepare_model)
 
-    hk = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for TTS_API_KEY_HASHES")
+    hk = sub.add_parser(
+        "hash-key",
+        help="print the SHA-256 of an API key, for TTS_API_KEY_HASHES or TTS_API_KEYS_FILE",
+    )
     hk.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
     hk.set_defaults(func=cmd_hash_key)
 
