@@ -19,7 +19,7 @@ export TTS_CACHE_DIR := $(CACHE)
 export TTS_VLLM_PYTHON := $(VLLM_VENV)/bin/python
 export TTS_ROUTER_BIN := $(ROUTER_VENV)/bin/vllm-router
 
-.PHONY: install install-gateway install-vllm install-router build-vllm model prometheus run test test-heavy test-unit lint format k8s clean
+.PHONY: install install-gateway install-vllm install-router build-vllm model prometheus redis run test test-heavy test-unit lint format k8s clean
 
 install: install-gateway install-vllm install-router model
 
@@ -74,6 +74,14 @@ prometheus:
 			$(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	fi
 
+# The quota tests run a real Redis from Debian's package (started on a free port by the tests).
+redis:
+	@if command -v redis-server >/dev/null; then :; else \
+		echo "==> Redis (Debian package)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$(SUDO) apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
+	fi
+
 run: install
 	$(BIN)/tts-server up
 
@@ -86,7 +94,7 @@ lint: install-gateway
 test-unit: install-gateway
 	$(BIN)/python -m pytest -m "not integration" -q
 
-test: install prometheus lint
+test: install prometheus redis lint
 	$(BIN)/python -m pytest -q -rs -m "not heavy"
 
 # Multi-server runs (a whole `tts-server up` with a vLLM-served PRM): minutes each.

@@ -115,7 +115,13 @@ def prm_url(log_dir: Path) -> Iterator[str]:
 def stack(policy_url: str, prm_url: str, log_dir: Path) -> Iterator[Stack]:
     port = free_port()
     argv = cli("gateway", "--port", str(port), "--policy-url", policy_url, "--prm-url", prm_url)
-    server = ServerProcess("gateway", argv, port, log_dir).start()
+    # Quotas too generous to refuse anything: every request runs through the quota path (and
+    # the dashboards' remaining-budget panel has data).
+    quotas = {
+        "TTS_QUOTA_REQUESTS_PER_MINUTE": "1000000",
+        "TTS_QUOTA_TOKENS_PER_MINUTE": "1000000000",
+    }
+    server = ServerProcess("gateway", argv, port, log_dir).start(quotas)
     try:
         server.wait_healthy(60)
         yield Stack(policy_url=policy_url, prm_url=prm_url, gateway_url=server.url)

@@ -14,7 +14,7 @@ strategy's affinity labels into the request's keys on every call it passes on.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from tts_server.affinity import Affinity
@@ -50,6 +50,9 @@ class Account:
     step_scores: PrefixScores | None = None
     # The request's pin (None: its calls carry no affinity key).
     affinity: Affinity | None = None
+    # Told each call's cost as it returns: (policy tokens, FLOPs), e.g. a key's quota
+    # (api/quotas.py). FLOPs are 0 while the models' sizes are unknown.
+    on_spend: Callable[[int, int], None] | None = None
 
     @property
     def remaining(self) -> int | None:
@@ -102,8 +105,14 @@ class AccountedPolicy:
             usage.add(call)
             account.policy_usage.add(call)
             account.generation_s += time.perf_counter() - started
+            counted = account.ceiling is not None or account.on_spend is not None
+            flops = (
+                account.counter.policy_flops(call)[0] if counted and account.counter.policy else 0
+            )
             if account.ceiling is not None:
-                account.spent += account.counter.policy_flops(call)[0]
+                account.spent += flops
+            if account.on_spend is not None:
+                account.on_spend(call.prompt_tokens + call.completion_tokens, flops)
 
     def _fitting_max_tokens(self, lengths: list[int], wanted: int, n: int, budget: int) -> int:
         """The largest token limit <= wanted whose worst case fits `budget` (0 if none)."""
@@ -210,8 +219,12 @@ class AccountedPRM:
             return await self.inner.score(question, solutions, call, context=context, affinity=key)
         finally:
             account.prm_scoring_s += time.perf_counter() - started
+            counted = account.ceiling is not None or account.on_spend is not None
+            flops = account.counter.prm_flops(call) if counted and account.counter.prm else 0
             if account.ceiling is not None:
-                account.spent += account.counter.prm_flops(call)
+                account.spent += flops
+            if account.on_spend is not None and flops:
+                account.on_spend(0, flops)
 
 
 def _no_room() -> Generation:

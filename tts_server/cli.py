@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tts_server.api.keys_file import KeysFileError
 from tts_server.prompting import ProfileError
 from tts_server.router import RouterTableError
 from tts_server.settings import Settings
@@ -247,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-model", help="prepare the embedded SmolLM2 folder once")
     prep.set_defaults(func=cmd_prepare_model)
 
-    hk = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for TTS_API_KEY_HASHES")
+    hk = sub.add_parser(
+        "hash-key",
+        help="print the SHA-256 of an API key, for TTS_API_KEY_HASHES or TTS_API_KEYS_FILE",
+    )
     hk.add_argument("key", nargs="?", default=None, help="the key (default: read from stdin)")
     hk.set_defaults(func=cmd_hash_key)
 
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in settings_problems(exc):
             print(f"error: invalid setting {line}", file=sys.stderr)
         return 2
-    except (ProfileError, RouterTableError) as exc:  # found when the gateway is built, at start
+    except (ProfileError, RouterTableError, KeysFileError) as exc:  # found at start
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return result

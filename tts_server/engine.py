@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -183,10 +184,12 @@ class TTSEngine:
         rendered: RenderedPrompt,
         watch: Watch | None = None,
         affinity: Affinity | None = None,
+        on_spend: Callable[[int, int], None] | None = None,
     ) -> Outcome:
         """Run a prepared job; past its deadline, answer with the best finished candidate
         (partial) or raise DeadlineExceeded. `watch`, when given, sees the live counters;
-        `affinity`, the request's pin, goes on every upstream call."""
+        `affinity`, the request's pin, goes on every upstream call; `on_spend` is told each
+        call's tokens and FLOPs as it returns."""
         counter = await self.flops_counter()
         strategy = REGISTRY[job.strategy]
         progress = Progress()
@@ -194,7 +197,9 @@ class TTSEngine:
         if job.strategy == "auto":
             config = dataclasses.replace(config, router=await self.router_table())
         steps = PrefixScores() if self.settings.prm_step_cache else None
-        account = Account(counter, job.max_flops, step_scores=steps, affinity=affinity)
+        account = Account(
+            counter, job.max_flops, step_scores=steps, affinity=affinity, on_spend=on_spend
+        )
         policy, prm = account.wrap(self.policy, self.prm)
         if watch is not None:
             watch.progress, watch.account = progress, account

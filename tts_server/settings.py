@@ -33,6 +33,21 @@ class Settings(BaseSettings):
     # SHA-256 hex digests of accepted API keys, comma-separated (`tts-server hash-key KEY`);
     # empty: no authentication.
     api_key_hashes: str = ""
+    # A TOML file of keys with their own quotas ([[keys]] hash = "..." plus any of
+    # requests_per_minute, tokens_per_minute, flops_per_minute, flops_per_day); its keys are
+    # accepted besides api_key_hashes.
+    api_keys_file: Path | None = None
+    # Quotas for every key (a keys file entry overrides each it names); unset: no limit. Without
+    # API keys they hold for all clients together. Counted per worker process unless redis_url.
+    quota_requests_per_minute: int | None = Field(default=None, ge=0)
+    quota_tokens_per_minute: int | None = Field(default=None, ge=0)
+    quota_flops_per_minute: float | None = Field(default=None, ge=0)  # 1e15 reads as it says
+    quota_flops_per_day: float | None = Field(default=None, ge=0)
+    # Quota counters shared by all workers and replicas (redis://host:port/db).
+    redis_url: str | None = None
+    redis_timeout_s: float = Field(default=0.25, gt=0)
+    # Redis down: admit uncounted (true) or refuse with 503 (false).
+    quota_fail_open: bool = True
     # /metrics needs a key too (when keys are set).
     metrics_require_key: bool = False
     max_body_bytes: int = 1_048_576
@@ -40,6 +55,14 @@ class Settings(BaseSettings):
     max_messages: int = 64
     max_stop_strings: int = 4
     max_stop_length: int = 128
+    # Slow clients (tts_server/api/connections.py): a request's head must arrive within
+    # head_timeout_s, its body within body_timeout_s of the head (else 408, connection closed);
+    # an idle kept-alive connection is closed after keep_alive_timeout_s; past max_connections
+    # open connections per worker process (0: no cap) a new one gets a 503 and is closed.
+    head_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=2048, ge=0)
     max_in_flight: int = 16
     max_queue: int = 64
     queue_timeout_s: float = 30.0
@@ -193,6 +216,16 @@ class Settings(BaseSettings):
     @property
     def key_hashes(self) -> list[str]:
         return [h.strip() for h in self.api_key_hashes.split(",") if h.strip()]
+
+    @property
+    def quota_defaults(self) -> dict[str, int]:
+        values = {
+            "requests": self.quota_requests_per_minute,
+            "tokens": self.quota_tokens_per_minute,
+            "flops_minute": self.quota_flops_per_minute,
+            "flops_day": self.quota_flops_per_day,
+        }
+        return {kind: int(value) for kind, value in values.items() if value is not None}
 
     def profile_for(self, model: str) -> str:
         return self.prompt_profiles.get(model, self.default_prompt_profile)

@@ -11,6 +11,9 @@ from fastapi import FastAPI
 from tts_server.api import metrics
 from tts_server.api.errors import install_error_handlers
 from tts_server.api.guard import Guard
+from tts_server.api.keys_file import load_keys_file
+from tts_server.api.quota_store import QuotaStore, RedisStore
+from tts_server.api.quotas import Quotas
 from tts_server.api.reliability import Admission, KeyChecker, Readiness
 from tts_server.api.routes import Gateway, router
 from tts_server.clients import HTTPPRMClient, RetryPolicy, SessionRelease, VLLMPolicyClient
@@ -64,6 +67,12 @@ def create_app(
             timeout_s=settings.affinity_release_timeout_s,
             on_outcome=metrics.observe_release,
         )
+    per_key = load_keys_file(settings.api_keys_file) if settings.api_keys_file else {}
+    quotas_keys = list(per_key)
+    store: QuotaStore | None = None
+    if settings.redis_url:
+        store = RedisStore(settings.redis_url, settings.redis_timeout_s)
+    quotas = Quotas(settings.quota_defaults, per_key, store, fail_open=settings.quota_fail_open)
     readiness = Readiness(policy.health, prm.health, interval_s=settings.probe_interval_s)
     admission = Admission(settings.max_in_flight, settings.max_queue, settings.queue_timeout_s)
     engine = TTSEngine(settings, policy, prm, readiness, profile, table)
@@ -80,17 +89,20 @@ def create_app(
                 await client.aclose()
             if release is not None:
                 await release.aclose()
+            await quotas.aclose()
 
     app = FastAPI(title="tts-server", version="0.1.0", lifespan=lifespan)
     app.state.gateway = Gateway(settings, engine, readiness, admission, sessions)
+    app.state.quotas = quotas
     install_error_handlers(app)
     app.add_middleware(
         Guard,
-        keys=KeyChecker(settings.key_hashes),
+        keys=KeyChecker([*settings.key_hashes, *quotas_keys]),
         admission=admission,
         readiness=readiness,
         max_body_bytes=settings.max_body_bytes,
         metrics_require_key=settings.metrics_require_key,
+        quotas=quotas,
     )
     app.include_router(router)
     return app

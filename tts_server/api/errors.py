@@ -50,8 +50,10 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type_: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers or {}
         self.status = status
         self.message = message
         self.param = param
@@ -100,7 +102,9 @@ def error_body(error: APIError) -> ErrorResponse:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error).model_dump(), status_code=error.status)
+    return JSONResponse(
+        error_body(error).model_dump(), status_code=error.status, headers=error.headers or None
+    )
 
 
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:

@@ -1,5 +1,6 @@
 """The gateway's front door, as plain ASGI (no BaseHTTPMiddleware: it must not get in the way of
-cancellation): draining, API keys, the body byte cap, admission control, and the request metrics.
+cancellation): draining, API keys, the body byte cap, per-key quotas, admission control, and the
+request metrics. (Slow clients are cut earlier, in the HTTP protocol: api/connections.py.)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from tts_server.api import metrics
 from tts_server.api.errors import APIError, error_body
 from tts_server.api.protocol import HEADER_STRATEGY
+from tts_server.api.quotas import ANONYMOUS, QuotaRefused, Quotas, Spending, key_label
 from tts_server.api.reliability import Admission, KeyChecker, Readiness, Rejected
 from tts_server.types import STRATEGY_NAMES
 
@@ -24,6 +26,8 @@ COUNTED = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 ADMITTED = ("/v1/completions", "/v1/chat/completions")
 STRATEGY_LABELS: frozenset[str] = frozenset(STRATEGY_NAMES)
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
+# Where the guard leaves an admitted request's Spending for the routes (api/routes.py).
+SPENDING = "tts.spending"
 
 
 async def send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
@@ -45,8 +49,10 @@ class Guard:
         readiness: Readiness,
         max_body_bytes: int,
         metrics_require_key: bool,
+        quotas: Quotas | None = None,
     ) -> None:
         self.app = app
+        self.quotas = quotas if quotas is not None and quotas.enabled else None
         self.keys = keys
         self.admission = admission
         self.readiness = readiness
@@ -60,7 +66,8 @@ class Guard:
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         protected = path.startswith("/v1/") or (path == "/metrics" and self.metrics_require_key)
-        if protected and not self.keys.allows(headers.get("authorization")):
+        identity = self.keys.identify(headers.get("authorization")) if protected else ""
+        if identity is None:
             await send_error(
                 send,
                 APIError(
@@ -91,7 +98,8 @@ class Guard:
         metrics.IN_FLIGHT.inc()
         try:
             if path in ADMITTED:
-                await self._admitted(scope, receive, tracking_send, headers)
+                key = key_label(identity) if identity else ANONYMOUS
+                await self._admitted(scope, receive, tracking_send, headers, key)
             else:
                 await self.app(scope, receive, tracking_send)
         finally:
@@ -99,7 +107,7 @@ class Guard:
             self._count(path, headers, code, echoed)
 
     async def _admitted(
-        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], key: str
     ) -> None:
         if self.readiness.draining:
             await send_error(
@@ -128,6 +136,21 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if self.quotas is not None:
+            # Counted once the body is in, before an admission slot is taken.
+            try:
+                spending = await self.quotas.admit(key)
+            except QuotaRefused as exc:
+                code = "rate_limit_exceeded" if exc.status == 429 else "quota_store_unavailable"
+                await send_error(
+                    send,
+                    APIError(exc.status, exc.message, code=code),
+                    {"Retry-After": str(exc.retry_after_s), **exc.headers},
+                )
+                return
+            if spending is not None:
+                scope[SPENDING] = spending
+                send = _with_budget(send, spending)
         replayed = False
 
         async def replay() -> Message:
@@ -162,3 +185,17 @@ class Guard:
         if path == "/v1/models":
             strategy = "none"  # no strategy involved
         metrics.REQUESTS.labels(path, strategy, metrics.status_class(status)).inc()
+
+
+def _with_budget(send: Send, spending: Spending) -> Send:
+    """`send` that adds the key's remaining budget to the response's headers, once the charges
+    sent so far have been counted."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            await spending.flush()
+            extra = [(k.encode(), v.encode()) for k, v in spending.headers().items()]
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return sending

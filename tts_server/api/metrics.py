@@ -111,6 +111,37 @@ AFFINITY_RELEASES = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+REJECTIONS = Counter(
+    "tts_rejections",
+    "Requests and connections refused before they ran, by reason: a quota "
+    "(quota_requests, quota_tokens, quota_flops_minute, quota_flops_day), the quota store "
+    "down with fail-closed (quota_store), a slow client (head_deadline, body_deadline: 408 and "
+    "closed), the per-worker connection cap (connection_cap: 503).",
+    ["reason"],
+    registry=REGISTRY,
+)
+# Every reason exists from the start at 0, so that rate() sees the first rejection.
+REJECTION_REASONS = (
+    "quota_requests",
+    "quota_tokens",
+    "quota_flops_minute",
+    "quota_flops_day",
+    "quota_store",
+    "head_deadline",
+    "body_deadline",
+    "connection_cap",
+)
+for _reason in REJECTION_REASONS:
+    REJECTIONS.labels(_reason)
+QUOTA_REMAINING = Gauge(
+    "tts_quota_remaining",
+    "What an API key has left in its current window, by key (a prefix of the key's SHA-256, "
+    "never the key) and kind (requests, tokens per minute, flops_minute, flops_day). With "
+    "several workers and no Redis each worker counts apart: the lowest is shown.",
+    ["key", "kind"],
+    registry=REGISTRY,
+    multiprocess_mode="min",
+)
 AFFINITY_PINS = Gauge(
     "tts_affinity_pins",
     "Affinity pins held by requests in flight: each a session at the router until released.",

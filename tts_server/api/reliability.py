@@ -35,16 +35,20 @@ class KeyChecker:
         return bool(self._hashes)
 
     def allows(self, authorization: str | None) -> bool:
+        return self.identify(authorization) is not None
+
+    def identify(self, authorization: str | None) -> str | None:
+        """The matched key's SHA-256 hex digest ("" when no keys are set), None when refused."""
         if not self._hashes:
-            return True
+            return ""
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            return False
+            return None
         digest = hashlib.sha256(key.strip().encode()).digest()
         matched = False
         for stored in self._hashes:  # every hash compared: the time does not tell which matched
             matched |= hmac.compare_digest(digest, stored)
-        return matched
+        return digest.hex() if matched else None
 
 
 # --- admission control ---

@@ -5,6 +5,7 @@ handlers in `errors`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
@@ -13,10 +14,12 @@ from fastapi.responses import JSONResponse
 
 from tts_server.affinity import Affinity
 from tts_server.api import metrics
-from tts_server.api.errors import ENGINE_ERRORS, ClientGone, from_engine
+from tts_server.api.errors import ENGINE_ERRORS, APIError, ClientGone, from_engine
+from tts_server.api.guard import SPENDING
 from tts_server.api.options import resolve_job
 from tts_server.api.protocol import ChatCompletionRequest, CompletionRequest
 from tts_server.api.protocol_responses import ModelCard, ModelList
+from tts_server.api.quotas import Spending
 from tts_server.api.reliability import Admission, Readiness
 from tts_server.api.responses import ENDPOINTS, Kind, completion, response_headers
 from tts_server.api.streaming import stream_response
@@ -109,6 +112,11 @@ async def _answer(
     job = resolve_job(
         body, request.headers, gateway.settings, profile_temperature=engine.profile.temperature
     )
+    spending: Spending | None = request.scope.get(SPENDING)
+    on_spend = spending.spend if spending is not None else None
+    left = spending.flops_left if spending is not None else None
+    if left is not None and (job.max_flops is None or job.max_flops > left):
+        job = dataclasses.replace(job, max_flops=left)  # the key's FLOPs budget is the ceiling
     affinity = engine.new_affinity(job)
     metrics.observe_pins(engine.pins.held)
     streaming = False  # a stream releases the pin itself, when it ends
@@ -117,12 +125,24 @@ async def _answer(
             job, rendered = await engine.prepare(job, affinity)
         except ENGINE_ERRORS as exc:
             raise from_engine(exc, prompt_param=ENDPOINTS[kind].prompt_param) from exc
+        if spending is not None and left is not None:
+            counter = await engine.flops_counter()  # known: prepare checked the ceiling
+            # Its first call at the least: the prompt and one token for each of its samples.
+            least = counter.worst_case_generate([len(rendered.prompt_ids)], 1, samples=job.budget)
+            refused = spending.refuse_flops(least)
+            if refused is not None:
+                raise APIError(
+                    429,
+                    refused.message,
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(refused.retry_after_s)},
+                )
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             response = stream_response(
                 request,
                 job,
-                lambda watch: engine.run(job, rendered, watch, affinity),
+                lambda watch: engine.run(job, rendered, watch, affinity, on_spend),
                 kind=kind,
                 model=model,
                 include_usage=include_usage,
@@ -132,7 +152,9 @@ async def _answer(
             )
             streaming = True
             return response
-        outcome = await _until_disconnect(request, engine.run(job, rendered, None, affinity))
+        outcome = await _until_disconnect(
+            request, engine.run(job, rendered, None, affinity, on_spend)
+        )
     finally:
         if not streaming:
             gateway.release(affinity)

@@ -13,10 +13,12 @@ import os
 import tempfile
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
+from tts_server.api.connections import ConnectionLimits, protocol_factory, raise_fd_limit
 from tts_server.api.reliability import Admission, Readiness
 from tts_server.settings import Settings
 
@@ -53,16 +55,37 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
-    config = uvicorn.Config(
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn options for slow clients: the guarded h11 protocol (head and body deadlines,
+    the connection cap) and the idle keep-alive timeout."""
+    limits = ConnectionLimits(
+        head_timeout_s=settings.head_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections,
+    )
+    return {
+        "http": protocol_factory(limits),
+        # Typed int in uvicorn, but used as a float delay (call_later).
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+    }
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, **options: Any) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         # Access logs carry no prompt text, but keep them off by default like vLLM's flag.
         access_log=False,
-        timeout_graceful_shutdown=5,
+        **{**connection_options(settings), **options},
     )
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    if settings.max_connections:
+        raise_fd_limit(settings.max_connections)
+    config = uvicorn_config(app, settings, timeout_graceful_shutdown=5)
     DrainingServer(config, app, settings.drain_timeout_s).run()
 
 
@@ -76,6 +99,8 @@ def serve_workers(settings: Settings) -> None:
     for name, value in settings.model_dump(mode="json", exclude_unset=True).items():
         os.environ[f"TTS_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     logger.info("gateway: %d workers, metrics in %s", settings.workers, folder)
+    if settings.max_connections:
+        raise_fd_limit(settings.max_connections)  # inherited by the workers
     uvicorn.run(
         "tts_server.api.app:create_app",
         factory=True,
@@ -85,4 +110,5 @@ def serve_workers(settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        **connection_options(settings),
     )

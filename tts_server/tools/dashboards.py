@@ -264,6 +264,25 @@ GATEWAY = Dashboard(
             (Query("sum by (instance) (vllm:num_requests_running)", "{{instance}}"),),
         ),
         *ROUTER_PANELS,
+        # Slow and greedy clients (README "Reliability and security").
+        Panel(
+            "Rejections by reason",
+            "Requests and connections refused before they ran: over a key's quota "
+            "(quota_requests, quota_tokens, quota_flops_minute, quota_flops_day; 429), the quota "
+            "store down and failing closed (quota_store; 503), a head or body not received in "
+            "time (head_deadline, body_deadline; 408 and closed), past the per-worker connection "
+            "cap (connection_cap; 503).",
+            "reqps",
+            (Query(f"sum by (reason) (rate(tts_rejections_total[{RATE}]))", "{{reason}}"),),
+        ),
+        Panel(
+            "Quota remaining per key",
+            "What each API key has left in its current window, by kind (requests, tokens per "
+            "minute, flops_minute, flops_day); keys are named by a prefix of their SHA-256. "
+            "Without Redis each worker counts apart: the lowest is shown.",
+            "short",
+            (Query("min by (key, kind) (tts_quota_remaining)", "{{key}} {{kind}}"),),
+        ),
     ),
 )
 
