@@ -38,7 +38,7 @@ def test_a_full_disk_is_logged_once_and_writing_resumes_when_it_can(
     full = True
 
     def opener(path: Path) -> IO[bytes]:
-        return open("/dev/full", "wb") if full else path.open("xb")  # noqa: SIM115
+        return open("/dev/full", "wb") if full else path.open("xb")
 
     fates: list[TraceOutcome] = []
     caplog.set_level(logging.INFO, logger="tts_server.traces")
