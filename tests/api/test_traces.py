@@ -18,6 +18,7 @@ import pytest
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.gateway import MODEL, EquationPRM, chat, events, script
 from tests.support.trl_rows import check_preference, check_sft, check_stepwise
+from tts_server.api import metrics
 from tts_server.api.app import create_app
 from tts_server.api.reliability import hash_key
 from tts_server.clients import VLLMPolicyClient
@@ -64,6 +65,11 @@ def _asking(body: dict[str, Any]) -> dict[str, Any]:
     options = body["tts"]
     assert isinstance(options, dict)
     return {**body, "tts": {**options, "trace_export": True}}
+
+
+def _trace_count(outcome: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("tts_trace_records_total", {"outcome": outcome})
+    return value or 0.0
 
 
 def _records(folder: Path) -> list[dict[str, Any]]:
@@ -230,6 +236,7 @@ async def test_an_unwritable_trace_folder_never_fails_a_request_and_is_logged_on
     blocker.write_text("not a folder")
     folder = blocker / "traces"  # mkdir fails: Not a directory (root ignores permissions)
     caplog.set_level(logging.WARNING, logger="tts_server.traces")
+    failed_before = _trace_count("failed")
     async with traced(tmp_path, trace_dir=folder, trace_mode="all", trace_prompts=True) as (
         client,
         sink,
@@ -240,6 +247,7 @@ async def test_an_unwritable_trace_folder_never_fails_a_request_and_is_logged_on
         ]
         sink.flush()
     assert [a.status_code for a in answers] == [200, 200, 200]
+    assert _trace_count("failed") - failed_before == 3
     warnings = [r for r in caplog.records if r.name == "tts_server.traces"]
     assert len(warnings) == 1
     assert "cannot write" in warnings[0].getMessage()
