@@ -83,6 +83,21 @@ class Settings(BaseSettings):
     # Prompts and completions in logs (debug level); off unless asked.
     log_prompts: bool = False
 
+    # --- trace export (README "Search traces for distillation"; tts_server/traces.py) ---
+    # A folder for JSON-lines trace files, one record per answered request; unset: no traces.
+    trace_dir: Path | None = None
+    # "opt_in": only requests that ask (`tts.trace_export: true` or X-TTS-Trace-Export: true);
+    # "all": every answered request; "off": none, and a request that asks is refused (400).
+    trace_mode: Literal["off", "opt_in", "all"] = "opt_in"
+    # The client's messages or prompt, and the question, in each record (export needs them);
+    # off: records hold no prompt text.
+    trace_prompts: bool = False
+    # A file is closed and a new one started once it is this large.
+    trace_max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Records waiting for the writer thread; past it, records are dropped (counted), never
+    # waited on.
+    trace_queue_size: int = Field(default=1000, ge=1)
+
     # --- upstreams ---
     policy_url: str = "http://127.0.0.1:8100"
     # The model name served by vLLM; also what /v1/models lists and clients must name.

@@ -163,6 +163,8 @@ class Job:
     deadline_s: float | None = None
     # Why the job is not run as asked (the PRM is down: majority vote instead).
     degraded: str | None = None
+    # Write the search trace once answered (tts_server/traces.py).
+    trace: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ the routes. No request logic here."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +22,7 @@ from tts_server.engine import TTSEngine
 from tts_server.prompting import load_profile
 from tts_server.router import load_table
 from tts_server.settings import Settings
+from tts_server.traces import TraceSink
 from tts_server.types import PolicyService, PRMService
 
 
@@ -76,6 +78,14 @@ def create_app(
     readiness = Readiness(policy.health, prm.health, interval_s=settings.probe_interval_s)
     admission = Admission(settings.max_in_flight, settings.max_queue, settings.queue_timeout_s)
     engine = TTSEngine(settings, policy, prm, readiness, profile, table)
+    traces = None
+    if settings.trace_dir is not None and settings.trace_mode != "off":
+        traces = TraceSink(
+            settings.trace_dir,
+            max_file_bytes=settings.trace_max_file_bytes,
+            queue_size=settings.trace_queue_size,
+            on_outcome=metrics.observe_trace,
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -90,9 +100,11 @@ def create_app(
             if release is not None:
                 await release.aclose()
             await quotas.aclose()
+            if traces is not None:  # what is queued is written (bounded), off the event loop
+                await asyncio.to_thread(traces.close)
 
     app = FastAPI(title="tts-server", version="0.1.0", lifespan=lifespan)
-    app.state.gateway = Gateway(settings, engine, readiness, admission, sessions)
+    app.state.gateway = Gateway(settings, engine, readiness, admission, sessions, traces)
     app.state.quotas = quotas
     install_error_handlers(app)
     app.add_middleware(

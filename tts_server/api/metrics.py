@@ -148,6 +148,13 @@ AFFINITY_PINS = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
+TRACE_RECORDS = Counter(
+    "tts_trace_records",
+    "Search-trace records by fate: written, dropped (the writer was behind) or failed (the "
+    "trace folder could not be written).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 ROUTED = Counter(
     "tts_router_decisions",
     "What the router chose for `auto` requests, by difficulty bin.",
@@ -185,6 +192,10 @@ def observe_pins(held: int) -> None:
 
 def observe_release(ok: bool) -> None:
     AFFINITY_RELEASES.labels("ok" if ok else "failed").inc()
+
+
+def observe_trace(outcome: str) -> None:
+    TRACE_RECORDS.labels(outcome).inc()
 
 
 def status_class(status: int) -> str:

@@ -22,6 +22,7 @@ from tts_server.api.protocol import (
     CompletionRequest,
     TTSOptions,
 )
+from tts_server.api.tracing import trace_wanted
 from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.types import STRATEGY_NAMES, ChatPrompt, Job, StrategyName, TextPrompt
@@ -245,6 +246,7 @@ def resolve_job(
         n=n,
         max_flops=_max_flops(headers, opts),
         deadline_s=_deadline(headers, opts, settings.request_timeout_s),
+        trace=trace_wanted(headers, opts, settings),
     )
 
 

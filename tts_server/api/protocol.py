@@ -18,6 +18,8 @@ HEADER_BUDGET = "X-TTS-Budget"
 HEADER_BEAM_WIDTH = "X-TTS-Beam-Width"
 HEADER_MAX_FLOPS = "X-TTS-Max-FLOPs"
 HEADER_DEADLINE = "X-TTS-Deadline-S"
+# "true": write this request's search trace (when the server allows it: TTS_TRACE_MODE).
+HEADER_TRACE = "X-TTS-Trace-Export"
 # Response headers: what the router decided.
 HEADER_DIFFICULTY = "X-TTS-Difficulty"
 HEADER_ROUTED = "X-TTS-Routed-Strategy"
@@ -35,6 +37,8 @@ class TTSOptions(BaseModel):
     selection: SelectionRule | None = None
     max_flops: int | None = Field(default=None, ge=1)
     deadline_s: float | None = Field(default=None, gt=0)
+    # Write this request's search trace (tts_server/traces.py), where the server allows it.
+    trace_export: bool | None = None
 
 
 class StreamOptions(BaseModel):

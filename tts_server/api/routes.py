@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
@@ -25,7 +26,11 @@ from tts_server.api.responses import ENDPOINTS, Kind, completion, response_heade
 from tts_server.api.streaming import stream_response
 from tts_server.clients import SessionRelease
 from tts_server.engine import Outcome, TTSEngine
+from tts_server.prompting import RenderedPrompt
 from tts_server.settings import Settings
+from tts_server.traces import TraceSink, trace_record
+
+logger = logging.getLogger("tts_server.gateway")
 
 # How often a running request checks that its client is still there.
 DISCONNECT_POLL_S = 0.2
@@ -43,6 +48,29 @@ class Gateway:
     admission: Admission  # the guard's; the draining server (api/serve.py) reads it
     # Releases a finished request's affinity keys at the router (None: not configured).
     sessions: SessionRelease | None = None
+    # Writes search traces (None: TTS_TRACE_DIR unset).
+    traces: TraceSink | None = None
+
+    def trace(
+        self, outcome: Outcome, rendered: RenderedPrompt, kind: Kind, request_id: str
+    ) -> None:
+        """Queue an answered request's trace when it asked for one (or the server traces all);
+        never raising: a trace is never worth a failed answer."""
+        if self.traces is None or not outcome.job.trace:
+            return
+        try:
+            record = trace_record(
+                outcome,
+                rendered,
+                request_id=request_id,
+                endpoint=ENDPOINTS[kind].path,
+                model=self.settings.policy_model,
+                include_prompt=self.settings.trace_prompts,
+            )
+        except Exception as exc:  # the type only: a message could hold prompt text
+            logger.error("trace export: cannot build a record (%s)", type(exc).__name__)
+            return
+        self.traces.submit(record)
 
     def release(self, affinity: Affinity | None) -> None:
         """Once a request is over, however it ended: in the background, never raising."""
@@ -149,6 +177,7 @@ async def _answer(
                 interval_s=gateway.settings.stream_progress_interval_s,
                 poll_s=DISCONNECT_POLL_S,
                 on_end=lambda: gateway.release(affinity),
+                on_answer=lambda outcome, rid: gateway.trace(outcome, rendered, kind, rid),
             )
             streaming = True
             return response
@@ -160,6 +189,7 @@ async def _answer(
             gateway.release(affinity)
     metrics.observe_answer(outcome, ENDPOINTS[kind].path, model)
     answer = completion(outcome, kind, model).model_dump()
+    gateway.trace(outcome, rendered, kind, answer["id"])
     return JSONResponse(answer, headers=response_headers(job, outcome))
 
 

@@ -124,6 +124,7 @@ async def _events(
     interval_s: float,
     poll_s: float,
     on_end: Callable[[], None] | None = None,
+    on_answer: Callable[[Outcome, str], None] | None = None,
 ) -> AsyncIterator[bytes]:
     watch = Watch()
     task = asyncio.ensure_future(run(watch))
@@ -155,6 +156,8 @@ async def _events(
             yield _event(error_body(APIError(500, "internal server error", type_="server_error")))
             yield DONE
             return
+        if on_answer is not None:  # answered: whatever happens to the stream from here
+            on_answer(outcome, chunks.id)
         yield chunks.answer(outcome)
         yield chunks.finish(outcome)
         if chunks.include_usage:
@@ -180,13 +183,15 @@ def stream_response(
     interval_s: float,
     poll_s: float,
     on_end: Callable[[], None] | None = None,
+    on_answer: Callable[[Outcome, str], None] | None = None,
 ) -> StreamingResponse:
     """The response for a prepared `job`: its headers say what will run (known before it runs).
-    `on_end` is called once the stream is over, however it ended."""
+    `on_end` is called once the stream is over, however it ended; `on_answer` with the outcome
+    and the response id once the search has answered."""
     chunks = Chunks(kind, model, include_usage)
     headers = {**response_headers(job), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(
-        _events(request, run, chunks, interval_s, poll_s, on_end),
+        _events(request, run, chunks, interval_s, poll_s, on_end, on_answer),
         media_type="text/event-stream",
         headers=headers,
     )

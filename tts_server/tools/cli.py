@@ -1,5 +1,5 @@
 """The offline tools' subcommands of `tts-server`: eval, calibrate, plot, report, dashboards,
-diagnose.
+export, diagnose.
 
 The gateway builds the same parser at every start, so registering these imports none of the tools:
 a command imports its module when it runs, and that module imports matplotlib or tqdm (the tools
@@ -55,6 +55,36 @@ def _diagnose(args: argparse.Namespace) -> int:
     from tts_server.tools.erank import main_erank
 
     return main_erank(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tts_server.tools.export import main_export
+
+    return main_export(args)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "traces", nargs="+", type=Path, help="trace files or folders (TTS_TRACE_DIR)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("reports/export"), help="output folder")
+    parser.add_argument(
+        "--formats", default="sft,preference,steps", help="comma-separated: sft, preference, steps"
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.0,
+        help="keep answers whose share of the vote is at least this (0..1)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="packaged name or .jsonl path: keep only its questions, answered right",
+    )
+    parser.add_argument(
+        "--step-threshold", type=float, default=0.5, help="a step's PRM score at or above: good"
+    )
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +217,11 @@ TOOLS = {
     ),
     "dashboards": Tool(
         "write the Grafana dashboards as JSON", add_dashboards_arguments, _dashboards
+    ),
+    "export": Tool(
+        "search traces (TTS_TRACE_DIR) into SFT, preference and step-reward sets for TRL",
+        add_export_arguments,
+        _export,
     ),
     "diagnose": Tool(
         "check a policy model before serving it: `diagnose erank`, eRank per layer",
