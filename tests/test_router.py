@@ -145,4 +145,4 @@ def test_adaptive_routes_round_trip_and_bad_rules_are_named(tmp_path: Path) -> N
         with pytest.raises(RouterTableError, match="hard"):
             parse_table(bad)
     with pytest.raises(RouterTableError, match="fixed_strategy"):
-        parse_table({**table.to_json(), "fixed_strategy": "adaptive"})
+        parse_table({**table.to_json(), "fixed_strategy": "pilot"})

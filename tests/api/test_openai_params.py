@@ -75,8 +75,6 @@ REFUSED: list[tuple[str, str, object]] = [
             ("logit_bias", {"42": -100}),
         ]
     ),
-    ("chat", "logprobs", True),
-    ("chat", "top_logprobs", 3),
     ("chat", "tools", [{"type": "function", "function": {"name": "add"}}]),
     ("chat", "tool_choice", "required"),
     ("chat", "tool_choice", {"type": "function", "function": {"name": "add"}}),
@@ -95,7 +93,6 @@ REFUSED: list[tuple[str, str, object]] = [
     ("chat", "store", True),
     ("chat", "prompt_cache_retention", "24h"),
     ("chat", "prompt_cache_options", {"mode": "explicit"}),
-    ("text", "logprobs", 0),  # in completions, 0 asks for the chosen tokens' logprobs
     ("text", "echo", True),
     ("text", "suffix", " and that is all."),
     ("text", "best_of", 4),

@@ -97,8 +97,9 @@ CHAT: dict[str, Rule] = {
     "metadata": METADATA,
     "safety_identifier": METADATA,
     "prompt_cache_key": METADATA,
-    "logprobs": _not_yet("logprobs", False),
-    "top_logprobs": _not_yet("top_logprobs", 0),
+    # The selected candidate's tokens with their logprobs (`_logprobs`).
+    "logprobs": HONOURED,
+    "top_logprobs": HONOURED,
     "tools": _refused(_TOOLS.format("tools"), []),
     # Without tools, "none" and "auto" (OpenAI's defaults without and with tools) ask for nothing.
     "tool_choice": _refused(_TOOLS.format("tool_choice"), "none", "auto"),
@@ -141,7 +142,7 @@ TEXT: dict[str, Rule] = {
     **_BOTH,
     "prompt": HONOURED,
     # In completions, logprobs: 0 asks for the chosen tokens' logprobs: only null asks for none.
-    "logprobs": _not_yet("logprobs"),
+    "logprobs": HONOURED,
     "echo": _not_yet("echo", False),
     "suffix": _refused("'suffix' is not supported: the model only continues the prompt", ""),
     "best_of": _refused(
@@ -150,6 +151,9 @@ TEXT: dict[str, Rule] = {
         1,
     ),
 }
+
+# Top logprobs per token a client may ask for: vLLM's own limit (its --max-logprobs default).
+MAX_TOP_LOGPROBS = 20
 
 # One rule for every field of each endpoint's request model (and of `stream_options`).
 PARAMETERS: dict[Kind, dict[str, Rule]] = {"chat": CHAT, "text": TEXT}
@@ -216,7 +220,25 @@ def resolve_job(
         seed=body.seed,
         max_flops=_max_flops(headers, opts),
         deadline_s=_deadline(headers, opts, settings.request_timeout_s),
+        logprobs=_logprobs(body),
     )
+
+
+def _logprobs(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Top logprobs per token the client wants with the answer (0: the tokens' own only), None
+    for none. Chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: k`."""
+    if isinstance(body, ChatCompletionRequest):
+        top, param = body.top_logprobs, "top_logprobs"
+        if top is not None and top > 0 and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param=param)
+        wanted = (top or 0) if body.logprobs else None
+    else:
+        wanted, param = body.logprobs, "logprobs"
+    if wanted is not None and not 0 <= wanted <= MAX_TOP_LOGPROBS:
+        raise APIError(
+            400, f"{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {wanted}", param=param
+        )
+    return wanted
 
 
 def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:

@@ -11,10 +11,12 @@ a text goes into its choice: picking the class is the one thing that depends on 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
+from tts_server.confidence import TokenLogprob
 from tts_server.types import Aggregation, FinishReason, SelectionRule, StrategyName
 
 
@@ -94,6 +96,18 @@ class RouteReport(_Wire):
     early_exit: bool
 
 
+class ConfidenceReport(_Wire):
+    """A candidate's DeepConf confidences (tts_server/confidence.py); `cancelled`: closed while
+    it generated (deepconf), so it did not vote."""
+
+    mean: float
+    lowest_group: float
+    tail: float
+    bottom_10: float
+    tokens: int
+    cancelled: bool
+
+
 class TTSReport(_Wire):
     """The `tts` object of a whole response and of a stream's finishing chunk."""
 
@@ -130,6 +144,72 @@ class TTSProgress(_Wire):
     progress: dict[str, int | str | None]
 
 
+# --- logprobs: the selected candidate's tokens, as vLLM and OpenAI return them ---
+
+
+def _utf8(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+class TopLogprob(_Wire):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(_Wire):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Wire):
+    content: list[ChatTokenLogprob]
+
+    @classmethod
+    def of(cls, tokens: Sequence[TokenLogprob], top: int) -> ChatLogprobs:
+        """The tokens with their `top` most likely alternatives each."""
+        return cls(
+            content=[
+                ChatTokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=_utf8(t.token),
+                    top_logprobs=[
+                        TopLogprob(token=alt, logprob=lp, bytes=_utf8(alt))
+                        for alt, lp in t.top[:top]
+                    ],
+                )
+                for t in tokens
+            ]
+        )
+
+
+class TextLogprobs(_Wire):
+    """The legacy completions shape: parallel lists; `top_logprobs` maps each position's most
+    likely tokens to their logprobs (the token itself included, as vLLM does)."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float]] | None
+
+    @classmethod
+    def of(cls, tokens: Sequence[TokenLogprob], top: int, offset: int = 0) -> TextLogprobs:
+        offsets: list[int] = []
+        at = offset
+        for t in tokens:
+            offsets.append(at)
+            at += len(t.token)
+        return cls(
+            text_offset=offsets,
+            token_logprobs=[t.logprob for t in tokens],
+            tokens=[t.token for t in tokens],
+            top_logprobs=[{**dict(t.top[:top]), t.token: t.logprob} for t in tokens],
+        )
+
+
 # --- whole responses ---
 
 
@@ -141,14 +221,14 @@ class AssistantMessage(_Wire):
 class ChatChoice(_Wire):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
 class TextChoice(_Wire):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -165,7 +245,14 @@ class Completion(_Wire):
 
     @classmethod
     @abstractmethod
-    def choice(cls, text: str, finish_reason: FinishReason) -> BaseModel: ...
+    def choice(
+        cls, text: str, finish_reason: FinishReason, logprobs: Logprobs | None = None
+    ) -> BaseModel:
+        """`logprobs`: the answer's tokens and how many alternatives each (None: not asked)."""
+
+
+# The tokens of an answer and the alternatives per token the client asked for.
+Logprobs = tuple[Sequence[TokenLogprob], int]
 
 
 class ChatCompletion(Completion):
@@ -173,8 +260,14 @@ class ChatCompletion(Completion):
     choices: list[ChatChoice]
 
     @classmethod
-    def choice(cls, text: str, finish_reason: FinishReason) -> ChatChoice:
-        return ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+    def choice(
+        cls, text: str, finish_reason: FinishReason, logprobs: Logprobs | None = None
+    ) -> ChatChoice:
+        return ChatChoice(
+            message=AssistantMessage(content=text),
+            logprobs=None if logprobs is None else ChatLogprobs.of(*logprobs),
+            finish_reason=finish_reason,
+        )
 
 
 class TextCompletion(Completion):
@@ -182,8 +275,14 @@ class TextCompletion(Completion):
     choices: list[TextChoice]
 
     @classmethod
-    def choice(cls, text: str, finish_reason: FinishReason) -> TextChoice:
-        return TextChoice(text=text, finish_reason=finish_reason)
+    def choice(
+        cls, text: str, finish_reason: FinishReason, logprobs: Logprobs | None = None
+    ) -> TextChoice:
+        return TextChoice(
+            text=text,
+            logprobs=None if logprobs is None else TextLogprobs.of(*logprobs),
+            finish_reason=finish_reason,
+        )
 
 
 # --- stream chunks ---
@@ -199,14 +298,14 @@ class Delta(_Sparse):
 class ChatChunkChoice(_Wire):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
 class TextChunkChoice(_Wire):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -229,8 +328,14 @@ class CompletionChunk(_Sparse):
 
     @classmethod
     @abstractmethod
-    def choice(cls, text: str | None, finish_reason: FinishReason | None = None) -> BaseModel:
-        """A choice with `text` (None: nothing new, as in a progress or finishing chunk)."""
+    def choice(
+        cls,
+        text: str | None,
+        finish_reason: FinishReason | None = None,
+        logprobs: Logprobs | None = None,
+    ) -> BaseModel:
+        """A choice with `text` (None: nothing new, as in a progress or finishing chunk), and
+        with its tokens' logprobs when asked."""
 
     @classmethod
     def opening(cls) -> BaseModel | None:
@@ -243,9 +348,18 @@ class ChatCompletionChunk(CompletionChunk):
     choices: list[ChatChunkChoice]
 
     @classmethod
-    def choice(cls, text: str | None, finish_reason: FinishReason | None = None) -> ChatChunkChoice:
+    def choice(
+        cls,
+        text: str | None,
+        finish_reason: FinishReason | None = None,
+        logprobs: Logprobs | None = None,
+    ) -> ChatChunkChoice:
         delta = Delta() if text is None else Delta(content=text)
-        return ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+        return ChatChunkChoice(
+            delta=delta,
+            logprobs=None if logprobs is None else ChatLogprobs.of(*logprobs),
+            finish_reason=finish_reason,
+        )
 
     @classmethod
     def opening(cls) -> ChatChunkChoice:
@@ -258,8 +372,17 @@ class TextCompletionChunk(CompletionChunk):
     choices: list[TextChunkChoice]
 
     @classmethod
-    def choice(cls, text: str | None, finish_reason: FinishReason | None = None) -> TextChunkChoice:
-        return TextChunkChoice(text=text or "", finish_reason=finish_reason)
+    def choice(
+        cls,
+        text: str | None,
+        finish_reason: FinishReason | None = None,
+        logprobs: Logprobs | None = None,
+    ) -> TextChunkChoice:
+        return TextChunkChoice(
+            text=text or "",
+            logprobs=None if logprobs is None else TextLogprobs.of(*logprobs),
+            finish_reason=finish_reason,
+        )
 
 
 # --- /v1/models ---

@@ -13,8 +13,10 @@ from tts_server.api.protocol_responses import (
     ChatCompletionChunk,
     Completion,
     CompletionChunk,
+    ConfidenceReport,
     DifficultyReport,
     FlopsReport,
+    Logprobs,
     PolicyTokens,
     PRMReport,
     PromptTokensDetails,
@@ -25,7 +27,7 @@ from tts_server.api.protocol_responses import (
     Usage,
 )
 from tts_server.engine import Outcome
-from tts_server.types import FinishReason, Job
+from tts_server.types import Candidate, FinishReason, Job
 
 # The endpoint a response answers: chat (a message) or completions (a text).
 Kind = Literal["chat", "text"]
@@ -88,6 +90,31 @@ def usage_of(outcome: Outcome) -> Usage:
     )
 
 
+def answer_logprobs(outcome: Outcome) -> Logprobs | None:
+    """The selected candidate's tokens and the alternatives per token the client asked for, or
+    None when it asked for none. A search's candidate has its steps' tokens in order: each step
+    continued the exact token ids before it, so each token's logprob is the one a single pass
+    would give there."""
+    wanted = outcome.job.logprobs
+    if wanted is None:
+        return None
+    return outcome.result.best.logprobs or [], wanted
+
+
+def confidences(candidates: list[Candidate]) -> list[ConfidenceReport | None] | None:
+    """Each candidate's confidences; None when no candidate was sampled with logprobs."""
+    if all(c.confidence is None for c in candidates):
+        return None
+    return [
+        None
+        if c.confidence is None
+        else ConfidenceReport.model_validate(
+            {**c.confidence.as_dict(), "cancelled": c.finish_reason == "cancelled"}
+        )
+        for c in candidates
+    ]
+
+
 def tts_report(outcome: Outcome) -> TTSReport:
     """What the search did and what it cost: the `tts` object of a response."""
     result, job, decision = outcome.result, outcome.job, outcome.decision
@@ -138,7 +165,9 @@ def completion(outcome: Outcome, kind: Kind, model: str) -> Completion:
     choice."""
     endpoint = ENDPOINTS[kind]
     choice = endpoint.whole.choice(
-        endpoint.answer_text(outcome), finish_reason(outcome.result.best.finish_reason)
+        endpoint.answer_text(outcome),
+        finish_reason(outcome.result.best.finish_reason),
+        answer_logprobs(outcome),
     )
     return endpoint.whole(
         id=endpoint.new_id(),

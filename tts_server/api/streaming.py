@@ -28,6 +28,7 @@ from tts_server.api.protocol_responses import TTSProgress
 from tts_server.api.responses import (
     ENDPOINTS,
     Kind,
+    answer_logprobs,
     finish_reason,
     response_headers,
     tts_report,
@@ -77,7 +78,7 @@ class Chunks:
 
     def answer(self, outcome: Outcome) -> bytes:
         text = self.endpoint.answer_text(outcome)
-        return self._chunk([self.endpoint.chunk.choice(text)])
+        return self._chunk([self.endpoint.chunk.choice(text, None, answer_logprobs(outcome))])
 
     def finish(self, outcome: Outcome) -> bytes:
         reason = finish_reason(outcome.result.best.finish_reason)
