@@ -221,6 +221,7 @@ TTS = [
     "num_candidates",
     "candidates_answers",
     "candidate_scores",
+    "candidate_confidences",
     "iterations",
     "policy_tokens",
     "prm",

@@ -123,6 +123,8 @@ class TTSReport(_Wire):
     num_candidates: int
     candidates_answers: list[str | None]
     candidate_scores: list[float | None]
+    # Per candidate; None when the request sampled no logprobs (or for a candidate without).
+    candidate_confidences: list[ConfidenceReport | None] | None
     iterations: int
     policy_tokens: PolicyTokens
     prm: PRMReport

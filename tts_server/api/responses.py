@@ -133,6 +133,7 @@ def tts_report(outcome: Outcome) -> TTSReport:
         num_candidates=len(result.candidates),
         candidates_answers=[c.answer for c in result.candidates],
         candidate_scores=[c.score for c in result.candidates],
+        candidate_confidences=confidences(result.candidates),
         iterations=result.iterations,
         policy_tokens=PolicyTokens(
             prompt=usage.prompt_tokens,
