@@ -56,13 +56,11 @@ def group_confidences(confidences: Sequence[float], window: int) -> list[float]:
         return []
     if len(confidences) <= window:
         return [sum(confidences) / len(confidences)]
-    groups: list[float] = []
-    running = sum(confidences[:window])
-    groups.append(running / window)
-    for i in range(window, len(confidences)):
-        running += confidences[i] - confidences[i - window]
-        groups.append(running / window)
-    return groups
+    # Each window summed afresh (not a running sum): the online monitor then computes the very
+    # same float for the same window, and a trace as confident as the warm-up's is never cut.
+    return [
+        sum(confidences[end - window : end]) / window for end in range(window, len(confidences) + 1)
+    ]
 
 
 @dataclass(frozen=True)
@@ -116,22 +114,17 @@ class GroupMonitor:
 
     def __init__(self, *, k: int, window: int, threshold: float) -> None:
         self.k, self.window, self.threshold = k, window, threshold
-        self._recent: deque[float] = deque()
-        self._sum = 0.0
+        self._recent: deque[float] = deque(maxlen=window)
         self.lowest: float | None = None  # the lowest full-window group seen so far
 
     def add(self, token: TokenLogprob) -> bool:
         """Take one token; True when its window's confidence is below the threshold."""
         if not token.top:
             return False
-        c = token_confidence([lp for _, lp in token.top], self.k)
-        self._recent.append(c)
-        self._sum += c
-        if len(self._recent) > self.window:
-            self._sum -= self._recent.popleft()
+        self._recent.append(token_confidence([lp for _, lp in token.top], self.k))
         if len(self._recent) < self.window:
             return False
-        group = self._sum / self.window
+        group = sum(self._recent) / self.window
         self.lowest = group if self.lowest is None else min(self.lowest, group)
         return group < self.threshold
 
