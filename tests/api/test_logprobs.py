@@ -17,6 +17,7 @@ from tests.support.faults import ThreadServer
 from tests.support.gateway import MODEL, EquationPRM, chat, events, gateway_with, script
 from tts_server.api.app import create_app
 from tts_server.clients.policy import VLLMPolicyClient
+from tts_server.confidence import TokenLogprob
 from tts_server.settings import Settings
 from tts_server.types import PolicyUsage, SamplingConfig
 
@@ -142,8 +143,8 @@ async def test_the_policy_client_closes_a_stream_and_the_server_sees_it_end() ->
         usage = PolicyUsage()
         seen: list[str] = []
 
-        def watch(token: object) -> bool:
-            seen.append(getattr(token, "token"))
+        def watch(token: TokenLogprob) -> bool:
+            seen.append(token.token)
             return len(seen) == 5
 
         closed = await client.stream([1, 2, 3], sampling, usage, watch)
