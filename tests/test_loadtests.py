@@ -8,7 +8,9 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["loadtests.soak", "loadtests.smoke_load"])
+@pytest.mark.parametrize(
+    "name", ["loadtests.soak", "loadtests.smoke_load", "loadtests.logprobs_cost"]
+)
 def test_the_load_test_scripts_import(name: str) -> None:
     module = importlib.import_module(name)
     assert callable(module.main)
