@@ -59,7 +59,15 @@ def test_completions_logprobs_are_what_vllm_returns_for_the_same_tokens(stack: S
     assert confidence["tokens"] == n and confidence["mean"] > 0
 
 
-def test_chat_logprobs_with_the_openai_client(stack: Stack) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "budget", "width"),
+    [("majority", 2, 1), ("beam_search", 2, 2), ("adaptive", 4, 1), ("deepconf", 4, 1)],
+)
+def test_chat_logprobs_with_the_openai_client(
+    stack: Stack, strategy: str, budget: int, width: int
+) -> None:
+    """The selected answer's tokens spell its content, for a search too (its steps' tokens in
+    order), with 3 alternatives each, most likely first."""
     client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
     completion = client.chat.completions.create(
         model=MODEL,
@@ -67,7 +75,11 @@ def test_chat_logprobs_with_the_openai_client(stack: Stack) -> None:
         max_tokens=64,
         logprobs=True,
         top_logprobs=3,
-        extra_headers={"X-TTS-Strategy": "majority", "X-TTS-Budget": "2"},
+        extra_headers={
+            "X-TTS-Strategy": strategy,
+            "X-TTS-Budget": str(budget),
+            "X-TTS-Beam-Width": str(width),
+        },
     )
     choice = completion.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content
@@ -77,6 +89,9 @@ def test_chat_logprobs_with_the_openai_client(stack: Stack) -> None:
         assert token.logprob <= 0 and len(token.top_logprobs) == 3
         alternatives = [t.logprob for t in token.top_logprobs]
         assert alternatives == sorted(alternatives, reverse=True)
+    tts = (completion.model_extra or {})["tts"]
+    assert tts["strategy"] == strategy
+    assert all(c is not None for c in tts["candidate_confidences"])
 
 
 async def test_deepconf_closes_traces_on_vllm_and_counts_what_they_generated(
