@@ -3,7 +3,11 @@ online: streamed traces closed when their confidence drops), over fakes."""
 
 from __future__ import annotations
 
-from tests.support.fakes import FakePolicy, StreamRecord, encode
+import dataclasses
+
+from tests.support.fakes import FakePolicy, FakePRM, StreamRecord, encode, per_step
+from tts_server.accounting import Account
+from tts_server.flops import FlopsCounter, ModelShape
 from tts_server.strategies import REGISTRY
 from tts_server.types import (
     ConfidenceConfig,
@@ -96,3 +100,28 @@ async def test_deepconf_stops_streaming_once_consensus_is_reached() -> None:
     result = await REGISTRY["deepconf"].run(PROBLEM, loose, policy, None)
     assert [call.n for call in policy.calls] == [2, 1, 1, 1, 1]
     assert len(result.candidates) == 6 and result.answer == "5"
+
+
+async def test_a_request_account_counts_streams_seeds_them_apart_and_keeps_its_ceiling() -> None:
+    """Through the request's account (as the engine runs it): a seeded deepconf gives each
+    streamed trace its own seed after the warm-up's, the usage includes the closed trace's
+    tokens, and under a FLOPs ceiling a stream with no room left is not sent."""
+    policy = FakePolicy(
+        lambda prompt, sample: f"The answer is {5 if sample % 2 == 0 else 7}.",
+        top_logprobs=shaky_after_five,
+    )
+    account = Account(FlopsCounter(ModelShape(1000), ModelShape(0)))
+    accounted, _ = account.wrap(policy, FakePRM(per_step(lambda step: 0.5)))
+    seeded = dataclasses.replace(deepconf_config(), seed=40)
+    result = await REGISTRY["deepconf"].run(PROBLEM, seeded, accounted, None)
+    assert [call.sampling.seed for call in policy.calls] == [40, 44, 45, 46, 47]
+    assert account.policy_usage.completion_tokens == result.policy_usage.completion_tokens
+    assert account.policy_usage.completion_tokens == 7 * 16 + 6
+
+    # Room for the warm-up (4 x (15 prompt + 16) tokens x 2 x 1000) and nothing more.
+    tight = Account(FlopsCounter(ModelShape(1000), ModelShape(0)), ceiling=4 * 2000 * (15 + 16))
+    policy = FakePolicy(lambda prompt, sample: f"The answer is {5 if sample % 2 == 0 else 7}.")
+    accounted, _ = tight.wrap(policy, FakePRM(per_step(lambda step: 0.5)))
+    result = await REGISTRY["deepconf"].run(PROBLEM, deepconf_config(), accounted, None)
+    assert policy.streams == [] and tight.limited
+    assert tight.spent <= 4 * 2000 * (15 + 16)
