@@ -8,7 +8,10 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["loadtests.soak", "loadtests.smoke_load", "loadtests.abuse_soak"])
+@pytest.mark.parametrize(
+    "name",
+    ["loadtests.soak", "loadtests.smoke_load", "loadtests.abuse_soak", "loadtests.logprobs_cost"],
+)
 def test_the_load_test_scripts_import(name: str) -> None:
     module = importlib.import_module(name)
     assert callable(module.main)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tts_server.router import (
+    BINS,
     Route,
     RouterTable,
     RouterTableError,
@@ -145,4 +146,18 @@ def test_adaptive_routes_round_trip_and_bad_rules_are_named(tmp_path: Path) -> N
         with pytest.raises(RouterTableError, match="hard"):
             parse_table(bad)
     with pytest.raises(RouterTableError, match="fixed_strategy"):
-        parse_table({**table.to_json(), "fixed_strategy": "adaptive"})
+        parse_table({**table.to_json(), "fixed_strategy": "pilot"})
+
+
+def test_the_beta_rule_stops_once_the_leader_is_surely_ahead() -> None:
+    beta = Route("adaptive", stop_margin=None, give_up_after=None, beta_threshold=0.95)
+    assert not stops_sampling(["5", "5", "5"], beta)  # P = 15/16 = 0.9375
+    assert stops_sampling(["5", "5", "5", "5"], beta)  # 31/32 = 0.969
+    assert not stops_sampling(["5", "5", "5", "5", "7"], beta)  # 4 to 1: 57/64 = 0.89
+    assert not stops_sampling([None, None, None, None], beta)  # no answer leads
+    table = RouterTable(routes=dict.fromkeys(BINS, beta))
+    assert parse_table(table.to_json()) == table
+    with pytest.raises(RouterTableError, match="beta_threshold"):
+        bad = table.to_json()
+        bad["routes"]["easy"]["beta_threshold"] = 1.5
+        parse_table(bad)

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from tts_server.confidence import Confidence, TokenLogprob
 from tts_server.selection import aggregate, select
-from tts_server.types import Aggregation, Candidate
+from tts_server.types import Aggregation, Candidate, ConfidenceConfig
 
 
 def cand(text: str, *scores: float, finished: bool = True) -> Candidate:
@@ -112,3 +113,54 @@ def test_votes_are_keyed_by_canonical_answers_and_answers_are_filled() -> None:
 def test_a_given_answer_is_kept() -> None:
     candidates = [Candidate(steps=["= 3"], step_scores=[1.0], finished=True, answer="8")]
     assert select(candidates, "naive", "last").answer == "8"
+
+
+# --- votes by trace confidence (DeepConf) ---
+
+
+def confident(answer: str, bottom_10: float) -> Candidate:
+    return Candidate(
+        steps=[f"The answer is {answer}."],
+        finished=True,
+        answer=answer,
+        confidence=Confidence(mean=9.0, lowest_group=9.0, tail=9.0, bottom_10=bottom_10, tokens=5),
+    )
+
+
+def test_the_confidence_votes_weigh_answers_by_confidence_and_filter_the_least_sure() -> None:
+    # One sure "5" against two hesitant "7"s: majority and the confidence vote say 7 (1.2 > 1.0),
+    # the filtered vote keeping ceil(0.34 * 3) = 2 candidates (1.0 and the first 0.6) says 5.
+    pool = [confident("5", 1.0), confident("7", 0.6), confident("7", 0.6)]
+    measure = ConfidenceConfig(metric="bottom_10", keep=0.34)
+    majority = select(pool, "majority", "last", measure)
+    weighted = select(pool, "confidence", "last", measure)
+    filtered = select(pool, "filtered", "last", measure)
+    assert (majority.answer, majority.votes) == ("7", {"5": 1.0, "7": 2.0})
+    assert (weighted.answer, weighted.chosen) == ("7", 1)
+    assert weighted.votes == pytest.approx({"5": 1.0, "7": 1.2})
+    assert (filtered.answer, filtered.chosen, filtered.votes) == ("5", 0, {"5": 1.0, "7": 0.6})
+    # Keeping everything, the filtered vote is the confidence vote.
+    everyone = select(pool, "filtered", "last", ConfidenceConfig(keep=1.0))
+    assert (everyone.answer, everyone.votes) == ("7", pytest.approx({"5": 1.0, "7": 1.2}))
+
+
+def test_the_confidence_vote_uses_the_metric_asked_for_and_measures_from_logprobs() -> None:
+
+    def sampled(answer: str, top: float) -> Candidate:
+        token = TokenLogprob("x", top, (("x", top), ("y", -3.0)))
+        return Candidate(steps=[f"The answer is {answer}."], finished=True, logprobs=[token] * 4)
+
+    # Token confidence (k = 2): (0.1 + 3) / 2 = 1.55 for the "5", (1.0 + 3) / 2 = 2.0 for the
+    # "7": minus the mean of the top k, as DeepConf defines it (the tail of 2 tokens here).
+    pool = [sampled("5", -0.1), sampled("7", -1.0)]
+    chosen = select(
+        pool, "confidence", "last", ConfidenceConfig(k=2, window=2, tail=2, metric="tail")
+    )
+    assert [c.confidence.tail if c.confidence else None for c in pool] == pytest.approx([1.55, 2.0])
+    assert chosen.answer == "7" and chosen.votes == pytest.approx({"5": 1.55, "7": 2.0})
+
+
+def test_without_confidences_the_confidence_votes_count_like_majority() -> None:
+    pool = [Candidate(steps=[f"The answer is {a}."], finished=True) for a in ("5", "7", "7")]
+    chosen = select(pool, "filtered", "last", ConfidenceConfig())
+    assert (chosen.answer, chosen.votes) == ("7", {"5": 1.0, "7": 2.0})

@@ -27,6 +27,8 @@ from tts_server.types import (
     PRMClient,
     PRMUsage,
     SamplingConfig,
+    StreamingPolicy,
+    TokenWatch,
 )
 
 # Template text and special tokens a PRM adds around one solution, in tokens (bounds its cost).
@@ -113,6 +115,47 @@ class AccountedPolicy:
                 account.spent += flops
             if account.on_spend is not None:
                 account.on_spend(call.prompt_tokens + call.completion_tokens, flops)
+
+    async def stream(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingConfig,
+        usage: PolicyUsage,
+        watch: TokenWatch,
+        *,
+        affinity: str | None = None,
+    ) -> Generation:
+        """`generate`'s accounting for one streamed sample (DeepConf online): a sample closed
+        midway is counted with the tokens it had generated. `affinity` is ignored: the call
+        carries the request's key."""
+        inner = self.inner
+        if not callable(getattr(inner, "stream", None)):
+            raise ValueError("this policy client cannot stream")
+        account = self.account
+        key = account.affinity.key() if account.affinity is not None else None
+        remaining = account.remaining
+        if remaining is not None:
+            max_tokens = self._fitting_max_tokens([len(prompt)], sampling.max_tokens, 1, remaining)
+            if max_tokens < 1:
+                account.limited = True
+                return _no_room()
+            if max_tokens < sampling.max_tokens:
+                account.limited = True
+                sampling = replace(sampling, max_tokens=max_tokens)
+        if sampling.seed is not None:
+            sampling = replace(sampling, seed=sampling.seed + account.samples)
+        account.samples += 1
+        started = time.perf_counter()
+        call = PolicyUsage()
+        try:
+            streaming: StreamingPolicy = inner  # type: ignore[assignment]  # checked above
+            return await streaming.stream(prompt, sampling, call, watch, affinity=key)
+        finally:
+            usage.add(call)
+            account.policy_usage.add(call)
+            account.generation_s += time.perf_counter() - started
+            if account.ceiling is not None:
+                account.spent += account.counter.policy_flops(call)[0]
 
     def _fitting_max_tokens(self, lengths: list[int], wanted: int, n: int, budget: int) -> int:
         """The largest token limit <= wanted whose worst case fits `budget` (0 if none)."""

@@ -25,15 +25,19 @@ from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.strategies.common import finish
 from tts_server.types import (
+    CONFIDENCE_RULES,
     Candidate,
     ChatPrompt,
+    ConfidenceConfig,
     Decision,
+    DeepConfConfig,
     Job,
     PolicyService,
     PRMService,
     Problem,
     Progress,
     SearchConfig,
+    StopRule,
     StrategyResult,
     TextPrompt,
 )
@@ -255,7 +259,40 @@ class TTSEngine:
             seed=job.seed,
             passthrough=job.passthrough,
             progress=progress,
+            # `adaptive` named by a client (or a table's fixed adaptive); auto's routes set theirs.
+            stopping=StopRule(
+                s.adaptive_round_size, None, None, beta_threshold=s.adaptive_threshold
+            ),
+            confidence=ConfidenceConfig(
+                sample=self._logprobs_to_sample(job),
+                k=s.confidence_top_k,
+                window=s.confidence_window,
+                tail=s.confidence_tail,
+                metric=s.confidence_metric,
+                keep=s.confidence_keep,
+            ),
+            deepconf=DeepConfConfig(
+                warmup=s.deepconf_warmup,
+                keep=s.deepconf_keep,
+                round_size=s.deepconf_round_size,
+                consensus=s.deepconf_consensus,
+            ),
         )
+
+    def _logprobs_to_sample(self, job: Job) -> int | None:
+        """Top logprobs per token to sample with: the confidence's k when the job needs
+        confidences (a confidence vote, deepconf, or the server samples them always), at least
+        what the client wants back; None: no logprobs."""
+        s = self.settings
+        wants = (
+            s.confidence_always
+            or job.selection in CONFIDENCE_RULES
+            or job.strategy == "deepconf"
+            or job.logprobs is not None
+        )
+        if not wants:
+            return None
+        return max(s.confidence_top_k, job.logprobs or 0)
 
     # --- what the FLOPs count and `auto` need, found once ---
 

@@ -11,8 +11,9 @@ budget and stay candidates). "pilot" answers from the pilot alone.
 "adaptive" keeps sampling after the pilot in small rounds and stops as soon as more samples are
 unlikely to change the answer (Aggarwal et al.'s adaptive consistency): the leading answer is
 `stop_margin` samples ahead of any other, or `give_up_after` samples hold no two equal answers (a
-question the policy cannot settle rarely settles with a few more samples). The samples it does not
-draw are the compute it saves.
+question the policy cannot settle rarely settles with a few more samples), or, Aggarwal et al.'s
+Beta rule, the posterior probability that the leading answer is more likely than the second
+reaches `beta_threshold`. The samples it does not draw are the compute it saves.
 
 When calibration finds that no routing beats the best fixed strategy on its problems (the
 difficulty estimate does not pay for its pilot on that model pair), the table names a fixed strategy
@@ -24,6 +25,7 @@ as accurate as the best one with the whole budget: the compute-optimal N is not 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,8 +38,8 @@ from tts_server.types import STRATEGY_NAMES, Candidate, Difficulty, StopRule
 BINS = ("easy", "medium", "hard")
 # What a table may fall back to: what a request may name, but `auto` itself.
 FIXED_STRATEGIES = tuple(name for name in STRATEGY_NAMES if name != "auto")
-# A route may also answer from the pilot alone, or sample adaptively (neither a client may name).
-ROUTE_STRATEGIES = ("pilot", "adaptive", *FIXED_STRATEGIES)
+# A route may also answer from the pilot alone (no client may name it).
+ROUTE_STRATEGIES = ("pilot", *FIXED_STRATEGIES)
 # pass@1 bounds of the bins (Liu et al.): a calibration problem's true bin.
 PASS_AT_1_EASY = 0.5
 PASS_AT_1_MEDIUM = 0.1
@@ -53,24 +55,40 @@ class Route:
     beam_width: int = 1
     # Share of the client's budget spent in all (pilot included), at least the pilot's samples.
     budget_share: float = 1.0
-    # "adaptive" only: samples per round, and its two stopping rules (None: not used).
+    # "adaptive" only: samples per round, and its stopping rules (None: not used).
     round_size: int = 2
     stop_margin: int | None = 2
     give_up_after: int | None = 4
+    beta_threshold: float | None = None
 
     @property
     def stopping(self) -> StopRule:
-        return StopRule(self.round_size, self.stop_margin, self.give_up_after)
+        return StopRule(self.round_size, self.stop_margin, self.give_up_after, self.beta_threshold)
+
+
+def lead_probability(lead: int, second: int) -> float:
+    """P(p_lead > p_second) under Beta(lead + 1, second + 1), the posterior of the leading
+    answer's share of the two (Aggarwal et al.). For whole counts it is exact and closed:
+    P(X > 1/2) for X ~ Beta(a, b) is P(Binomial(a + b - 1, 1/2) <= a - 1)."""
+    n = lead + second + 1
+    return float(sum(math.comb(n, j) for j in range(lead + 1)) / 2**n)
 
 
 def stops_sampling(answers: Sequence[str | None], route: Route | StopRule) -> bool:
     """Whether adaptive sampling stops with these answers drawn (equivalent answers count as one):
     the leading answer is `stop_margin` samples ahead of the next, or `give_up_after` samples
-    hold no two equal answers. Unanswered samples vote for nothing."""
+    hold no two equal answers, or the Beta posterior that the leader beats the second reaches
+    `beta_threshold`. Unanswered samples vote for nothing."""
     counts = sorted(Counter(c for c in group_answers(answers) if c is not None).values())
     lead = counts[-1] if counts else 0
     runner_up = counts[-2] if len(counts) > 1 else 0
     if route.stop_margin is not None and lead - runner_up >= route.stop_margin:
+        return True
+    if (
+        route.beta_threshold is not None
+        and lead > 0
+        and lead_probability(lead, runner_up) >= route.beta_threshold
+    ):
         return True
     return route.give_up_after is not None and len(answers) >= route.give_up_after and lead < 2
 
@@ -165,6 +183,7 @@ def parse_table(data: Any) -> RouterTable:
                 round_size=int(raw.get("round_size", 2)),
                 stop_margin=_optional_int(raw.get("stop_margin", 2)),
                 give_up_after=_optional_int(raw.get("give_up_after", 4)),
+                beta_threshold=_optional_float(raw.get("beta_threshold")),
             )
         except (TypeError, ValueError) as exc:
             raise RouterTableError(f"route {name!r}: bad number: {exc}") from exc
@@ -176,6 +195,8 @@ def parse_table(data: Any) -> RouterTable:
             raise RouterTableError(
                 f"route {name!r}: round_size, stop_margin and give_up_after are at least 1"
             )
+        if route.beta_threshold is not None and not 0.5 < route.beta_threshold < 1.0:
+            raise RouterTableError(f"route {name!r}: beta_threshold is in (0.5, 1)")
         routes[name] = route
     try:
         table = RouterTable(
@@ -201,6 +222,14 @@ def parse_table(data: Any) -> RouterTable:
     if table.pilot_samples < 1 or not table.medium_min <= table.easy_min:
         raise RouterTableError("pilot_samples >= 1 and medium_min <= easy_min")
     return table
+
+
+def _optional_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number or null, got {value!r}")
+    return float(value)
 
 
 def _optional_int(value: Any) -> int | None:

@@ -1,4 +1,5 @@
-"""Scoring candidates from their step scores and choosing one: naive, weighted or majority."""
+"""Scoring candidates from their step scores and choosing one: naive, weighted or majority by
+PRM scores and counts, or `confidence` and `filtered` by DeepConf's trace confidence."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tts_server.answers import canonical_answer, extract_answer, group_answers
-from tts_server.types import Aggregation, Candidate, SelectionRule
+from tts_server.confidence import trace_confidence
+from tts_server.types import Aggregation, Candidate, ConfidenceConfig, SelectionRule
 
 
 def aggregate(step_scores: Sequence[float], how: Aggregation) -> float:
@@ -30,7 +32,8 @@ class Selection:
     """The chosen candidate (an index into the candidates given), its answer and the votes.
 
     `answer` is the canonical form of the winning answer class, i.e. a key of `votes`. Votes are
-    counts for majority, summed scores for weighted, and the best score per answer for naive.
+    counts for majority, summed scores for weighted, the best score per answer for naive, and
+    summed confidences for confidence and filtered (over the candidates kept).
     """
 
     chosen: int
@@ -38,13 +41,27 @@ class Selection:
     votes: dict[str, float] = field(default_factory=dict)
 
 
+def measure(candidates: Sequence[Candidate], config: ConfidenceConfig) -> None:
+    """Set `.confidence` of every candidate sampled with logprobs that has none yet."""
+    for candidate in candidates:
+        if candidate.confidence is None and candidate.logprobs:
+            candidate.confidence = trace_confidence(
+                candidate.logprobs, k=config.k, window=config.window, tail=config.tail
+            )
+
+
 def select(
-    candidates: Sequence[Candidate], rule: SelectionRule, aggregation: Aggregation
+    candidates: Sequence[Candidate],
+    rule: SelectionRule,
+    aggregation: Aggregation,
+    confidence: ConfidenceConfig | None = None,
 ) -> Selection:
-    """Score every candidate (sets `.score`, fills a missing `.answer`) and choose one.
+    """Score every candidate (sets `.score`, fills a missing `.answer`, and `.confidence` where
+    it has logprobs) and choose one.
 
     Only finished candidates compete when any exist; a candidate without an answer wins only if
-    no competitor has an answer, and then by score alone.
+    no competitor has an answer, and then by score alone. `confidence` and `filtered` need
+    `confidence` (what to measure); with no candidate measured they count votes as majority.
     """
     if not candidates:
         raise ValueError("no candidates to select from")
@@ -52,6 +69,8 @@ def select(
         candidate.score = aggregate(candidate.step_scores, aggregation)
         if candidate.answer is None:
             candidate.answer = extract_answer(candidate.text)
+    if confidence is not None:
+        measure(candidates, confidence)
 
     pool = [i for i, c in enumerate(candidates) if c.finished] or list(range(len(candidates)))
     answered = [i for i in pool if candidates[i].answer is not None]
@@ -68,6 +87,11 @@ def select(
     names = {cid: canonical_answer(_answer(candidates[idx[0]])) for cid, idx in members.items()}
     sums = {cid: sum(_score(candidates[i]) for i in idx) for cid, idx in members.items()}
 
+    if rule in ("confidence", "filtered") and confidence is not None:
+        weight = {i: _confidence(candidates[i], confidence) for i in answered}
+        if any(w is not None for w in weight.values()):
+            return _confidence_vote(candidates, rule, confidence, members, names, weight)
+        rule = "majority"  # nothing was sampled with logprobs: a plain vote
     if rule == "naive":
         chosen = _best_scored(candidates, answered)
         best = {cid: max(_score(candidates[i]) for i in idx) for cid, idx in members.items()}
@@ -82,6 +106,38 @@ def select(
     else:
         raise ValueError(f"unknown selection rule {rule!r}")
     return Selection(_best_scored(candidates, members[winner]), names[winner], votes)
+
+
+def _confidence_vote(
+    candidates: Sequence[Candidate],
+    rule: SelectionRule,
+    config: ConfidenceConfig,
+    members: dict[int, list[int]],
+    names: dict[int, str],
+    weight: dict[int, float | None],
+) -> Selection:
+    """DeepConf's votes: every answered candidate votes with its confidence (`confidence`), or
+    only the most confident `keep` share of them does (`filtered`, at least one). The most
+    confident member of the winning class is chosen (then the best scored, then the first)."""
+    ranked = sorted(weight, key=lambda i: (-(weight[i] or 0.0), i))
+    kept = set(ranked)
+    if rule == "filtered":
+        kept = set(ranked[: max(1, math.ceil(config.keep * len(ranked)))])
+    sums: dict[int, float] = {}
+    for cid, idx in members.items():
+        voters = [i for i in idx if i in kept]
+        if voters:
+            sums[cid] = sum(weight[i] or 0.0 for i in voters)
+    winner = max(sums, key=lambda cid: sums[cid])  # dicts keep first appearance: ties go first
+    voters = [i for i in members[winner] if i in kept]
+    chosen = max(voters, key=lambda i: (weight[i] or 0.0, _score(candidates[i]), -i))
+    return Selection(chosen, names[winner], {names[c]: sums[c] for c in sums})
+
+
+def _confidence(candidate: Candidate, config: ConfidenceConfig) -> float | None:
+    if candidate.confidence is None:
+        return None
+    return candidate.confidence.metric(config.metric)
 
 
 def _best_scored(candidates: Sequence[Candidate], indices: Sequence[int]) -> int:

@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tts_server.affinity import AffinityKey, AffinityScope
+from tts_server.confidence import ConfidenceMetric
 from tts_server.types import Aggregation, SelectionRule, StrategyName
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -216,6 +217,30 @@ class Settings(BaseSettings):
     default_max_tokens: int = 512
     max_tokens_cap: int = 2048
     max_iterations: int = 40
+
+    # --- trace confidence (DeepConf; tts_server/confidence.py, docs/confidence.md) ---
+    # Top logprobs per token sampled for confidences (vLLM serves at most 20 by default).
+    confidence_top_k: int = Field(default=5, ge=1, le=20)
+    # Group window and tail, in tokens: short, for solutions of tens to hundreds of tokens.
+    confidence_window: int = Field(default=16, ge=1)
+    confidence_tail: int = Field(default=32, ge=1)
+    # What the `confidence` and `filtered` votes weigh; the share `filtered` keeps.
+    confidence_metric: ConfidenceMetric = "bottom_10"
+    confidence_keep: float = Field(default=0.9, gt=0.0, le=1.0)
+    # Sample every request with logprobs, so `tts.candidate_confidences` is always there
+    # (otherwise only when the request needs them: a confidence vote, deepconf, logprobs).
+    confidence_always: bool = False
+    # `adaptive` named by a client: rounds of this many samples until the Beta posterior that
+    # the leading answer beats the second reaches the threshold (Aggarwal et al.).
+    adaptive_round_size: int = Field(default=2, ge=1)
+    adaptive_threshold: float = Field(default=0.95, gt=0.5, lt=1.0)
+    # `deepconf` (online): warm-up traces, the share kept (the threshold is the
+    # 100 * (1 - keep)-th percentile of the warm-up's lowest-group confidences), traces streamed
+    # per round, and the vote share that ends sampling.
+    deepconf_warmup: int = Field(default=4, ge=1)
+    deepconf_keep: float = Field(default=0.9, gt=0.0, le=1.0)
+    deepconf_round_size: int = Field(default=2, ge=1)
+    deepconf_consensus: float = Field(default=0.95, gt=0.5, le=1.0)
 
     # --- prompting ---
     # Profile per served model name: a packaged profile name or a path to a JSON profile.

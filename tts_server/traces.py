@@ -51,8 +51,8 @@ def _candidate(index: int, candidate: Candidate) -> dict[str, Any]:
         "finished": candidate.finished,
         "finish_reason": candidate.finish_reason,
         "completion_tokens": len(candidate.token_ids),
-        # Set where the strategy computed one (from the policy's logprobs); null otherwise.
-        "confidence": getattr(candidate, "confidence", None),
+        # DeepConf's measures where the candidate was sampled with logprobs; null otherwise.
+        "confidence": None if candidate.confidence is None else candidate.confidence.as_dict(),
     }
 
 

@@ -10,18 +10,27 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args
 
+from tts_server.confidence import Confidence, ConfidenceMetric, TokenLogprob
+
 if TYPE_CHECKING:  # the router's table is a knob of `auto`; the router imports this module
     from tts_server.router import RouterTable
 
 # "tool_calls": the answer is a function call (`Tools.call`), never a vLLM finish.
 FinishReason = Literal["stop", "length", "tool_calls"]
 Aggregation = Literal["last", "min", "prod", "mean"]
-SelectionRule = Literal["naive", "weighted", "majority"]
+# `confidence` and `filtered` vote by DeepConf's trace confidence (tts_server/confidence.py).
+SelectionRule = Literal["naive", "weighted", "majority", "confidence", "filtered"]
 # What a client may ask for; the registry in `strategies` says what each one needs.
-StrategyName = Literal["auto", "greedy", "majority", "best_of_n", "beam_search", "dvts"]
+StrategyName = Literal[
+    "auto", "greedy", "majority", "best_of_n", "beam_search", "dvts", "adaptive", "deepconf"
+]
 STRATEGY_NAMES: tuple[StrategyName, ...] = get_args(StrategyName)
 AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
 SELECTIONS: tuple[SelectionRule, ...] = get_args(SelectionRule)
+# Rules that need no PRM score: what a strategy without a PRM may select by.
+VOTES: tuple[SelectionRule, ...] = ("majority", "confidence", "filtered")
+# Rules that need each candidate's confidence (so its tokens' top logprobs).
+CONFIDENCE_RULES: tuple[SelectionRule, ...] = ("confidence", "filtered")
 
 
 @dataclass
@@ -33,6 +42,10 @@ class Generation:
     finish_reason: FinishReason
     # The matched stop string, or None for EOS and for length (never infer truncation from it).
     stop_reason: str | None = None
+    # Each token with its top logprobs, when the call asked for them (`SamplingConfig.logprobs`).
+    logprobs: list[TokenLogprob] | None = None
+    # Closed while it generated (DeepConf online): what it had generated, no finish of its own.
+    cancelled: bool = False
 
 
 @dataclass
@@ -121,6 +134,8 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     passthrough: PassThrough = PassThrough()
+    # Top logprobs per generated token to ask vLLM for (None: no logprobs).
+    logprobs: int | None = None
     # Called with (index in the call's flattened samples, generation) as each sample arrives,
     # where the client can tell (so a deadline can use samples finished before the call ends).
     on_sample: Callable[[int, Generation], None] | None = field(
@@ -161,6 +176,9 @@ class Job:
     n: int = 1
     max_flops: int | None = None
     deadline_s: float | None = None
+    # Top logprobs per token the client wants with the answer's tokens (0: the tokens' own
+    # logprobs only; None: no logprobs in the response).
+    logprobs: int | None = None
     # Why the job is not run as asked (the PRM is down: majority vote instead).
     degraded: str | None = None
     # Write the search trace once answered (tts_server/traces.py).
@@ -211,11 +229,14 @@ class Decision:
 class StopRule:
     """When adaptive sampling stops: after each round of `round_size` samples, once the leading
     answer is `stop_margin` samples ahead, or `give_up_after` samples hold no two equal answers
-    (None: that rule is off)."""
+    (None: that rule is off), or the Beta rule's posterior reaches `beta_threshold`."""
 
     round_size: int = 2
     stop_margin: int | None = 2
     give_up_after: int | None = 4
+    # Aggarwal et al.'s Beta rule: stop once P(p_lead > p_second | counts) under
+    # Beta(lead + 1, second + 1) reaches this (None: off).
+    beta_threshold: float | None = None
 
 
 class PolicyClient(Protocol):
@@ -240,6 +261,31 @@ class PolicyClient(Protocol):
         ...
 
 
+class TokenWatch(Protocol):
+    """Told each token of a streamed sample as it arrives; True closes the stream."""
+
+    def __call__(self, token: TokenLogprob) -> bool: ...
+
+
+class StreamingPolicy(PolicyClient, Protocol):
+    """A policy that can also stream one sample and close it midway (DeepConf online)."""
+
+    async def stream(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingConfig,
+        usage: PolicyUsage,
+        watch: TokenWatch,
+        *,
+        affinity: str | None = None,
+    ) -> Generation:
+        """One sample, streamed with its tokens' top logprobs (`sampling.logprobs`); as soon as
+        `watch` says so the stream is closed (the server aborts the request) and the sample
+        comes back `cancelled`, with what it had generated. Adds what the call cost to `usage`:
+        a cancelled sample's tokens count."""
+        ...
+
+
 class PRMClient(Protocol):
     """Scores every step of candidate solutions of one question."""
 
@@ -260,7 +306,7 @@ class PRMClient(Protocol):
         ...
 
 
-class PolicyService(PolicyClient, Protocol):
+class PolicyService(StreamingPolicy, Protocol):
     """The policy server as the engine uses it: generation, and what rendering prompts, the FLOPs
     count and readiness need (the vLLM client is one; test doubles implement the same)."""
 
@@ -325,8 +371,39 @@ class SearchConfig:
     # `auto`: the table it routes by; `adaptive`: when it stops drawing.
     router: RouterTable | None = field(default=None, compare=False, repr=False)
     stopping: StopRule = StopRule()
+    # Trace confidence: how it is measured, whether samples carry logprobs, what votes use.
+    confidence: ConfidenceConfig = field(default_factory=lambda: ConfidenceConfig())
+    # DeepConf online (`deepconf`).
+    deepconf: DeepConfConfig = field(default_factory=lambda: DeepConfConfig())
     # Collects candidates as they finish, so a deadline can answer with the best so far.
     progress: Progress | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ConfidenceConfig:
+    """`sample`: top logprobs per token to sample with (None: none, and no confidences); `k`,
+    `window`, `tail`: DeepConf's measures (tts_server/confidence.py); `metric`: the one the
+    `confidence` and `filtered` votes use; `keep`: the share of candidates `filtered` keeps."""
+
+    sample: int | None = None
+    k: int = 5
+    window: int = 16
+    tail: int = 32
+    metric: ConfidenceMetric = "bottom_10"
+    keep: float = 0.9
+
+
+@dataclass(frozen=True)
+class DeepConfConfig:
+    """DeepConf online: `warmup` whole traces set the threshold, the `100 * (1 - keep)`-th
+    percentile of their lowest-group confidences; then traces stream in rounds of `round_size`,
+    each closed once a full window's confidence falls below it, until the vote's leading answer
+    holds `consensus` of the weight or the budget is spent."""
+
+    warmup: int = 4
+    keep: float = 0.9
+    round_size: int = 2
+    consensus: float = 0.95
 
 
 class Progress:
@@ -354,6 +431,9 @@ class Candidate:
     finish_reason: str | None = None
     answer: str | None = None
     score: float | None = None
+    # Every token's top logprobs, in order over all its steps (None: sampled without them).
+    logprobs: list[TokenLogprob] | None = None
+    confidence: Confidence | None = None
 
     @property
     def text(self) -> str:

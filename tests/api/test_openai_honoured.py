@@ -173,14 +173,15 @@ async def test_logit_bias_reaches_every_sample_of_every_strategy(
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "text"])
-@pytest.mark.parametrize("strategy", ["greedy", "majority", "best_of_n"])
+@pytest.mark.parametrize("strategy", ["greedy", "majority", "best_of_n", "adaptive", "deepconf"])
 async def test_penalties_reach_every_sample_of_a_whole_solution_strategy(
     gateway: httpx.AsyncClient, fake_vllm: FakeVLLM, endpoint: str, strategy: str
 ) -> None:
     sent = body(endpoint, strategy, presence_penalty=0.5, frequency_penalty=-1.25)
     await post(gateway, endpoint, sent)
-    expected = 1 if strategy == "greedy" else 4
-    assert len(fake_vllm.calls) == expected
+    # adaptive may stop early; deepconf's warm-up alone is 4 (its later traces are streamed).
+    expected = {"greedy": 1, "majority": 4, "best_of_n": 4}.get(strategy)
+    assert len(fake_vllm.calls) == expected if expected else len(fake_vllm.calls) >= 2
     for call in fake_vllm.calls:
         assert (call["presence_penalty"], call["frequency_penalty"]) == (0.5, -1.25)
 
@@ -198,7 +199,7 @@ async def test_penalties_reach_every_sample_of_a_whole_solution_strategy(
         },
     ],
 )
-@pytest.mark.parametrize("strategy", ["greedy", "majority", "best_of_n"])
+@pytest.mark.parametrize("strategy", ["greedy", "majority", "best_of_n", "adaptive", "deepconf"])
 async def test_response_format_reaches_every_sample_of_a_whole_solution_strategy(
     gateway: httpx.AsyncClient,
     fake_vllm: FakeVLLM,

@@ -72,8 +72,6 @@ REFUSED: list[tuple[str, str, object]] = [
             ("stream_options.include_obfuscation", True),
         ]
     ),
-    ("chat", "logprobs", True),
-    ("chat", "top_logprobs", 3),
     ("chat", "functions", [{"name": "add"}]),
     ("chat", "function_call", {"name": "add"}),
     ("chat", "modalities", ["text", "audio"]),
@@ -87,7 +85,6 @@ REFUSED: list[tuple[str, str, object]] = [
     ("chat", "store", True),
     ("chat", "prompt_cache_retention", "24h"),
     ("chat", "prompt_cache_options", {"mode": "explicit"}),
-    ("text", "logprobs", 0),  # in completions, 0 asks for the chosen tokens' logprobs
     ("text", "echo", True),
     ("text", "suffix", " and that is all."),
     ("text", "best_of", 4),
@@ -150,7 +147,8 @@ async def test_a_parameter_the_strategy_cannot_honour_is_a_400_naming_it(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["param"], error["code"]) == (name, "unsupported_parameter")
-    assert name in error["message"] and "greedy, majority and best_of_n" in error["message"]
+    assert name in error["message"]
+    assert "greedy, majority, best_of_n, adaptive and deepconf" in error["message"]
     assert fake_vllm.paths == []
 
 

@@ -112,7 +112,7 @@ def test_sampling_fields_and_limits_travel_in_the_job() -> None:
     [
         ({"X-TTS-Strategy": "astar"}, {}, "X-TTS-Strategy"),
         ({}, {"tts": {"strategy": "astar"}}, "tts.strategy"),
-        ({}, {"tts": {"strategy": "adaptive"}}, "tts.strategy"),  # a route of auto only
+        ({}, {"tts": {"strategy": "pilot"}}, "tts.strategy"),  # a route of auto only
         ({"X-TTS-Budget": "0"}, {}, "X-TTS-Budget"),
         ({"X-TTS-Budget": "65"}, {}, "X-TTS-Budget"),
         ({"X-TTS-Budget": "eight"}, {}, "X-TTS-Budget"),

@@ -221,6 +221,7 @@ TTS = [
     "num_candidates",
     "candidates_answers",
     "candidate_scores",
+    "candidate_confidences",
     "iterations",
     "policy_tokens",
     "prm",
@@ -308,8 +309,9 @@ def test_the_protocol_modules_import_pydantic_and_the_core_types_only() -> None:
         "import sys\n"
         "import tts_server.api.protocol, tts_server.api.protocol_responses\n"
         "ours = sorted(m for m in sys.modules if m.startswith('tts_server'))\n"
+        # tts_server.confidence: the token logprob and confidence values (stdlib only).
         "assert ours == ['tts_server', 'tts_server.api', 'tts_server.api.protocol',"
-        " 'tts_server.api.protocol_responses', 'tts_server.types'], ours\n"
+        " 'tts_server.api.protocol_responses', 'tts_server.confidence', 'tts_server.types'], ours\n"
         "heavy = [m for m in ('fastapi', 'starlette', 'httpx') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         # The PRM worker takes the error shape from the gateway's package, and nothing else.

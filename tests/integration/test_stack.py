@@ -174,7 +174,8 @@ def test_usage_and_flops_reconcile_with_vllm_counters(stack: Stack) -> None:
     counts equal the growth of vLLM's own counters exactly; FLOPs follow from them."""
     before = vllm_counters(stack.policy_url)
     totals = {"prompt": 0, "generation": 0, "cached": 0}
-    for strategy, budget, width in [*PLANS, ("auto", 4, 1)]:
+    # adaptive: whole samples in rounds (no stream is closed): exact like the others.
+    for strategy, budget, width in [*PLANS, ("adaptive", 4, 1), ("auto", 4, 1)]:
         response = httpx.post(
             stack.gateway_url + "/v1/chat/completions",
             json={

@@ -152,3 +152,21 @@ async def test_adaptive_is_a_strategy_of_its_own_and_selects_once() -> None:
 async def test_auto_without_a_table_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="router table"):
         await REGISTRY["auto"].run(PROBLEM, SearchConfig(), FakePolicy(agreeing), None)
+
+
+async def test_a_deepconf_route_runs_after_the_pilot_and_is_merged_by_vote() -> None:
+    """The hard bin routes to deepconf: after the pilot of 4 (5, 6, 7, 8, scored low), its
+    warm-up of 4 all say 5 (consensus: no stream), and the vote over all 8 candidates says 5."""
+    table = RouterTable(routes=dict.fromkeys(BINS, Route("deepconf")))
+
+    def script(prompt: list[int], sample: int) -> str:
+        first_call = len(policy.calls) == 1
+        return f"The answer is {5 + sample if first_call else 5}."
+
+    policy = FakePolicy(script)
+    prm = FakePRM(per_step(lambda step: 0.1))
+    result, decision = await run_auto(policy, prm, table=table)
+    assert (decision.strategy, decision.budget) == ("deepconf", 8)
+    assert [call.n for call in policy.calls] == [4, 4]
+    assert policy.calls[1].sampling.logprobs == 5  # deepconf samples with logprobs itself
+    assert (len(result.candidates), result.answer, result.votes["5"]) == (8, "5", 5.0)

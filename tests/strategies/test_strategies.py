@@ -45,7 +45,10 @@ def test_the_registry_says_what_each_strategy_needs() -> None:
         "best_of_n": (True, False, True),
         "beam_search": (True, True, True),
         "dvts": (True, True, True),
-        "adaptive": (True, False, False),  # a route of auto only
+        # Early stopping, by vote and by confidence: no PRM needed (auto's adaptive route
+        # scores its samples with the PRM it has).
+        "adaptive": (False, False, True),
+        "deepconf": (False, False, True),
     }
 
 

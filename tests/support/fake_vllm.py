@@ -1,7 +1,9 @@
 """A fake vLLM OpenAI server (ASGI) for unit tests: one character = one token, scripted text.
 
 It speaks the subset of vLLM's API the gateway uses (/tokenize, /v1/completions with token-id
-prompts, return_token_ids, stop strings, /health, /metrics) and records every call. Given a
+prompts, return_token_ids, stop strings, logprobs, `stream` with usage on every chunk, /health,
+/metrics) and records every call; `streams` says how each streamed request ended (a client that
+closes one midway shows up as `closed`, the tokens sent by then counted). Given a
 `judge`, it also serves /v1/models and one-token /v1/chat/completions with top logprobs (what the
 `judge` PRM backend asks); without one those paths are 404, as before.
 """
@@ -11,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from tests.support.fakes import decode, encode
 
@@ -24,7 +26,18 @@ from tests.support.fakes import decode, encode
 Script = Callable[[str, int], str]
 # Rendered chat prompt -> the next token's candidates as (token, logprob), most likely first.
 Judge = Callable[[str], list[tuple[str, float]]]
+# (sample number, token position) -> the token's top logprobs, its own first.
+TopLogprobs = Callable[[int, int], list[float]]
 EOS = "<eos>"
+
+
+@dataclass
+class StreamEnd:
+    """How a streamed request ended: tokens sent, and whether its client closed it first."""
+
+    sample: int
+    sent: int
+    closed: bool
 
 
 def render_chat(messages: list[dict[str, Any]]) -> str:
@@ -63,6 +76,12 @@ class FakeVLLM:
     # (path, the affinity header's value or None) of every request, in order.
     affinity_header: str = "x-session-id"
     keys: list[tuple[str, str | None]] = field(default_factory=list)
+    # Each token's top logprobs when a request asks for `logprobs` (None: -0.1, -3.0, ...).
+    top_logprobs: TopLogprobs | None = None
+    # Seconds between a stream's chunks (one token each), and how each stream ended.
+    token_delay_s: float = 0.0
+    streams: list[StreamEnd] = field(default_factory=list)
+    streamed: int = 0  # streams started; without sample_by_seed, a stream's sample number
 
     def sample_number(self, copy: int, body: dict[str, Any]) -> int:
         if not self.sample_by_seed:
@@ -88,12 +107,71 @@ class FakeVLLM:
             text, finish, stop_reason = text[:max_tokens], "length", None
         elif stop_reason is None and not full.endswith(EOS):
             finish = "length"
-        return {
+        choice: dict[str, Any] = {
             "text": text,
             "token_ids": encode(text),
             "finish_reason": finish,
             "stop_reason": stop_reason,
+            "logprobs": None,
         }
+        if body.get("logprobs") is not None:
+            choice["logprobs"] = self.logprobs(text, sample, int(body["logprobs"]))
+        return choice
+
+    def logprobs(self, text: str, sample: int, k: int) -> dict[str, Any]:
+        """vLLM's completions shape; each position's dict holds the top k and the token."""
+        top = self.top_logprobs or (lambda _s, _p: [-0.1, -3.0, -4.0, -5.0, -6.0, -7.0])
+        tops: list[dict[str, float]] = []
+        for position, token in enumerate(text):
+            values = top(sample, position)
+            ranked = {f"alt{r}": lp for r, lp in enumerate(values[1 : k + 1], 1)}
+            tops.append({token: values[0], **ranked})
+        return {
+            "text_offset": list(range(len(text))),
+            "token_logprobs": [top(sample, p)[0] for p in range(len(text))],
+            "tokens": list(text),
+            "top_logprobs": tops,
+        }
+
+    async def stream(
+        self, prompt: list[int], sample: int, body: dict[str, Any]
+    ) -> AsyncIterator[str]:
+        """One chunk per token, usage on each (continuous_usage_stats), then [DONE]."""
+        whole = self.complete(prompt, sample, body)
+        text, sent, closed = whole["text"], 0, True
+        try:
+            for position, token in enumerate(text):
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                logprobs = None
+                if whole["logprobs"] is not None:
+                    logprobs = {
+                        "text_offset": [position],
+                        "token_logprobs": [whole["logprobs"]["token_logprobs"][position]],
+                        "tokens": [token],
+                        "top_logprobs": [whole["logprobs"]["top_logprobs"][position]],
+                    }
+                last = position == len(text) - 1
+                choice = {
+                    "index": 0,
+                    "text": token,
+                    "token_ids": [ord(token)],
+                    "logprobs": logprobs,
+                    "finish_reason": whole["finish_reason"] if last else None,
+                    "stop_reason": whole["stop_reason"] if last else None,
+                }
+                sent += 1
+                self.counters["generation"] += 1
+                usage = {
+                    "prompt_tokens": len(prompt),
+                    "completion_tokens": sent,
+                    "total_tokens": len(prompt) + sent,
+                }
+                yield "data: " + json.dumps({"choices": [choice], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+            closed = False
+        finally:
+            self.streams.append(StreamEnd(sample, sent, closed))
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -130,6 +208,13 @@ class FakeVLLM:
             prompts = body["prompt"]
             if prompts and isinstance(prompts[0], int):
                 prompts = [prompts]
+            if body.get("stream"):
+                self.counters["prompt"] += len(prompts[0])
+                sample = self.sample_number(0, body) if self.sample_by_seed else self.streamed
+                self.streamed += 1
+                return StreamingResponse(  # type: ignore[return-value]
+                    self.stream(prompts[0], sample, body), media_type="text/event-stream"
+                )
             choices: list[dict[str, Any]] = []
             prompt_tokens = completion_tokens = cached = 0
             for i, prompt in enumerate(prompts):

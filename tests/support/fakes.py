@@ -11,10 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tts_server.types import Generation, PolicyUsage, PRMUsage, SamplingConfig
+from tts_server.confidence import TokenLogprob
+from tts_server.types import Generation, PolicyUsage, PRMUsage, SamplingConfig, TokenWatch
 
 # (prompt token ids, index of the sample in the call: prompt i, sample j -> i * n + j)
 Script = Callable[[list[int], int], "Generation | str"]
+# (index of the sample as the script got it, position of the token) -> the token's top logprobs,
+# most likely first: the first is the sampled token's own.
+TopLogprobs = Callable[[int, int], list[float]]
 StepScorer = Callable[[Sequence[str]], list[float]]
 
 
@@ -56,10 +60,84 @@ class PolicyCall:
     affinity: list[str] | None = None  # one key per prompt, as the call carried them
 
 
+def with_logprobs(generation: Generation, sample: int, top: TopLogprobs, k: int) -> Generation:
+    """The generation with each token's top logprobs (`top`, at most k+1: vLLM's dict holds
+    the sampled token beside the top k); the alternatives are named "alt1", "alt2", ..."""
+    tokens = []
+    for position, token in enumerate(generation.text):
+        values = top(sample, position)
+        ranked = ((token, values[0]), *((f"alt{r}", lp) for r, lp in enumerate(values[1:], 1)))
+        tokens.append(TokenLogprob(token, values[0], ranked[: k + 1]))
+    return Generation(
+        generation.text,
+        generation.token_ids,
+        generation.finish_reason,
+        generation.stop_reason,
+        logprobs=tokens,
+    )
+
+
+@dataclass
+class StreamRecord:
+    """One streamed sample: how many tokens it had sent when it ended, and whether the caller
+    closed it before its end."""
+
+    sample: int
+    tokens: int
+    closed: bool
+
+
 @dataclass
 class FakePolicy:
     script: Script
     calls: list[PolicyCall] = field(default_factory=list)
+    # Each token's top logprobs when a call asks for logprobs (None: every token -0.1, -3.0, ...).
+    top_logprobs: TopLogprobs | None = None
+    # `stream` calls, in order; a streamed sample's script index is the number of samples this
+    # fake drew before it (so after a call of 4 samples, streams are samples 4, 5, ...).
+    streams: list[StreamRecord] = field(default_factory=list)
+    drawn: int = 0
+
+    def _logprobs(self, generation: Generation, sample: int, k: int | None) -> Generation:
+        if k is None or generation.logprobs is not None:
+            return generation
+        top = self.top_logprobs or (lambda _s, _p: [-0.1, -3.0, -4.0, -5.0, -6.0, -7.0])
+        return with_logprobs(generation, sample, top, k)
+
+    async def stream(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingConfig,
+        usage: PolicyUsage,
+        watch: TokenWatch,
+        *,
+        affinity: str | None = None,
+    ) -> Generation:
+        sample = self.drawn
+        self.drawn += 1
+        self.calls.append(PolicyCall([list(prompt)], 1, sampling, None))
+        out = self.script(list(prompt), sample)
+        whole = simulate(out, sampling) if isinstance(out, str) else out
+        whole = self._logprobs(whole, sample, sampling.logprobs)
+        tokens = whole.logprobs or []
+        sent = len(whole.token_ids)
+        for i, token in enumerate(tokens):
+            if watch(token):
+                sent = i + 1
+                break
+        closed = sent < len(whole.token_ids)
+        self.streams.append(StreamRecord(sample, sent, closed))
+        usage.add(PolicyUsage(prompt_tokens=len(prompt), completion_tokens=sent, calls=1))
+        if not closed:
+            return whole
+        return Generation(
+            whole.text[:sent],
+            whole.token_ids[:sent],
+            "length",
+            None,
+            logprobs=tokens[:sent] if whole.logprobs is not None else None,
+            cancelled=True,
+        )
 
     async def generate(
         self,
@@ -77,8 +155,10 @@ class FakePolicy:
             samples = []
             for j in range(n):
                 out = self.script(list(prompt), i * n + j)
-                samples.append(simulate(out, sampling) if isinstance(out, str) else out)
+                generation = simulate(out, sampling) if isinstance(out, str) else out
+                samples.append(self._logprobs(generation, i * n + j, sampling.logprobs))
             result.append(samples)
+        self.drawn += len(prompts) * n
         usage.add(
             PolicyUsage(
                 prompt_tokens=sum(len(p) for p in prompts) * n,

@@ -361,7 +361,7 @@ def test_adaptive_options_replay_the_recorded_best_of_n_samples_in_order() -> No
     of 2 and a margin of 2 the replay stops after 9 7 (7 leads 3 to 1) and serves 7, right, for
     the pilot's FLOPs and half the best-of-N call's; all four samples serve 9 (scored higher).
     Problem b: no two pilot answers agree, so giving up after 4 draws nothing."""
-    from tts_server.tools.options import adaptive_option
+    from tts_server.tools.options import adaptive_option, adaptive_route
 
     def record(problem: str, option: str, answers: list[str], score: float) -> dict[str, Any]:
         return {"id": problem, "option": option, "expected": "7" if problem == "a" else "5",
@@ -391,8 +391,40 @@ def test_adaptive_options_replay_the_recorded_best_of_n_samples_in_order() -> No
     route = table.routes["hard"]
     assert route.strategy == "adaptive" and route.budget_share == 1.0
     assert report["routes"]["hard"] == adaptive_option(
-        4, route.round_size, route.stop_margin, route.give_up_after
+        4, route.round_size, route.stop_margin, route.give_up_after, route.beta_threshold
     )
+    # The Beta rule, problem a: the pilot's 7 7 3 4 gives P(7 beats the second) = 11/16; after
+    # 9 7 it is 3 against 1, P = 13/16 >= 0.8: stop and serve 7 (right) for half the call; at
+    # 0.9 it draws all four (3 against 3) and serves 9. Problem b draws all four either way
+    # (1 1 1 1, then 7 7 leads 2 to 1: 11/16) and is wrong either way.
+    assert options[adaptive_option(4, 2, None, None, 0.8)] == {
+        "accuracy": 0.5,
+        "mean_flops": (80 + 120) / 2,
+    }
+    assert options[adaptive_option(4, 2, None, None, 0.9)] == {"accuracy": 0.0, "mean_flops": 120}
+    _, beta_route = adaptive_route(adaptive_option(4, 2, None, None, 0.95))
+    assert (beta_route.stop_margin, beta_route.beta_threshold) == (None, 0.95)
+
+
+def test_early_stopping_strategies_are_fixed_options_auto_can_serve() -> None:
+    """`adaptive` and `deepconf` named by a client are measured live, as references and as
+    routes: 20 problems where fixed adaptive@8 is as right as best-of-N@8 for 30 FLOPs, not 80,
+    is what `auto` serves, and its table loads again."""
+    records = []
+    for i in range(20):
+        records.append({"id": f"p{i}", "option": PILOT, "correct": False, "flops": 10,
+                        "mean_score": 0.2, "agreement": 0.25, "pass_at_1": 0.0})  # fmt: skip
+        records.append({"id": f"p{i}", "option": "deepconf@4", "correct": i < 2, "flops": 20})
+        records.append({"id": f"p{i}", "option": "fixed:adaptive@8", "correct": i < 12,
+                        "flops": 30})  # fmt: skip
+        records.append({"id": f"p{i}", "option": "fixed:deepconf@8", "correct": i < 11,
+                        "flops": 50})  # fmt: skip
+        records.append({"id": f"p{i}", "option": "fixed:best_of_n@8", "correct": i < 12,
+                        "flops": 80})  # fmt: skip
+    table, report = fit(records, pilot=4, client_budget=8, adaptive=True)
+    assert report["served"]["choice"] == "adaptive@8"
+    assert (table.fixed_strategy, table.fixed_budget_share) == ("adaptive", 1.0)
+    assert parse_table(table.to_json()) == table
 
 
 def test_auto_falls_back_only_when_it_loses_by_more_than_the_paired_standard_error() -> None:

@@ -52,6 +52,28 @@ async def test_report_counts_accuracy_pass_at_n_and_errors() -> None:
     assert [r.get("correct") for r in report["records"]] == [True, False, None, False]
 
 
+async def test_a_selection_rule_goes_in_the_tts_object() -> None:
+    sent: list[dict[str, object]] = []
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v1/models":
+            sent.append(json.loads(request.content)["tts"])
+        return fake_gateway(request)
+
+    report = await run_eval(
+        "http://gw",
+        "mawps_singleop",
+        strategy="majority",
+        budget=4,
+        limit=1,
+        selection="filtered",
+        progress=False,
+        transport=httpx.MockTransport(recording),
+    )
+    assert sent == [{"strategy": "majority", "budget": 4, "selection": "filtered"}]
+    assert report["selection"] == "filtered"
+
+
 @pytest.mark.integration
 def test_eval_command_against_the_real_stack(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "report.json"

@@ -34,7 +34,13 @@ Use = Literal["honoured", "metadata", "refused"]
 
 # The strategies that sample whole solutions, one vLLM call per sample: a parameter that shapes
 # a whole generation means there what it means to OpenAI.
-WHOLE_SOLUTIONS: tuple[StrategyName, ...] = ("greedy", "majority", "best_of_n")
+WHOLE_SOLUTIONS: tuple[StrategyName, ...] = (
+    "greedy",
+    "majority",
+    "best_of_n",
+    "adaptive",
+    "deepconf",
+)
 
 
 @dataclass(frozen=True)
@@ -71,13 +77,15 @@ def _whole_solutions_only(message: str, *accepted: object) -> Rule:
 
 # vLLM's penalties count the tokens generated in one call: a step search makes one call per step.
 _PENALTY = (
-    "'{}' is honoured by greedy, majority and best_of_n only: the step searches (and auto, which "
+    "'{}' is honoured by greedy, majority, best_of_n, adaptive and deepconf only: the step "
+    "searches (and auto, which "
     "may route to one) continue a solution over several vLLM calls, where vLLM's penalty would "
     "see only the current step; ask for one of those strategies, or leave it out or set 0"
 )
 _TOOLS = "'{}' (deprecated by OpenAI) is not supported: use '{}'"
 _RESPONSE_FORMAT = (
-    "'response_format' is honoured by greedy, majority and best_of_n only: a step search (and "
+    "'response_format' is honoured by greedy, majority, best_of_n, adaptive and deepconf only: "
+    "a step search (and "
     "auto, which may route to one) grows a solution a step at a time, and a format constrains "
     "one whole generation; ask for one of those strategies, or leave it out or use "
     '{"type": "text"}'
@@ -119,8 +127,9 @@ CHAT: dict[str, Rule] = {
     "metadata": METADATA,
     "safety_identifier": METADATA,
     "prompt_cache_key": METADATA,
-    "logprobs": _not_yet("logprobs", False),
-    "top_logprobs": _not_yet("top_logprobs", 0),
+    # The chosen candidates' tokens with their logprobs (`_logprobs`).
+    "logprobs": HONOURED,
+    "top_logprobs": HONOURED,
     # Rendered into the prompt by the chat template; a call answered by greedy only, and "auto"
     # (a call or text, as the model likes) refused: `api.passthrough.tools` checks them.
     "tools": HONOURED,
@@ -161,7 +170,7 @@ TEXT: dict[str, Rule] = {
     **_BOTH,
     "prompt": HONOURED,
     # In completions, logprobs: 0 asks for the chosen tokens' logprobs: only null asks for none.
-    "logprobs": _not_yet("logprobs"),
+    "logprobs": HONOURED,
     "echo": _not_yet("echo", False),
     "suffix": _refused("'suffix' is not supported: the model only continues the prompt", ""),
     "best_of": _refused(
@@ -170,6 +179,9 @@ TEXT: dict[str, Rule] = {
         1,
     ),
 }
+
+# Top logprobs per token a client may ask for: vLLM's own limit (its --max-logprobs default).
+MAX_TOP_LOGPROBS = 20
 
 # One rule for every field of each endpoint's request model (and of `stream_options`).
 PARAMETERS: dict[Kind, dict[str, Rule]] = {"chat": CHAT, "text": TEXT}
@@ -247,7 +259,25 @@ def resolve_job(
         max_flops=_max_flops(headers, opts),
         deadline_s=_deadline(headers, opts, settings.request_timeout_s),
         trace=trace_wanted(headers, opts, settings),
+        logprobs=_logprobs(body),
     )
+
+
+def _logprobs(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Top logprobs per token the client wants with the answer (0: the tokens' own only), None
+    for none. Chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: k`."""
+    if isinstance(body, ChatCompletionRequest):
+        top, param = body.top_logprobs, "top_logprobs"
+        if top is not None and top > 0 and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param=param)
+        wanted = (top or 0) if body.logprobs else None
+    else:
+        wanted, param = body.logprobs, "logprobs"
+    if wanted is not None and not 0 <= wanted <= MAX_TOP_LOGPROBS:
+        raise APIError(
+            400, f"{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {wanted}", param=param
+        )
+    return wanted
 
 
 def _refuse_unsupported(

@@ -82,8 +82,9 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
-    # Refused unless they have OpenAI's default value.
+    # Top logprobs per token of the answer (0: the tokens' own logprobs only).
     logprobs: int | None = None
+    # Refused unless they have OpenAI's default value.
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
@@ -123,9 +124,10 @@ class ChatCompletionRequest(_Common):
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    # Refused unless they have OpenAI's default value.
+    # The answer's tokens with their logprobs, and the top alternatives per token.
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # Refused unless they have OpenAI's default value.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

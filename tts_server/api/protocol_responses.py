@@ -11,10 +11,12 @@ a text goes into its choice: picking the class is the one thing that depends on 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
+from tts_server.confidence import TokenLogprob
 from tts_server.types import Aggregation, FinishReason, SelectionRule, StrategyName
 
 
@@ -94,6 +96,18 @@ class RouteReport(_Wire):
     early_exit: bool
 
 
+class ConfidenceReport(_Wire):
+    """A candidate's DeepConf confidences (tts_server/confidence.py); `cancelled`: closed while
+    it generated (deepconf), so it did not vote."""
+
+    mean: float
+    lowest_group: float
+    tail: float
+    bottom_10: float
+    tokens: int
+    cancelled: bool
+
+
 class TTSReport(_Wire):
     """The `tts` object of a whole response and of a stream's finishing chunk."""
 
@@ -109,6 +123,8 @@ class TTSReport(_Wire):
     num_candidates: int
     candidates_answers: list[str | None]
     candidate_scores: list[float | None]
+    # Per candidate; None when the request sampled no logprobs (or for a candidate without).
+    candidate_confidences: list[ConfidenceReport | None] | None
     iterations: int
     policy_tokens: PolicyTokens
     prm: PRMReport
@@ -128,6 +144,72 @@ class TTSProgress(_Wire):
     `Watch.snapshot` reports them (a counter not known yet is left out)."""
 
     progress: dict[str, int | str | None]
+
+
+# --- logprobs: the selected candidate's tokens, as vLLM and OpenAI return them ---
+
+
+def _utf8(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+class TopLogprob(_Wire):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(_Wire):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Wire):
+    content: list[ChatTokenLogprob]
+
+    @classmethod
+    def of(cls, tokens: Sequence[TokenLogprob], top: int) -> ChatLogprobs:
+        """The tokens with their `top` most likely alternatives each."""
+        return cls(
+            content=[
+                ChatTokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=_utf8(t.token),
+                    top_logprobs=[
+                        TopLogprob(token=alt, logprob=lp, bytes=_utf8(alt))
+                        for alt, lp in t.top[:top]
+                    ],
+                )
+                for t in tokens
+            ]
+        )
+
+
+class TextLogprobs(_Wire):
+    """The legacy completions shape: parallel lists; `top_logprobs` maps each position's most
+    likely tokens to their logprobs (the token itself included, as vLLM does)."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float]] | None
+
+    @classmethod
+    def of(cls, tokens: Sequence[TokenLogprob], top: int, offset: int = 0) -> TextLogprobs:
+        offsets: list[int] = []
+        at = offset
+        for t in tokens:
+            offsets.append(at)
+            at += len(t.token)
+        return cls(
+            text_offset=offsets,
+            token_logprobs=[t.logprob for t in tokens],
+            tokens=[t.token for t in tokens],
+            top_logprobs=[{**dict(t.top[:top]), t.token: t.logprob} for t in tokens],
+        )
 
 
 # --- whole responses ---
@@ -157,14 +239,14 @@ class AssistantMessage(_Sparse):
 class ChatChoice(_Wire):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
 class TextChoice(_Wire):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -181,7 +263,18 @@ class Completion(_Wire):
 
     @classmethod
     @abstractmethod
-    def choice(cls, text: str, finish_reason: FinishReason, index: int = 0) -> BaseModel: ...
+    def choice(
+        cls,
+        text: str,
+        finish_reason: FinishReason,
+        index: int = 0,
+        logprobs: Logprobs | None = None,
+    ) -> BaseModel:
+        """`logprobs`: the answer's tokens and how many alternatives each (None: not asked)."""
+
+
+# The tokens of an answer and the alternatives per token the client asked for.
+Logprobs = tuple[Sequence[TokenLogprob], int]
 
 
 class ChatCompletion(Completion):
@@ -189,9 +282,18 @@ class ChatCompletion(Completion):
     choices: list[ChatChoice]
 
     @classmethod
-    def choice(cls, text: str, finish_reason: FinishReason, index: int = 0) -> ChatChoice:
+    def choice(
+        cls,
+        text: str,
+        finish_reason: FinishReason,
+        index: int = 0,
+        logprobs: Logprobs | None = None,
+    ) -> ChatChoice:
         return ChatChoice(
-            index=index, message=AssistantMessage(content=text), finish_reason=finish_reason
+            index=index,
+            message=AssistantMessage(content=text),
+            logprobs=None if logprobs is None else ChatLogprobs.of(*logprobs),
+            finish_reason=finish_reason,
         )
 
 
@@ -200,8 +302,19 @@ class TextCompletion(Completion):
     choices: list[TextChoice]
 
     @classmethod
-    def choice(cls, text: str, finish_reason: FinishReason, index: int = 0) -> TextChoice:
-        return TextChoice(index=index, text=text, finish_reason=finish_reason)
+    def choice(
+        cls,
+        text: str,
+        finish_reason: FinishReason,
+        index: int = 0,
+        logprobs: Logprobs | None = None,
+    ) -> TextChoice:
+        return TextChoice(
+            index=index,
+            text=text,
+            logprobs=None if logprobs is None else TextLogprobs.of(*logprobs),
+            finish_reason=finish_reason,
+        )
 
 
 # --- stream chunks ---
@@ -225,14 +338,14 @@ class Delta(_Sparse):
 class ChatChunkChoice(_Wire):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
 class TextChunkChoice(_Wire):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -256,15 +369,20 @@ class CompletionChunk(_Sparse):
     @classmethod
     @abstractmethod
     def choice(
-        cls, text: str | None, finish_reason: FinishReason | None = None, index: int = 0
+        cls,
+        text: str | None,
+        finish_reason: FinishReason | None = None,
+        index: int = 0,
+        logprobs: Logprobs | None = None,
     ) -> BaseModel:
-        """A choice with `text` (None: nothing new, as in a progress or finishing chunk)."""
+        """A choice with `text` (None: nothing new, as in a progress or finishing chunk), and
+        with its tokens' logprobs when asked."""
 
     @classmethod
-    def first_of(cls, text: str, index: int) -> BaseModel:
+    def first_of(cls, text: str, index: int, logprobs: Logprobs | None = None) -> BaseModel:
         """Choice `index`'s whole text, as its first chunk: for a choice past the first, opened
         with the text (no opening chunk went out for it)."""
-        return cls.choice(text, None, index)
+        return cls.choice(text, None, index, logprobs)
 
     @classmethod
     def opening(cls) -> BaseModel | None:
@@ -278,17 +396,29 @@ class ChatCompletionChunk(CompletionChunk):
 
     @classmethod
     def choice(
-        cls, text: str | None, finish_reason: FinishReason | None = None, index: int = 0
+        cls,
+        text: str | None,
+        finish_reason: FinishReason | None = None,
+        index: int = 0,
+        logprobs: Logprobs | None = None,
     ) -> ChatChunkChoice:
         delta = Delta() if text is None else Delta(content=text)
-        return ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+        return ChatChunkChoice(
+            index=index,
+            delta=delta,
+            logprobs=None if logprobs is None else ChatLogprobs.of(*logprobs),
+            finish_reason=finish_reason,
+        )
 
     @classmethod
-    def first_of(cls, text: str, index: int) -> ChatChunkChoice:
+    def first_of(cls, text: str, index: int, logprobs: Logprobs | None = None) -> ChatChunkChoice:
         if index == 0:  # the opening chunk gave it its role
-            return cls.choice(text)
+            return cls.choice(text, logprobs=logprobs)
         return ChatChunkChoice(
-            index=index, delta=Delta(role="assistant", content=text), finish_reason=None
+            index=index,
+            delta=Delta(role="assistant", content=text),
+            logprobs=None if logprobs is None else ChatLogprobs.of(*logprobs),
+            finish_reason=None,
         )
 
     @classmethod
@@ -303,9 +433,18 @@ class TextCompletionChunk(CompletionChunk):
 
     @classmethod
     def choice(
-        cls, text: str | None, finish_reason: FinishReason | None = None, index: int = 0
+        cls,
+        text: str | None,
+        finish_reason: FinishReason | None = None,
+        index: int = 0,
+        logprobs: Logprobs | None = None,
     ) -> TextChunkChoice:
-        return TextChunkChoice(index=index, text=text or "", finish_reason=finish_reason)
+        return TextChunkChoice(
+            index=index,
+            text=text or "",
+            logprobs=None if logprobs is None else TextLogprobs.of(*logprobs),
+            finish_reason=finish_reason,
+        )
 
 
 # --- /v1/models ---

@@ -18,9 +18,11 @@ from tts_server.api.protocol_responses import (
     ChatCompletionChunk,
     Completion,
     CompletionChunk,
+    ConfidenceReport,
     DifficultyReport,
     FlopsReport,
     FunctionCall,
+    Logprobs,
     PolicyTokens,
     PRMReport,
     PromptTokensDetails,
@@ -117,6 +119,31 @@ def usage_of(outcome: Outcome) -> Usage:
     )
 
 
+def answer_logprobs(outcome: Outcome, candidate: Candidate) -> Logprobs | None:
+    """A chosen candidate's tokens and the alternatives per token the client asked for, or None
+    when it asked for none. A search's candidate has its steps' tokens in order: each step
+    continued the exact token ids before it, so each token's logprob is the one a single pass
+    would give there."""
+    wanted = outcome.job.logprobs
+    if wanted is None:
+        return None
+    return candidate.logprobs or [], wanted
+
+
+def confidences(candidates: list[Candidate]) -> list[ConfidenceReport | None] | None:
+    """Each candidate's confidences; None when no candidate was sampled with logprobs."""
+    if all(c.confidence is None for c in candidates):
+        return None
+    return [
+        None
+        if c.confidence is None
+        else ConfidenceReport.model_validate(
+            {**c.confidence.as_dict(), "cancelled": c.finish_reason == "cancelled"}
+        )
+        for c in candidates
+    ]
+
+
 def tts_report(outcome: Outcome) -> TTSReport:
     """What the search did and what it cost: the `tts` object of a response."""
     result, job, decision = outcome.result, outcome.job, outcome.decision
@@ -135,6 +162,7 @@ def tts_report(outcome: Outcome) -> TTSReport:
         num_candidates=len(result.candidates),
         candidates_answers=[c.answer for c in result.candidates],
         candidate_scores=[c.score for c in result.candidates],
+        candidate_confidences=confidences(result.candidates),
         iterations=result.iterations,
         policy_tokens=PolicyTokens(
             prompt=usage.prompt_tokens,
@@ -174,7 +202,8 @@ def completion(outcome: Outcome, kind: Kind, model: str) -> Completion:
             choices.append(ChatChoice(index=index, message=message, finish_reason="tool_calls"))
             continue
         text, reason = endpoint.answer_text(candidate), finish_reason(candidate.finish_reason)
-        choices.append(endpoint.whole.choice(text, reason, index))
+        logprobs = answer_logprobs(outcome, candidate)
+        choices.append(endpoint.whole.choice(text, reason, index, logprobs))
     return endpoint.whole(
         id=endpoint.new_id(),
         created=int(time.time()),

@@ -36,6 +36,7 @@ from tts_server.api.protocol_responses import (
 from tts_server.api.responses import (
     ENDPOINTS,
     Kind,
+    answer_logprobs,
     finish_reason,
     response_headers,
     tool_call,
@@ -96,7 +97,8 @@ class Chunks:
             zip(outcome.selected, self._calls(outcome), strict=True)
         ):
             if call is None:
-                choices.append(chunk.first_of(self.endpoint.answer_text(candidate), i))
+                text = self.endpoint.answer_text(candidate)
+                choices.append(chunk.first_of(text, i, answer_logprobs(outcome, candidate)))
                 continue
             # Only greedy answers a call: one choice, whose role the opening chunk gave.
             delta = Delta(tool_calls=[ToolCallDelta(id=call.id, function=call.function)])

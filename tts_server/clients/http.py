@@ -4,8 +4,9 @@ jittered backoff, and every transport or protocol failure as one `UpstreamError`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -194,28 +195,69 @@ class Upstream:
             return False
         return response.status_code == 200
 
-    async def _json(
-        self, send: Callable[[], Awaitable[httpx.Response]], limit_s: float
-    ) -> dict[str, Any]:
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, path: str, body: dict[str, Any], *, affinity: str | None = None
+    ) -> AsyncIterator[AsyncIterator[str]]:
+        """POST `body` and yield the answer's lines as they arrive (retried like `post_json`
+        until the answer starts). Leaving the block closes the connection: the upstream sees
+        its client go away. Failures while reading are `error`s too."""
+        url = self.base_url + path
+        request = self._client.build_request("POST", url, json=body, headers=self.headers(affinity))
+        response = await self._send(
+            lambda: send_with_retries(lambda: self._client.send(request, stream=True), self.retry),
+            self.timeout,
+        )
+        try:
+            if response.status_code != 200:
+                await response.aread()
+                raise self._refusal(response)
+            yield self._lines(response)
+        finally:
+            await response.aclose()
+
+    async def _lines(self, response: httpx.Response) -> AsyncIterator[str]:
         error = self.error
         try:
-            response = await send()
+            async for line in response.aiter_lines():
+                yield line
+        except httpx.TimeoutException as exc:
+            raise error(error.TIMEOUT.format(timeout=self.timeout), status=504) from exc
+        except httpx.HTTPError as exc:
+            raise error(error.UNREACHABLE.format(error=type(exc).__name__)) from exc
+
+    async def _send(
+        self, send: Callable[[], Awaitable[httpx.Response]], limit_s: float
+    ) -> httpx.Response:
+        error = self.error
+        try:
+            return await send()
         except httpx.TimeoutException as exc:
             raise error(error.TIMEOUT.format(timeout=limit_s), status=504) from exc
         except httpx.HTTPError as exc:
             raise error(error.UNREACHABLE.format(error=type(exc).__name__)) from exc
+
+    def _refusal(self, response: httpx.Response) -> UpstreamError:
+        error, status = self.error, response.status_code
+        reason = response.reason_phrase or "no error message"
+        explained = error_message(response) if status < 500 else None
+        message = explained or error.UNEXPLAINED.format(status=status, reason=reason)
+        return error(
+            error.REFUSED.format(status=status, message=message),
+            status=error.answer_status(status),
+            upstream_status=status,
+            upstream_code=error_code(response),
+            upstream_param=error_code(response, "param"),
+        )
+
+    async def _json(
+        self, send: Callable[[], Awaitable[httpx.Response]], limit_s: float
+    ) -> dict[str, Any]:
+        error = self.error
+        response = await self._send(send, limit_s)
         status = response.status_code
         if status != 200:
-            reason = response.reason_phrase or "no error message"
-            explained = error_message(response) if status < 500 else None
-            message = explained or error.UNEXPLAINED.format(status=status, reason=reason)
-            raise error(
-                error.REFUSED.format(status=status, message=message),
-                status=error.answer_status(status),
-                upstream_status=status,
-                upstream_code=error_code(response),
-                upstream_param=error_code(response, "param"),
-            )
+            raise self._refusal(response)
         try:
             data = response.json()
         except ValueError as exc:

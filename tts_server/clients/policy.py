@@ -21,14 +21,16 @@ the whole call (one request has one header: a step's subtrees then share a repli
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import httpx
 
 from tts_server.clients.http import RetryPolicy, Upstream, UpstreamError
+from tts_server.confidence import TokenLogprob
 from tts_server.flops import context_sum
-from tts_server.types import Generation, PolicyUsage, SamplingConfig
+from tts_server.types import Generation, PolicyUsage, SamplingConfig, TokenWatch
 
 CallMode = Literal["per_prompt", "batched"]
 
@@ -137,22 +139,7 @@ class VLLMPolicyClient:
         seed: int | None,
         affinity: str | None = None,
     ) -> list[Generation]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "prompt": prompts,
-            "n": 1,
-            "max_tokens": sampling.max_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "include_stop_str_in_output": True,
-            "return_token_ids": True,
-            "skip_special_tokens": True,
-        }
-        if sampling.stop:
-            body["stop"] = list(sampling.stop)
-        if seed is not None:
-            body["seed"] = seed
-        body.update(sampling.passthrough.body())
+        body = self._body(prompts, sampling, seed)
         data = await self._upstream.post_json("/v1/completions", body, affinity=affinity)
         choices = sorted(data.get("choices", []), key=lambda c: int(c["index"]))
         if len(choices) != len(prompts):
@@ -177,6 +164,97 @@ class VLLMPolicyClient:
             call.context_cached += context_sum(0, hit)
         usage.add(call)
         return generations
+
+    def _body(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seed: int | None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompts,
+            "n": 1,
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "include_stop_str_in_output": True,
+            "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
+        if seed is not None:
+            body["seed"] = seed
+        if sampling.logprobs is not None:
+            body["logprobs"] = sampling.logprobs
+        body.update(sampling.passthrough.body())
+        return body
+
+    async def stream(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingConfig,
+        usage: PolicyUsage,
+        watch: TokenWatch,
+        *,
+        affinity: str | None = None,
+    ) -> Generation:
+        """One sample streamed (`"stream": true`, usage on every chunk), closed as soon as
+        `watch` says so. What a closed sample cost is what its chunks reported: vLLM aborts the
+        request when the connection closes, and tokens it generated after the last chunk read
+        are not known here (docs/confidence.md says how many that was, measured)."""
+        body = self._body([list(prompt)], sampling, sampling.seed)
+        body["prompt"] = list(prompt)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+        text: list[str] = []
+        token_ids: list[int] = []
+        tokens: list[TokenLogprob] = []
+        finish: str | None = None
+        stop_reason: object = None
+        cancelled = False
+        prompt_tokens, cached = len(prompt), 0
+        async with self._upstream.stream("/v1/completions", body, affinity=affinity) as lines:
+            async for line in lines:
+                if not line.startswith("data:"):
+                    continue
+                payload = line[len("data:") :].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = _chunk(payload)
+                raw_usage = chunk.get("usage") or {}
+                prompt_tokens = int(raw_usage.get("prompt_tokens") or prompt_tokens)
+                details = raw_usage.get("prompt_tokens_details") or {}
+                cached = int(details.get("cached_tokens") or cached)
+                for choice in chunk.get("choices") or []:
+                    text.append(choice.get("text") or "")
+                    token_ids.extend(int(t) for t in choice.get("token_ids") or [])
+                    arrived = _token_logprobs(choice.get("logprobs"))
+                    tokens.extend(arrived)
+                    finish = choice.get("finish_reason") or finish
+                    stop_reason = choice.get("stop_reason") or stop_reason
+                    if finish is None and any([watch(t) for t in arrived]):
+                        cancelled = True
+                if cancelled:
+                    break  # leaving the block closes the stream: vLLM aborts the request
+        end = prompt_tokens + len(token_ids)
+        usage.add(
+            PolicyUsage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=len(token_ids),
+                cached_tokens=cached,
+                calls=1,
+                requests=1,
+                context_computed=context_sum(cached, end),
+                context_cached=context_sum(0, cached),
+            )
+        )
+        return Generation(
+            text="".join(text),
+            token_ids=token_ids,
+            finish_reason="length" if finish == "length" or cancelled else "stop",
+            stop_reason=stop_reason if isinstance(stop_reason, str) else None,
+            logprobs=tokens if sampling.logprobs is not None else None,
+            cancelled=cancelled,
+        )
 
     async def tokenize_chat(
         self,
@@ -221,10 +299,49 @@ class VLLMPolicyClient:
 def _to_generation(choice: dict[str, Any]) -> Generation:
     finish = choice.get("finish_reason") or "stop"
     stop_reason = choice.get("stop_reason")
+    raw_logprobs = choice.get("logprobs")
     return Generation(
         text=choice.get("text") or "",
         token_ids=[int(t) for t in (choice.get("token_ids") or [])],
         finish_reason="length" if finish == "length" else "stop",
         # An int stop_reason is a stop token id: treat like EOS.
         stop_reason=stop_reason if isinstance(stop_reason, str) else None,
+        logprobs=None if raw_logprobs is None else _token_logprobs(raw_logprobs),
     )
+
+
+def _token_logprobs(raw: Any) -> list[TokenLogprob]:
+    """vLLM's completions logprobs ({tokens, token_logprobs, top_logprobs}) as tokens, each
+    with its top candidates most likely first. A null logprob (vLLM sends one for a token it
+    could not score) counts as -inf, as vLLM's own -9999.0 does."""
+    if not isinstance(raw, dict):
+        return []
+    tokens = raw.get("tokens") or []
+    chosen = raw.get("token_logprobs") or []
+    tops = raw.get("top_logprobs") or []
+    result: list[TokenLogprob] = []
+    for i, token in enumerate(tokens):
+        logprob = chosen[i] if i < len(chosen) and chosen[i] is not None else -9999.0
+        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        ranked = sorted(
+            ((str(t), float(lp) if lp is not None else -9999.0) for t, lp in top.items()),
+            key=lambda pair: -pair[1],
+        )
+        result.append(TokenLogprob(str(token), float(logprob), tuple(ranked)))
+    return result
+
+
+def _chunk(payload: str) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        raise PolicyError(
+            PolicyError.UNREADABLE.format(what="a stream chunk that is not JSON")
+        ) from exc
+    if not isinstance(data, dict):
+        raise PolicyError(PolicyError.UNREADABLE.format(what="a stream chunk that is no object"))
+    if "error" in data:
+        error = data["error"]
+        message = error.get("message") if isinstance(error, dict) else None
+        raise PolicyError(PolicyError.REFUSED.format(message=message or "a stream error"))
+    return data

@@ -9,6 +9,7 @@ from tts_server.strategies.auto import auto
 from tts_server.strategies.beam_search import beam_search
 from tts_server.strategies.best_of_n import best_of_n
 from tts_server.strategies.common import StrategyFn
+from tts_server.strategies.deepconf import deepconf
 from tts_server.strategies.dvts import dvts
 from tts_server.strategies.greedy import greedy
 from tts_server.strategies.majority import majority
@@ -33,7 +34,9 @@ REGISTRY: dict[str, Strategy] = {
     "best_of_n": Strategy(best_of_n, needs_prm=True),
     "beam_search": Strategy(beam_search, needs_prm=True, uses_beam_width=True),
     "dvts": Strategy(dvts, needs_prm=True, uses_beam_width=True),
-    "adaptive": Strategy(adaptive, needs_prm=True, requestable=False),
+    # Early stopping by vote (adaptive consistency) and by confidence (DeepConf online).
+    "adaptive": Strategy(adaptive, needs_prm=False),
+    "deepconf": Strategy(deepconf, needs_prm=False),
 }
 assert tuple(n for n, s in REGISTRY.items() if s.requestable) == STRATEGY_NAMES
 

@@ -77,12 +77,15 @@ async def auto(
         strategy = _registered(chosen.strategy)
         assert strategy is not None, "a table's routes are checked when it loads"
         main = await strategy.run(problem, routed, policy, verifier if strategy.needs_prm else None)
+        if chosen.strategy == "deepconf":  # it may stop before its budget: say what it drew
+            decision.budget = k + len(main.candidates)
     policy_usage, prm_usage = PolicyUsage(), PRMUsage()
     for part in (pilot, main):
         policy_usage.add(part.policy_usage)
         prm_usage.add(part.prm_usage)
-    # The pilot's samples stay candidates: nothing it computed is thrown away.
-    rule = "majority" if chosen.strategy == "majority" else config.selection
+    # The pilot's samples stay candidates: nothing it computed is thrown away. A route that
+    # scores nothing (majority, deepconf) is merged with the pilot by a vote.
+    rule = "majority" if chosen.strategy in ("majority", "deepconf") else config.selection
     return await finish(
         [*pilot.candidates, *main.candidates],
         rule,

@@ -7,8 +7,10 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 
 from tts_server.answers import extract_answer, has_final_answer
+from tts_server.confidence import TokenLogprob
 from tts_server.selection import Selection, aggregate, select
 from tts_server.types import (
+    VOTES,
     Candidate,
     Generation,
     PolicyClient,
@@ -68,7 +70,23 @@ def full_sampling(config: SearchConfig, *, temperature: float | None = None) -> 
         stop=config.solution_stops,
         seed=config.seed,
         passthrough=config.passthrough,
+        logprobs=config.confidence.sample,
     )
+
+
+def covering(tokens: list[TokenLogprob] | None, length: int) -> list[TokenLogprob] | None:
+    """The leading tokens that make up the first `length` characters of their text: what is
+    left of a generation's tokens once its text was cut (a stop string, a ramble)."""
+    if tokens is None:
+        return None
+    kept: list[TokenLogprob] = []
+    at = 0
+    for token in tokens:
+        if at >= length:
+            break
+        kept.append(token)
+        at += len(token.token)
+    return kept
 
 
 def solution_candidate(generation: Generation, config: SearchConfig) -> Candidate:
@@ -89,6 +107,7 @@ def solution_candidate(generation: Generation, config: SearchConfig) -> Candidat
         finished=True,
         finish_reason=generation.finish_reason,
         answer=extract_answer(text),
+        logprobs=covering(generation.logprobs, len(text)),
     )
     if config.progress is not None:
         config.progress.add(candidate)
@@ -124,6 +143,7 @@ def clone(candidate: Candidate) -> Candidate:
         steps=list(candidate.steps),
         token_ids=list(candidate.token_ids),
         step_scores=list(candidate.step_scores),
+        logprobs=None if candidate.logprobs is None else list(candidate.logprobs),
     )
 
 
@@ -163,6 +183,7 @@ async def expand(
         stop=tuple(dict.fromkeys(stops)),
         seed=config.seed,
         passthrough=config.passthrough,
+        logprobs=config.confidence.sample,
     )
     prompts = [[*problem.prompt_ids, *p.token_ids] for p in parents]
     samples = await policy.generate(prompts, sampling, usage, n=n, affinity=affinity)
@@ -179,6 +200,12 @@ def extend(
     child = clone(parent)
     child.token_ids.extend(generation.token_ids)
     text = strip_solution_stop(generation, config)
+    if generation.logprobs is not None:
+        # Each step continues from the parent's exact token ids, so its tokens' logprobs are
+        # the ones a single pass would give at those positions: the steps' lists concatenate.
+        before = len(child.text)
+        step_tokens = covering(generation.logprobs, len(text)) or []
+        child.logprobs = (covering(child.logprobs, before) or []) + step_tokens
     open_step = bool(child.steps) and not child.steps[-1].endswith(config.step_delimiter)
     step = child.steps[-1] + text if open_step else text
 
@@ -206,6 +233,7 @@ def extend(
     kept, cut = cut_at_stops(child.text, config.solution_stops)
     if cut:
         child.steps = _cut_steps(child.steps, len(kept))
+        child.logprobs = covering(child.logprobs, len(kept))
         reason = "stop"
     if reason is not None:
         child.finished, child.finish_reason = True, reason
@@ -252,6 +280,12 @@ async def score(
         candidate.score = aggregate(candidate.step_scores, config.aggregation)
 
 
+def vote_rule(config: SearchConfig, default: SelectionRule = "majority") -> SelectionRule:
+    """The rule a strategy without PRM scores selects by: the request's when it needs no score
+    (majority, confidence, filtered), else `default`."""
+    return config.selection if config.selection in VOTES else default
+
+
 def require_prm(prm: PRMClient | None, strategy: str) -> PRMClient:
     if prm is None:
         raise ValueError(f"{strategy} needs a PRM")
@@ -268,7 +302,9 @@ async def finish(
     prm_usage: PRMUsage,
 ) -> StrategyResult:
     """Select among `candidates` (off the event loop: math-verify is CPU work) and wrap up."""
-    selection: Selection = await asyncio.to_thread(select, candidates, rule, config.aggregation)
+    selection: Selection = await asyncio.to_thread(
+        select, candidates, rule, config.aggregation, config.confidence
+    )
     return StrategyResult(
         candidates=candidates,
         chosen=selection.chosen,

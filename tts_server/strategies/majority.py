@@ -1,8 +1,9 @@
-"""Majority voting (self-consistency): N whole solutions, the most frequent answer wins."""
+"""Majority voting (self-consistency): N whole solutions, the most frequent answer wins (or the
+most confident one, with the `confidence` and `filtered` votes)."""
 
 from __future__ import annotations
 
-from tts_server.strategies.common import finish, whole_solutions
+from tts_server.strategies.common import finish, vote_rule, whole_solutions
 from tts_server.types import (
     PolicyClient,
     PolicyUsage,
@@ -21,7 +22,7 @@ async def majority(
     candidates = await whole_solutions(policy, problem, config, policy_usage, n=config.budget)
     return await finish(
         candidates,
-        "majority",
+        vote_rule(config),
         config,
         iterations=1,
         policy_usage=policy_usage,

@@ -65,6 +65,8 @@ def _record(example: Example, option: str, tts: dict[str, Any]) -> dict[str, Any
         "scores": scores,
         "selection": tts.get("selection"),
     }
+    if tts.get("candidate_confidences") is not None:
+        record["confidences"] = tts["candidate_confidences"]
     if option == PILOT:
         counts: dict[str, int] = {}
         for answer in answers:
@@ -171,11 +173,9 @@ def main_calibrate(args: argparse.Namespace) -> int:
                 continue
             # A search runs a whole number of beam widths.
             options.append((strategy, left - left % width_for(strategy, left)))
-    names = (
-        [s for s in strategies if s != ADAPTIVE]
-        if args.compare is None
-        else args.compare.split(",")
-    )
+    # `adaptive` is also a strategy a client names: measured as a reference (the server's
+    # Beta rule), while its routes are replayed from best-of-N.
+    names = strategies if args.compare is None else args.compare.split(",")
     compare = [(s.strip(), max(budgets)) for s in names if s.strip() not in ("", "none")]
     try:
         if args.refit:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tts_server.types import SELECTIONS
+
 Run = Callable[[argparse.Namespace], int]
 
 
@@ -97,6 +99,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument(
         "--temperature", type=float, default=None, help="sampling temperature (server default)"
+    )
+    parser.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default=None,
+        help="selection rule, tts.selection (server default); e.g. confidence, filtered",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
 

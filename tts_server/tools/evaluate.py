@@ -32,12 +32,15 @@ async def _one(
     strategy: str,
     budget: int,
     temperature: float | None = None,
+    selection: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": example.question}],
         "tts": {"strategy": strategy, "budget": budget},
     }
+    if selection is not None:
+        body["tts"]["selection"] = selection
     if temperature is not None:
         body["temperature"] = temperature
     headers = {"X-TTS-Strategy": strategy, "X-TTS-Budget": str(budget)}
@@ -79,6 +82,7 @@ async def _one(
         "routed": (tts.get("route") or {}).get("strategy"),
         "candidates_answers": candidates,
         "candidate_scores": tts.get("candidate_scores"),
+        "candidate_confidences": tts.get("candidate_confidences"),
     }
 
 
@@ -92,6 +96,7 @@ async def run_eval(
     offset: int = 0,
     concurrency: int = 2,
     temperature: float | None = None,
+    selection: str | None = None,
     model: str | None = None,
     progress: bool = True,
     timeout_s: float = 900.0,
@@ -114,7 +119,9 @@ async def run_eval(
 
         async def bounded(example: Example) -> dict[str, Any]:
             async with semaphore:
-                record = await _one(client, base_url, model, example, strategy, budget, temperature)
+                record = await _one(
+                    client, base_url, model, example, strategy, budget, temperature, selection
+                )
             done.append(record)
             bar.update(1)
             bar.set_postfix(acc=f"{sum(bool(r.get('correct')) for r in done) / len(done):.1%}")
@@ -131,8 +138,9 @@ async def run_eval(
         "dataset": dataset,
         "strategy": strategy,
         "budget": budget,
-        # None: the server's default sampling temperature.
+        # None: the server's default sampling temperature and selection rule.
         "temperature": temperature,
+        "selection": selection,
         "n": n,
         "offset": offset,
         "accuracy": sum(bool(r.get("correct")) for r in records) / n if n else 0.0,
@@ -174,6 +182,7 @@ def main_eval(args: argparse.Namespace) -> int:
                 offset=args.offset,
                 concurrency=args.concurrency,
                 temperature=args.temperature,
+                selection=args.selection,
             )
         )
     except DatasetError as exc:

@@ -31,6 +31,7 @@ from tts_server.tools.options import (
     SEARCHES,
     adaptive_option,
     auto_cost,
+    is_replayed_adaptive,
     route_of,
     width_for,
 )
@@ -187,7 +188,9 @@ def fit(
         if client_budget is not None:
             for option in options:
                 strategy, _, measured = option.partition("@")
-                if strategy not in FIXED_STRATEGIES or int(measured) >= client_budget:
+                if is_replayed_adaptive(option) or strategy not in FIXED_STRATEGIES:
+                    continue
+                if int(measured) >= client_budget:
                     continue
                 n = int(measured)
                 width = width_for(strategy, n) if strategy in SEARCHES else None
