@@ -57,6 +57,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="served model name (TTS_POLICY_MODEL)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=None, help="default: the profile's")
+    parser.add_argument(
+        "--concurrencies", default="1,8,32", help="the overhead scenario's (comma-separated)"
+    )
+    parser.add_argument(
+        "--saturation-concurrency", type=int, default=16, help="the saturation scenario's"
+    )
+    parser.add_argument("--peer-concurrency", type=int, default=4, help="the optillm cells'")
     parser.add_argument("--budget", type=int, default=8)
     parser.add_argument("--beam-width", type=int, default=4)
     parser.add_argument("--cell-time-limit", type=float, default=600.0, help="seconds per cell")
@@ -99,6 +106,9 @@ def _plan(args: argparse.Namespace, settings: Settings, model: str) -> Plan:
         max_tokens=args.max_tokens,
         budget=args.budget,
         beam_width=args.beam_width,
+        concurrencies=tuple(int(c) for c in args.concurrencies.split(",") if c.strip()),
+        saturation_concurrency=args.saturation_concurrency,
+        peer_concurrency=args.peer_concurrency,
         cell_time_limit_s=args.cell_time_limit,
     )
 
