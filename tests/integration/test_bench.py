@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Stack
-from tts_server.bench.cli import add_bench_arguments, main_bench
+from tts_server.bench.cli import main_bench
+from tts_server.bench.options import add_bench_arguments
 
 pytestmark = pytest.mark.integration
 

@@ -58,7 +58,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from tts_server.bench.cli import add_bench_arguments
+    from tts_server.bench.options import add_bench_arguments
 
     add_bench_arguments(parser)
 
