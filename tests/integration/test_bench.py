@@ -38,7 +38,7 @@ def test_a_small_real_run(stack: Stack, tmp_path: Path) -> None:
             "--saturation-concurrency",
             "2",
             "--max-tokens",
-            "48",
+            "32",
             "--out",
             str(out),
             "--doc",

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import datetime
 import shlex
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -146,10 +148,10 @@ async def _real(
             bar.advance(0, "warm-up")
             for spec in (specs[0], specs[1]):
                 await client.post(urls[spec.target] + spec.calls[0].path, json=spec.calls[0].body)
-        for spec in specs:
-            await runner.run(spec)
         if "prm" in scenarios:
             await _prm(store, bar, ends, PROFILES[args.profile]["prm_requests"], skipped)
+        for spec in specs:
+            await runner.run(spec)
         if "peer" in scenarios:
             await _peer(args, plan, runner, bar, ends, skipped)
 
@@ -186,18 +188,35 @@ async def _peer(
             bar.advance(len(spec.calls), spec.id)
 
 
+def _pending(plan: Plan, store: CellStore, scenarios: set[str]) -> bool:
+    """Whether a cell that needs the real stack is still to measure (else none is started:
+    a rerun of a finished run only writes the report again)."""
+    cells = [s.id for s in _specs(plan, scenarios)]
+    cells += [f"prm/c{c}" for c in (1, 8, 32)] if "prm" in scenarios else []
+    return any(store.get(cell) is None for cell in cells)
+
+
 def _specs(plan: Plan, scenarios: set[str], *, peer_too: bool = True) -> list[CellSpec]:
     specs: list[CellSpec] = []
-    if "overhead" in scenarios:
-        specs += overhead_cells(plan)
+    # Saturation first: the issue's headline ratio, measured even if a slow run is cut short.
     if "saturation" in scenarios:
         specs += saturation_cells(plan)
+    if "overhead" in scenarios:
+        specs += overhead_cells(plan)
     if peer_too and "peer" in scenarios:
         specs += peer_cells(plan)
     return specs
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def main_bench(args: argparse.Namespace) -> int:
+    # SIGTERM, and SIGINT even where a background shell ignores it, end the run through the
+    # `finally` blocks that stop the servers it started (the saved cells stay: resume later).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     scenarios = {s.strip() for s in args.scenarios.split(",") if s.strip()}
     unknown = scenarios - set(SCENARIOS)
     if unknown:
@@ -223,7 +242,7 @@ def main_bench(args: argparse.Namespace) -> int:
     try:
         if "cost" in scenarios:
             asyncio.run(_cost(args, store, bar, logs, sizes["cost_requests"], skipped))
-        if scenarios & {"overhead", "saturation", "prm", "peer"}:
+        if _pending(plan, store, scenarios):
             with bench_stack(
                 logs,
                 model,
@@ -232,7 +251,11 @@ def main_bench(args: argparse.Namespace) -> int:
                 gateway_url=args.gateway_url,
             ) as ends:
                 started["vllm"] = machine.vllm_version(ends.policy_url)
+                store.put("meta/machine", started)
                 asyncio.run(_real(args, plan, store, bar, ends, scenarios, skipped))
+        else:  # the machine the measured cells ran on, as saved then
+            saved = store.get("meta/machine") or {}
+            started = {**started, **{k: v for k, v in saved.items() if k != "cell"}}
     except StackError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
