@@ -215,8 +215,15 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main_bench(args: argparse.Namespace) -> int:
     # SIGTERM, and SIGINT even where a background shell ignores it, end the run through the
     # `finally` blocks that stop the servers it started (the saved cells stay: resume later).
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     scenarios = {s.strip() for s in args.scenarios.split(",") if s.strip()}
     unknown = scenarios - set(SCENARIOS)
     if unknown:
