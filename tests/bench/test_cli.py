@@ -88,3 +88,30 @@ def test_the_run_leaves_the_signal_handlers_as_it_found_them(tmp_path: Path) -> 
     args = parser.parse_args(["--scenarios", "nonsense", "--out", str(tmp_path)])
     assert cli.main_bench(args) == 2  # an unknown scenario, named
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_report_only_writes_what_was_measured_and_names_the_rest(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    argv = [
+        "--scenarios",
+        "saturation",
+        "--problems",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--doc",
+        str(tmp_path / "performance.md"),
+        "--report-only",
+    ]
+    args = parser.parse_args(argv)
+    assert cli.main_bench(args) == 2  # nothing measured with these settings: says so
+    settings = Settings()
+    plan = cli._plan(args, settings, settings.policy_model)
+    fingerprint = {**plan.settings(), "dataset": args.dataset, **PROFILES[args.profile]}
+    store = CellStore(args.out, fingerprint)
+    store.put("saturation/direct-n8", _cell(200.0, 500.0))
+    assert cli.main_bench(args) == 0
+    doc = (tmp_path / "performance.md").read_text()
+    assert "`saturation/gateway-dvts8`: not measured: the run stopped before it" in doc
+    assert store.get("saturation/direct-n8") is not None  # nothing moved aside

@@ -28,6 +28,11 @@ class CellStore:
         _write(marker, settings)
         self.resumed = len(list(self.dir.glob("*.json")))
 
+    @staticmethod
+    def saved_settings(root: Path) -> Any:
+        """The settings the cells in `root` were measured with (None: none saved)."""
+        return _read(root / "run.json")
+
     def _path(self, cell: str) -> Path:
         return self.dir / (cell.replace("/", "__") + ".json")
 

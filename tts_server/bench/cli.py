@@ -235,6 +235,9 @@ def _run(args: argparse.Namespace) -> int:
     sizes = PROFILES[args.profile]
     fingerprint = {**plan.settings(), "dataset": args.dataset, **sizes}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only and CellStore.saved_settings(args.out) != fingerprint:
+        print(f"error: no cells in {args.out} measured with these settings", file=sys.stderr)
+        return 2
     store = CellStore(args.out, fingerprint, fresh=args.fresh)
     if store.resumed:
         print(f"resuming: {store.resumed} cells already measured in {args.out}", file=sys.stderr)
@@ -246,6 +249,14 @@ def _run(args: argparse.Namespace) -> int:
     bar = Progress(total)
     skipped: dict[str, str] = {}
     started = machine.describe()
+    if args.report_only:
+        bar.close()
+        saved = store.get("meta/machine") or {}
+        started = {**started, **{k: v for k, v in saved.items() if k != "cell"}}
+        for spec in _specs(plan, scenarios):
+            if store.get(spec.id) is None:
+                skipped[spec.id] = "not measured: the run stopped before it"
+        return _write(args, plan, store, started, skipped)
     try:
         if "cost" in scenarios:
             asyncio.run(_cost(args, store, bar, logs, sizes["cost_requests"], skipped))

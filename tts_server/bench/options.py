@@ -49,5 +49,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc", type=Path, default=Path("docs/performance.md"))
     parser.add_argument("--no-doc", action="store_true", help="leave docs/performance.md alone")
     parser.add_argument("--fresh", action="store_true", help="measure every cell again")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: write the summary, plots and doc from the cells saved so far",
+    )
     parser.add_argument("--optillm-venv", type=Path, default=None)
     parser.add_argument("--note", default=NOTE, help="printed next to the figures")
