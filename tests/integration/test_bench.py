@@ -48,6 +48,7 @@ def test_a_small_real_run(stack: Stack, tmp_path: Path) -> None:
     assert main_bench(args) == 0
 
     cells = {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in out.glob("cells/*")}
+    assert cells.pop("meta/machine")["vllm"]  # the version the cells were measured with
     assert len(cells) == 5 + 4 + 3
     for name, cell in cells.items():
         if name.startswith("prm/"):
