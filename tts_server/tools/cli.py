@@ -1,5 +1,5 @@
-"""The offline tools' subcommands of `tts-server`: eval, calibrate, plot, report, dashboards,
-export, diagnose.
+"""The offline tools' subcommands of `tts-server`: eval, calibrate, plot, report, bench,
+dashboards, export, diagnose.
 
 The gateway builds the same parser at every start, so registering these imports none of the tools:
 a command imports its module when it runs, and that module imports matplotlib or tqdm (the tools
@@ -87,6 +87,18 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step-threshold", type=float, default=0.5, help="a step's PRM score at or above: good"
     )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tts_server.bench.cli import main_bench
+
+    return main_bench(args)
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from tts_server.bench.options import add_bench_arguments
+
+    add_bench_arguments(parser)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +234,13 @@ TOOLS = {
         add_report_arguments,
         _report,
         ("matplotlib",),
+    ),
+    "bench": Tool(
+        "performance under load: direct vLLM, the gateway and optillm side by side "
+        "(docs/performance.md)",
+        _add_bench_arguments,
+        _bench,
+        ("tqdm", "matplotlib"),
     ),
     "dashboards": Tool(
         "write the Grafana dashboards as JSON", add_dashboards_arguments, _dashboards

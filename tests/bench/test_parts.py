@@ -1,0 +1,183 @@
+"""The benchmark's pure parts: vLLM's counters, percentiles, answers, the cell store, the
+summary's ratios and targets, the generated doc."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tts_server.bench.cells import CellStore
+from tts_server.bench.engine_metrics import delta, parse_counters
+from tts_server.bench.load import percentile, read_gateway, read_vote, summarize
+from tts_server.bench.report import BEGIN, END, render, write_doc
+from tts_server.bench.summary import prefix_cache, summarize_run
+
+METRICS = """# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="m"} 100.0
+vllm:prompt_tokens_total{engine="1",model_name="m"} 20.0
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 7.0
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 64.0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+"""
+
+
+def test_counters_are_summed_over_label_sets_and_gauges_ignored() -> None:
+    counters = parse_counters(METRICS)
+    assert counters == {"prompt_tokens": 120.0, "generation_tokens": 7.0, "cache_hits": 64.0}
+    after = {**counters, "prompt_tokens": 150.0}
+    assert delta(counters, after) == {
+        "prompt_tokens": 30.0,
+        "generation_tokens": 0.0,
+        "cache_hits": 0.0,
+    }
+    assert delta({}, after) == {}
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([], 0.5) is None
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([4.0, 1.0, 2.0, 3.0], 0.5) == 2.5
+    assert percentile([float(i) for i in range(101)], 0.99) == pytest.approx(99.0)
+
+
+def test_answers_of_each_kind_of_response() -> None:
+    gateway = {"choices": [{"message": {"content": "x"}}], "tts": {"answer": "7", "iterations": 3}}
+    assert read_gateway(gateway)[0] == "7"
+    assert read_gateway(gateway)[1]["iterations"] == 3
+    choices = [{"message": {"content": f"The answer is {a}."}} for a in ("4", "5", "5", "x")]
+    assert read_vote({"choices": choices})[0] == "5"  # the most common; no answer is no vote
+    assert read_vote({"choices": []})[0] is None
+
+
+def test_summarize_counts_errors_and_rates() -> None:
+    records = [
+        {"id": "a", "latency_s": 1.0, "correct": True},
+        {"id": "b", "latency_s": 3.0, "correct": False},
+        {"id": "c", "error": "HTTP 500: boom"},
+    ]
+    s = summarize(records, wall_s=4.0)
+    assert (s["answers"], s["errors"], s["first_error"]) == (2, 1, "HTTP 500: boom")
+    assert s["answers_per_s"] == 0.5 and s["accuracy"] == 0.5 and s["p50_s"] == 2.0
+
+
+def test_cells_resume_and_start_afresh_when_the_settings_change(tmp_path: Path) -> None:
+    store = CellStore(tmp_path, {"problems": ["a"]})
+    store.put("overhead/c1/direct-greedy", {"p50_s": 1.0})
+    (store.dir / "half.json").write_text('{"cell": "x", "p5')  # a kill mid-write elsewhere
+    again = CellStore(tmp_path, {"problems": ["a"]})
+    assert again.resumed == 2
+    assert again.get("overhead/c1/direct-greedy") == {
+        "cell": "overhead/c1/direct-greedy",
+        "p50_s": 1.0,
+    }
+    assert list(again.all()) == ["overhead/c1/direct-greedy"]
+    other = CellStore(tmp_path, {"problems": ["b"]})
+    assert other.resumed == 0 and other.get("overhead/c1/direct-greedy") is None
+    assert (tmp_path / "cells.previous").is_dir()  # moved aside, not deleted
+    assert json.loads((tmp_path / "run.json").read_text()) == {"problems": ["b"]}
+    fresh = CellStore(tmp_path, {"problems": ["b"]}, fresh=True)
+    assert fresh.resumed == 0
+
+
+def _cell(p50: float, p99: float, **extra: object) -> dict[str, object]:
+    return {"p50_s": p50, "p99_s": p99, "answers": 10, **extra}
+
+
+def test_summary_ratios_and_targets() -> None:
+    engine_direct = {"generation_tokens": 1000.0, "prompt_tokens": 500.0}
+    cells = {
+        "overhead/c1/direct-greedy": _cell(1.0, 2.0),
+        "overhead/c1/gateway-greedy": _cell(1.02, 2.4),
+        "overhead/c1/direct-n8": _cell(2.0, 3.0),
+        "overhead/c1/gateway-majority8": _cell(2.2, 3.0),
+        "saturation/direct-n8": _cell(
+            1, 1, engine_generation_tokens_per_s=200.0, engine=engine_direct
+        ),
+        "saturation/gateway-beam_search8": _cell(1, 1, engine_generation_tokens_per_s=150.0),
+        "cost/best_of_n": {"strategy": "best_of_n", "answers_per_s": 120.0},
+        "peer/optillm-bon8": {"skipped": "optillm unavailable: pip said no"},
+    }
+    settings = {"budget": 8, "concurrencies": [1]}
+    summary = summarize_run(cells, settings)
+    greedy, majority = summary["overhead"]
+    assert greedy["p50_ratio"] == pytest.approx(1.02) and greedy["p99_ratio"] == pytest.approx(1.2)
+    assert majority["p50_ratio"] == pytest.approx(1.1)
+    saturation = {r["cell"]: r for r in summary["saturation"]}
+    assert saturation["gateway-beam_search8"]["ratio_to_direct"] == pytest.approx(0.75)
+    assert saturation["direct-n8"]["engine_tokens_per_answer"] == pytest.approx(150.0)
+    met = {t["target"]: t["met"] for t in summary["targets"]}
+    assert met["gateway/vLLM p50 greedy c1"] is True
+    assert met["gateway/vLLM p99 greedy c1"] is False
+    assert met["gateway/vLLM p50 majority@8 c1"] is False
+    assert met["engine saturation beam_search8 c16"] is False
+    assert met["gateway answers/s, best_of_n@8, one worker on one CPU"] is True
+    assert summary["skipped"] == {"peer/optillm-bon8": "optillm unavailable: pip said no"}
+
+
+def test_prefix_share_after_the_first_step_takes_best_of_n_off_both_sides() -> None:
+    # Per answer: best-of-N queried 800 prompt tokens, 640 hits (its one step); beam search
+    # queried 3000 with 2400 hits, so after its first step 2200 queried, 1760 hits: 80%.
+    cells = {
+        "saturation/gateway-best_of_n8": {
+            "answers": 2,
+            "engine": {"cache_queries": 1600.0, "cache_hits": 1280.0},
+        },
+        "saturation/gateway-beam_search8": {
+            "answers": 4,
+            "engine": {"cache_queries": 12000.0, "cache_hits": 9600.0},
+        },
+    }
+    [row] = prefix_cache(cells, 8)
+    assert row["share_all_steps"] == pytest.approx(0.8)
+    assert row["share_after_first_step"] == pytest.approx(1760 / 2200)
+
+
+def test_the_doc_keeps_what_was_written_around_the_generated_part(tmp_path: Path) -> None:
+    doc = tmp_path / "performance.md"
+    write_doc(doc, f"{BEGIN}\nfirst\n{END}")
+    text = doc.read_text()
+    assert text.startswith("# Performance") and "first" in text
+    doc.write_text(text + "\n## Changes\n\nbeam search: 0.67 -> 0.9\n")
+    write_doc(doc, f"{BEGIN}\nsecond\n{END}")
+    text = doc.read_text()
+    assert "second" in text and "first" not in text and "beam search: 0.67 -> 0.9" in text
+
+
+def test_render_names_the_machine_the_command_and_every_target() -> None:
+    summary = summarize_run(
+        {"overhead/c8/direct-greedy": _cell(1, 1), "overhead/c8/gateway-greedy": _cell(2, 2)},
+        {"budget": 8, "concurrencies": [8]},
+    )
+    meta = {
+        "finished": "now",
+        "profile": "short",
+        "command": "tts-server bench --problems 2",
+        "machine": {
+            "nproc": 2,
+            "cpu_model": "CPU X",
+            "memory_gib": 24,
+            "os": "Linux",
+            "python": "3.11",
+            "vllm": "0.32.0",
+            "tts_server": "0.1.0",
+            "commit": "abc",
+            "load_average": [1, 1, 1],
+        },
+        "note": "shared machine",
+        "problems": 2,
+        "dataset": "mawps_singleop",
+        "budget": 8,
+        "beam_width": 4,
+        "temperature": 0.4,
+        "max_tokens": 64,
+        "out": "reports/bench",
+    }
+    text = render(summary, meta)
+    assert "CPU X" in text and "tts-server bench --problems 2" in text and "0.32.0" in text
+    assert "| gateway/vLLM p50 greedy c8 | ≤ 1.05 | 2.00 | **missed** |" in text

@@ -1,0 +1,223 @@
+"""The scenarios against the real stack, as cells: one cell is one closed-loop batch of the same
+problems sent one way (direct to vLLM, through the gateway, or through a peer) at one
+concurrency, with vLLM's own counters read before and after it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from tts_server.bench.cells import CellStore
+from tts_server.bench.engine_metrics import delta, scrape
+from tts_server.bench.load import (
+    Call,
+    Reader,
+    closed_loop,
+    read_gateway,
+    read_text,
+    read_vote,
+    summarize,
+)
+from tts_server.prompting import PromptProfile
+from tts_server.tools.datasets import Example
+
+Target = Literal["direct", "gateway", "peer"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every cell shares: the problems and how each is sampled."""
+
+    problems: tuple[Example, ...]
+    model: str
+    profile: PromptProfile
+    temperature: float
+    max_tokens: int
+    budget: int = 8
+    beam_width: int = 4
+    concurrencies: tuple[int, ...] = (1, 8, 32)
+    saturation_concurrency: int = 16
+    peer_concurrency: int = 4
+    # optillm's self-consistency draws a fixed number of samples (5 in 0.4.0, no flag).
+    peer_self_consistency_n: int = 5
+    cell_time_limit_s: float = 600.0
+
+    def settings(self) -> dict[str, Any]:
+        """What a saved cell was measured with (a resumed run must match it)."""
+        return {
+            "problems": [p.id for p in self.problems],
+            "model": self.model,
+            "profile": self.profile.name,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "budget": self.budget,
+            "beam_width": self.beam_width,
+            "concurrencies": list(self.concurrencies),
+            "saturation_concurrency": self.saturation_concurrency,
+            "peer_concurrency": self.peer_concurrency,
+            "cell_time_limit_s": self.cell_time_limit_s,
+        }
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    id: str
+    target: Target
+    concurrency: int
+    calls: tuple[Call, ...]
+    reader: Reader = field(compare=False)
+    label: str = ""
+
+
+def gateway_call(plan: Plan, problem: Example, strategy: str, budget: int | None) -> Call:
+    tts: dict[str, Any] = {"strategy": strategy}
+    if budget is not None:
+        tts["budget"] = budget
+    if strategy in ("beam_search", "dvts"):
+        tts["beam_width"] = plan.beam_width
+    body = {
+        "model": plan.model,
+        "messages": [{"role": "user", "content": problem.question}],
+        "max_tokens": plan.max_tokens,
+        "temperature": 0.0 if strategy == "greedy" else plan.temperature,
+        "tts": tts,
+    }
+    return Call(problem.id, problem.answer, "/v1/chat/completions", body)
+
+
+def direct_call(plan: Plan, problem: Example, n: int, *, greedy: bool = False) -> Call:
+    """The same request straight to vLLM: the prompt profile's messages (what the gateway
+    renders for this model), the same sampling, `n` samples in one call."""
+    messages = plan.profile.chat_messages([{"role": "user", "content": problem.question}])
+    body = {
+        "model": plan.model,
+        "messages": messages,
+        "n": n,
+        "max_tokens": plan.max_tokens,
+        "temperature": 0.0 if greedy else plan.temperature,
+    }
+    return Call(problem.id, problem.answer, "/v1/chat/completions", body)
+
+
+def peer_call(plan: Plan, problem: Example, approach: str) -> Call:
+    """optillm's request: the approach named in the body (`optillm_approach`), the same
+    messages as the direct call (its prompt flattens the worked examples into its query)."""
+    messages = plan.profile.chat_messages([{"role": "user", "content": problem.question}])
+    body = {
+        "model": plan.model,
+        "messages": messages,
+        "max_tokens": plan.max_tokens,
+        "temperature": plan.temperature,
+        "optillm_approach": approach,
+    }
+    return Call(problem.id, problem.answer, "/v1/chat/completions", body)
+
+
+def _gateway(plan: Plan, cell: str, strategy: str, budget: int | None, c: int) -> CellSpec:
+    calls = tuple(gateway_call(plan, p, strategy, budget) for p in plan.problems)
+    name = strategy if budget is None else f"{strategy}@{budget}"
+    return CellSpec(cell, "gateway", c, calls, read_gateway, f"gateway {name}")
+
+
+def _direct(plan: Plan, cell: str, n: int, c: int, *, greedy: bool = False) -> CellSpec:
+    calls = tuple(direct_call(plan, p, n, greedy=greedy) for p in plan.problems)
+    return CellSpec(cell, "direct", c, calls, read_vote, f"vLLM n={n}")
+
+
+def overhead_cells(plan: Plan) -> list[CellSpec]:
+    n = plan.budget
+    cells = []
+    for c in plan.concurrencies:
+        cells += [
+            _direct(plan, f"overhead/c{c}/direct-greedy", 1, c, greedy=True),
+            _gateway(plan, f"overhead/c{c}/gateway-greedy", "greedy", None, c),
+            _direct(plan, f"overhead/c{c}/direct-n{n}", n, c),
+            _gateway(plan, f"overhead/c{c}/gateway-majority{n}", "majority", n, c),
+            _gateway(plan, f"overhead/c{c}/gateway-best_of_n{n}", "best_of_n", n, c),
+        ]
+    return cells
+
+
+def saturation_cells(plan: Plan) -> list[CellSpec]:
+    n, c = plan.budget, plan.saturation_concurrency
+    return [
+        _direct(plan, f"saturation/direct-n{n}", n, c),
+        _gateway(plan, f"saturation/gateway-best_of_n{n}", "best_of_n", n, c),
+        _gateway(plan, f"saturation/gateway-beam_search{n}", "beam_search", n, c),
+        _gateway(plan, f"saturation/gateway-dvts{n}", "dvts", n, c),
+    ]
+
+
+def peer_cells(plan: Plan) -> list[CellSpec]:
+    """Ours and optillm's at equal N, at the same concurrency, on the same problems."""
+    n, sc, c = plan.budget, plan.peer_self_consistency_n, plan.peer_concurrency
+    problems = plan.problems
+
+    def peer(cell: str, approach: str, label: str) -> CellSpec:
+        calls = tuple(peer_call(plan, p, approach) for p in problems)
+        return CellSpec(cell, "peer", c, calls, read_text, label)
+
+    return [
+        _gateway(plan, f"peer/gateway-majority{sc}", "majority", sc, c),
+        peer(f"peer/optillm-self_consistency{sc}", "self_consistency", f"optillm SC@{sc}"),
+        _gateway(plan, f"peer/gateway-best_of_n{n}", "best_of_n", n, c),
+        peer(f"peer/optillm-bon{n}", "bon", f"optillm bon@{n}"),
+    ]
+
+
+class Runner:
+    """Runs cells (or reads them back from the store), reading vLLM's counters around each."""
+
+    def __init__(
+        self,
+        store: CellStore,
+        client: httpx.AsyncClient,
+        policy_url: str,
+        urls: dict[Target, str],
+        *,
+        time_limit_s: float,
+        advance: Callable[[int, str], None] = lambda done, label: None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.policy_url = policy_url
+        self.urls = urls
+        self.time_limit_s = time_limit_s
+        self.advance = advance
+
+    async def run(self, spec: CellSpec) -> dict[str, Any]:
+        saved = self.store.get(spec.id)
+        if saved is not None:
+            self.advance(len(spec.calls), spec.id)
+            return saved
+        base = self.urls[spec.target]
+        before = await scrape(self.client, self.policy_url)
+        records, wall = await closed_loop(
+            self.client,
+            base,
+            spec.calls,
+            spec.reader,
+            concurrency=spec.concurrency,
+            time_limit_s=self.time_limit_s,
+            on_done=lambda record: self.advance(1, spec.id),
+        )
+        after = await scrape(self.client, self.policy_url)
+        # Calls not started within the time limit still count as done for the progress bar.
+        self.advance(len(spec.calls) - len(records), spec.id)
+        engine = delta(before, after)
+        result = {
+            "label": spec.label,
+            "target": spec.target,
+            "concurrency": spec.concurrency,
+            **summarize(records, wall),
+            "engine": engine,
+            "engine_generation_tokens_per_s": engine.get("generation_tokens", 0.0) / wall
+            if wall > 0
+            else None,
+            "records": records,
+        }
+        self.store.put(spec.id, result)
+        return result
