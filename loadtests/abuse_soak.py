@@ -219,6 +219,13 @@ def main() -> int:
     parser.add_argument("--stalled", type=int, default=300, help="slowloris connections")
     parser.add_argument("--silent", type=int, default=100, help="connections that send nothing")
     parser.add_argument("--greedy-concurrency", type=int, default=2)
+    parser.add_argument(
+        "--vllm-delay",
+        type=float,
+        default=0.0,
+        help="seconds each fake vLLM call takes (0: zero latency, which keeps the gateway's "
+        "core busy, so any CPU the abusers cost it shows in the good clients' latency)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON summary here")
     parser.add_argument("--abuse", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -236,7 +243,7 @@ def main() -> int:
         f'[[keys]]\nhash = "{hash_key(GREEDY_KEY)}"\nrequests_per_minute = 60\n'
         "flops_per_minute = 2e10\n"
     )
-    vllm = ThreadServer(FakeVLLM(script=script, model=MODEL).app()).start()
+    vllm = ThreadServer(FakeVLLM(script=script, model=MODEL, delay_s=args.vllm_delay).app()).start()
     prm = ThreadServer(create_prm_app(ArithBackend())).start()
     port = free_port()
     env = {
@@ -285,6 +292,7 @@ def main() -> int:
         good_alone, good_attacked = summarise(alone), summarise(attacked)
         summary = {
             "phase_s": phase,
+            "vllm_delay_s": args.vllm_delay,
             "blocks": blocks,
             "good_concurrency": args.concurrency,
             "good_alone": good_alone,
