@@ -140,7 +140,8 @@ class TTSEngine:
         back to `end_affinity` once the request is over, however it ended (api/routes.py)."""
         if not self.settings.affinity_header:
             return None
-        return self.pins.acquire(_canonical_prompt(job.prompt))
+        # Only a prompt-derived pin reads the prompt: no serialising it per request otherwise.
+        return self.pins.acquire(_canonical_prompt(job.prompt) if self.pins.by_prompt else "")
 
     def end_affinity(self, affinity: Affinity) -> list[str]:
         """The keys to release at the router now that `affinity`'s request is over."""
