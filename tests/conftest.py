@@ -33,6 +33,7 @@ class Stack:
     prm_url: str
     gateway_url: str
     model: str = MODEL
+    gateway_log: Path | None = None  # the session gateway's log file
 
 
 def check_is_vllm(url: str, client: httpx.Client | None = None) -> str:
@@ -124,7 +125,7 @@ def stack(policy_url: str, prm_url: str, log_dir: Path) -> Iterator[Stack]:
     server = ServerProcess("gateway", argv, port, log_dir).start(quotas)
     try:
         server.wait_healthy(60)
-        yield Stack(policy_url=policy_url, prm_url=prm_url, gateway_url=server.url)
+        yield Stack(policy_url, prm_url, server.url, gateway_log=server.log_path)
     finally:
         server.stop()
 

@@ -71,9 +71,13 @@ class Policy(FakePolicy):
 
 
 class PRM(FakePRM):
-    def __init__(self, parameters: int | None = 0) -> None:
+    def __init__(self, parameters: int | None = 0, model: str | None = None) -> None:
         super().__init__(per_step(lambda step: 0.9 if "= 5" in step else 0.5))
         self._parameters = parameters
+        self.model = model
+
+    async def model_name(self) -> str | None:
+        return self.model
 
     async def parameters(self) -> int | None:
         return self._parameters
@@ -97,7 +101,8 @@ def engine(
     health: Health | None = None,
     **settings: object,
 ) -> TTSEngine:
-    config = Settings(policy_model="fake", policy_params=1000, **settings)  # type: ignore[arg-type]
+    settings = {"policy_model": "fake", "policy_params": 1000, **settings}
+    config = Settings(**settings)  # type: ignore[arg-type]
     profile = PromptProfile(name="plain", style="chat")
     return TTSEngine(config, policy or Policy(), prm or PRM(), health or Health(), profile)
 
@@ -243,3 +248,39 @@ async def test_a_seeded_job_never_reuses_a_seed_across_its_calls(strategy: str) 
     ]
     assert len(seeds) == len(set(seeds)) and min(seeds) == 7
     assert outcome.result.policy_usage.calls == len(policy.calls)
+
+
+async def test_auto_serves_the_table_measured_for_the_pair_and_logs_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The embedded default pair (SmolLM2-135M with the arith checker) gets its measured table,
+    any other pair the generic one; the gateway says which and why, once."""
+    caplog.set_level("INFO", logger="tts_server.engine")
+    smol = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    measured = engine(prm=PRM(model="arith-checker"), policy_model=smol)
+    outcome = await measured.run(*await measured.prepare(job("auto", budget=8)))
+    assert outcome.decision is not None and outcome.decision.difficulty is None  # no pilot
+    assert outcome.decision.strategy == "beam_search" and outcome.decision.budget == 8
+    logged = [r.getMessage() for r in caplog.records if "router table" in r.getMessage()]
+    assert len(logged) == 1
+    assert "measured (smollm2-135m-instruct+arith.json), because beam_search" in logged[0]
+    caplog.clear()
+
+    other = engine(prm=PRM(model="Qwen2.5-Math-PRM-7B"), policy_model=smol)
+    outcome = await other.run(*await other.prepare(job("auto", budget=8)))
+    assert outcome.decision is not None and outcome.decision.difficulty is not None  # a pilot
+    (line,) = [r.getMessage() for r in caplog.records if "router table" in r.getMessage()]
+    assert "generic: under 7B, because Liu et al." in line and "Qwen2.5-Math-PRM-7B" in line
+
+    off = engine(prm=PRM(model="arith-checker"), policy_model=smol, router_measured=False)
+    assert (await off.router_table()).source == "generic: under 7B"
+
+
+async def test_an_unknown_prm_model_is_not_cached_as_the_pair() -> None:
+    """While the worker's model is unknown (down at start), auto serves the generic table but
+    does not keep it: the measured one applies once the worker answers."""
+    prm = PRM(model=None)
+    e = engine(prm=prm, policy_model="SmolLM2-135M-Instruct")
+    assert (await e.router_table()).source == "generic: under 7B"
+    prm.model = "arith-checker"
+    assert (await e.router_table()).source.startswith("measured")

@@ -20,10 +20,11 @@ from tts_server.errors import DeadlineExceeded, FlopsUnknown, PromptTooLong, Ups
 from tts_server.flops import Flops, FlopsCounter, find_policy_shape, find_prm_shape
 from tts_server.prefixes import PrefixScores
 from tts_server.prompting import PromptProfile, RenderedPrompt, render_chat
-from tts_server.router import RouterTable, default_table
+from tts_server.router import RouterTable
 from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.strategies.common import finish
+from tts_server.tables import choose_table
 from tts_server.types import (
     CONFIDENCE_RULES,
     Candidate,
@@ -133,7 +134,11 @@ class TTSEngine:
         self._table = table
         self.pins = Pins(settings.affinity_scope, settings.affinity_key, settings.affinity_secret)
         if table is not None:
-            logger.info("router table %s: auto serves %s", table.source, table.summary())
+            logger.info(
+                "router table %s, because TTS_ROUTER_TABLE names it: auto serves %s",
+                table.source,
+                table.summary(),
+            )
 
     def new_affinity(self, job: Job) -> Affinity | None:
         """A new request's pin, None when no affinity header is configured. Its caller hands it
@@ -311,13 +316,23 @@ class TTSEngine:
     async def router_table(self) -> RouterTable:
         if self._table is None:
             shape = (await self.flops_counter()).policy
-            table = default_table(
-                shape.parameters if shape else None, weak_prm=self.settings.router_weak_prm
+            prm_model = await self.prm.model_name()
+            chosen = choose_table(
+                self.settings.policy_model,
+                prm_model,
+                shape.parameters if shape else None,
+                weak_prm=self.settings.router_weak_prm,
+                use_measured=self.settings.router_measured,
             )
-            if shape is None:
-                return table  # the size may become known later: do not cache the guess
-            self._table = table
-            logger.info("router table %s: auto serves %s", table.source, table.summary())
+            if shape is None or prm_model is None:
+                return chosen.table  # the pair may become known later: do not cache the guess
+            self._table = chosen.table
+            logger.info(
+                "router table %s, because %s: auto serves %s",
+                chosen.table.source,
+                chosen.reason,
+                chosen.table.summary(),
+            )
         return self._table
 
 

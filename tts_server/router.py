@@ -147,11 +147,11 @@ def default_table(policy_parameters: int | None, *, weak_prm: bool = False) -> R
     size = policy_parameters or 0
     bon, beam, dvts = Route("best_of_n"), Route("beam_search", 4), Route("dvts", 4)
     if weak_prm or size >= 72_000_000_000:
-        routes, source = dict.fromkeys(BINS, bon), "default: best-of-N (72B+ or weak PRM)"
+        routes, source = dict.fromkeys(BINS, bon), "generic: best-of-N (72B+ or weak PRM)"
     elif size >= 7_000_000_000:
-        routes, source = {"easy": dvts, "medium": dvts, "hard": beam}, "default: 7-72B"
+        routes, source = {"easy": dvts, "medium": dvts, "hard": beam}, "generic: 7-72B"
     else:
-        routes, source = {"easy": bon, "medium": beam, "hard": beam}, "default: under 7B"
+        routes, source = {"easy": bon, "medium": beam, "hard": beam}, "generic: under 7B"
     return RouterTable(routes=routes, source=source)
 
 

@@ -203,8 +203,11 @@ class Settings(BaseSettings):
     default_strategy: StrategyName = "auto"
 
     # --- router (`auto`) ---
-    # A table written by `tts-server calibrate`; unset: the shipped default by policy size.
+    # A table written by `tts-server calibrate`; unset: the table measured for this policy and
+    # PRM if the project ships one (tts_server/router_tables/), else the generic one by size.
     router_table: Path | None = None
+    # Off: ignore the shipped measured tables and serve the generic table by policy size.
+    router_measured: bool = True
     # A weak PRM makes search pointless: route everything to best-of-N (Liu et al.).
     router_weak_prm: bool = False
     default_budget: int = 8

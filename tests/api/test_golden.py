@@ -76,6 +76,9 @@ class CheckingPRM:
         usage.tokens += sum(len(question) + sum(len(step) for step in s) for s in solutions)
         return rows
 
+    async def model_name(self) -> str | None:
+        return None
+
     async def parameters(self) -> int:
         return 1_000_000
 

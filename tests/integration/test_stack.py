@@ -200,10 +200,8 @@ def test_usage_and_flops_reconcile_with_vllm_counters(stack: Stack) -> None:
         assert flops["saved_by_prefix_cache"] == 2 * SMOLLM2_PARAMETERS * cached
         assert flops["prm"] == 0  # the arith checker has no parameters
         assert flops["total"] == flops["policy"]
-        if strategy == "auto":
-            assert tts["difficulty"]["bin"] in ("easy", "medium", "hard")
-            assert response.headers["x-tts-difficulty"] == tts["difficulty"]["bin"]
-            assert tts["route"]["strategy"] in ("pilot", "best_of_n", "beam_search", "dvts")
+        if strategy == "auto":  # the embedded pair's measured table: beam search, no pilot
+            assert tts["route"]["strategy"] == "beam_search" and tts["difficulty"] is None
     # The prefix cache does work here: the few-shot prompt is shared by every sample.
     assert totals["cached"] > 0
     expected = {
@@ -373,3 +371,23 @@ async def test_a_client_that_hangs_up_stops_the_work_on_the_real_vllm(stack: Sta
             headers=headers("greedy", 1, 1),
         )
     assert after.status_code == 200, after.text
+
+
+def test_the_embedded_default_serves_its_measured_table_and_logs_why(stack: Stack) -> None:
+    """SmolLM2-135M with the arith checker: `auto` serves the table measured for this pair
+    (tts_server/router_tables/), and the gateway's log says which table and why."""
+    response = httpx.post(
+        stack.gateway_url + "/v1/completions",
+        json={"model": stack.model, "prompt": QUESTION, "max_tokens": 24},
+        headers=headers("auto", 4, 2),
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    tts = response.json()["tts"]
+    assert tts["route"]["strategy"] == "beam_search" and tts["difficulty"] is None
+    assert "x-tts-difficulty" not in response.headers
+    assert stack.gateway_log is not None
+    lines = [line for line in stack.gateway_log.read_text().splitlines() if "router table" in line]
+    assert len(lines) == 1, lines
+    assert "measured (smollm2-135m-instruct+arith.json), because beam_search" in lines[0]
+    assert "auto serves beam_search on 100% of the client's budget" in lines[0]

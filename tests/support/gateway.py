@@ -57,6 +57,9 @@ class EquationPRM:
         usage.steps_scored += sum(len(row) for row in rows)
         return rows
 
+    async def model_name(self) -> str | None:
+        return None
+
     async def parameters(self) -> int | None:
         return None  # unknown: FLOPs need TTS_PRM_PARAMS
 

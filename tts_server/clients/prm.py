@@ -74,12 +74,20 @@ class HTTPPRMClient:
 
     async def parameters(self) -> int | None:
         """The PRM's parameter count as the worker reports it (0 for a checker without weights)."""
-        try:
-            data = await self._upstream.get_json("/v1/models")
-            value = data["data"][0].get("parameters")
-        except (PRMError, LookupError, AttributeError, TypeError):
-            return None
+        value = (await self._card()).get("parameters")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    async def model_name(self) -> str | None:
+        value = (await self._card()).get("id")
+        return value if isinstance(value, str) else None
+
+    async def _card(self) -> dict[str, Any]:
+        """The worker's model card (empty when it cannot be read)."""
+        try:
+            card = (await self._upstream.get_json("/v1/models"))["data"][0]
+        except (PRMError, LookupError, TypeError):
+            return {}
+        return card if isinstance(card, dict) else {}
 
     async def health(self) -> bool:
         return await self._upstream.health()
