@@ -109,3 +109,27 @@ def test_bin_table_scores_fixed_strategies_on_the_bins_auto_estimated() -> None:
     assert rows[2] == "| d | auto@8 | 100% / 10 (n=1) | 0% / n/a (n=0) | 0% / 30 (n=1) |"
     assert rows[3] == "| d | dvts@8 | 0% / 40 (n=1) | 0% / n/a (n=0) | 100% / 60 (n=1) |"
     assert "no `auto` report" in bin_table([fixed])
+
+
+def test_versus_against_pairs_every_report_with_the_named_one() -> None:
+    def report(selection: str | None, outcomes: list[bool], flops: float) -> dict[str, Any]:
+        return {
+            "dataset": "d",
+            "strategy": "best_of_n",
+            "budget": 8,
+            "selection": selection,
+            "records": [{"id": i, "correct": c, "flops": flops} for i, c in enumerate(outcomes)],
+        }
+
+    base = report(None, [True, True, False, False], 10)
+    majority = report("majority", [True, False, False, False], 10)
+    adaptive = {**report(None, [True, True, True, False], 4), "strategy": "adaptive"}
+    rows = versus_table([majority, base, adaptive], against="best_of_n@8").splitlines()
+    assert rows[0].startswith("| dataset | problems | report | against |")
+    # majority: differences 0, -1, 0, 0: mean -0.25, sd 0.5, SE 0.25.
+    assert "| d | 4 | best_of_n@8 [majority] | best_of_n@8 | -25.0 ± 25.0 points | 1.00 |" in rows
+    assert "| d | 4 | adaptive@8 | best_of_n@8 | +25.0 ± 25.0 points | 0.40 |" in rows
+    assert len(rows) == 4
+    assert versus_table([majority], against="best_of_n@8") == (
+        "no report labelled 'best_of_n@8' among these reports"
+    )

@@ -39,6 +39,12 @@ def _plot(args: argparse.Namespace) -> int:
     return main_plot(args)
 
 
+def _revote(args: argparse.Namespace) -> int:
+    from tts_server.tools.revote import main_revote
+
+    return main_revote(args)
+
+
 def _report(args: argparse.Namespace) -> int:
     from tts_server.tools.report import main_report
 
@@ -172,10 +178,32 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
         "(paired accuracy difference, FLOPs ratio)",
     )
     parser.add_argument(
+        "--against",
+        default=None,
+        metavar="LABEL",
+        help="like --versus, but every report against the one labelled so (as the table "
+        "names it, e.g. best_of_n@8)",
+    )
+    parser.add_argument(
         "--by-difficulty",
         action="store_true",
         help="also print accuracy and FLOPs per difficulty bin (bins from the first `auto` report)",
     )
+
+
+def add_revote_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("report", type=Path, help="an `eval` report of a sampling strategy")
+    parser.add_argument(
+        "--rules",
+        default="naive,weighted,majority,confidence,filtered",
+        help="comma-separated rules",
+    )
+    parser.add_argument("--out", type=Path, default=Path("reports/revote"))
+    parser.add_argument(
+        "--served", default="weighted", help="the rule the server used when the report names none"
+    )
+    parser.add_argument("--metric", default=None, help="the confidence the votes weigh")
+    parser.add_argument("--keep", type=float, default=None, help="the share `filtered` keeps")
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -228,6 +256,12 @@ TOOLS = {
         add_plot_arguments,
         _plot,
         ("matplotlib",),
+    ),
+    "revote": Tool(
+        "replay the selection rules on an eval report's recorded samples (same samples, "
+        "same FLOPs)",
+        add_revote_arguments,
+        _revote,
     ),
     "report": Tool(
         "draw the main dashboard panels to a PNG from Prometheus",

@@ -36,7 +36,16 @@ def _label(report: dict[str, Any]) -> str:
     label = strategy if strategy == "greedy" else f"{strategy}@{report['budget']}"
     # Reports of `eval --temperature` say so; others used the server's default.
     temperature = report.get("temperature")
-    return label if temperature is None else f"{label} T={temperature:g}"
+    label = label if temperature is None else f"{label} T={temperature:g}"
+    # A rule other than the server's default (eval --selection, or revote) is part of the name.
+    selection = report.get("selection")
+    return label if selection is None else f"{label} [{selection}]"
+
+
+def _curve(report: dict[str, Any]) -> str:
+    """The curve a report is a point of: its strategy, and its selection rule when it names one."""
+    selection = report.get("selection")
+    return report["strategy"] if selection is None else f"{report['strategy']} [{selection}]"
 
 
 def _in_order(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -70,7 +79,7 @@ def plot(reports: list[dict[str, Any]], out: Path, title: str | None = None) -> 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     by_strategy: dict[str, list[dict[str, Any]]] = {}
     for report in reports:
-        by_strategy.setdefault(report["strategy"], []).append(report)
+        by_strategy.setdefault(_curve(report), []).append(report)
     for strategy, group in sorted(by_strategy.items()):
         group.sort(key=lambda r: r["mean_flops"])
         xs = [r["mean_flops"] for r in group]
@@ -127,42 +136,59 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def versus_table(reports: list[dict[str, Any]]) -> str:
-    """Every `auto` report against every fixed one on the same problems of the same dataset:
+def versus_table(reports: list[dict[str, Any]], against: str | None = None) -> str:
+    """Every `auto` report against every fixed one on the same problems of the same dataset, or,
+    with `against` (a label such as `best_of_n@8`), every report against the one so labelled:
     accuracy difference with its paired standard error (per-problem differences, so the noise
-    both share cancels) and the FLOPs ratio. What the router must win: a difference >= 0 at a
-    ratio well under 1."""
+    both share cancels) and the FLOPs ratio. What the router (or a cheaper rule) must win: a
+    difference >= 0 at a ratio well under 1."""
     lines = [
-        "| dataset | problems | auto | against | accuracy difference ± paired SE "
-        "| FLOPs ratio (auto / fixed) |",
+        f"| dataset | problems | {'report' if against else 'auto'} | against "
+        f"| accuracy difference ± paired SE | FLOPs ratio ({'report' if against else 'auto'} "
+        "/ other) |",
         "|---|---|---|---|---|---|",
     ]
-    autos = [r for r in _in_order(reports) if r["strategy"] == "auto"]
-    for auto in autos:
-        mine = {rec["id"]: rec for rec in auto.get("records", []) if "error" not in rec}
-        for other in _in_order(reports):
-            if other["strategy"] == "auto" or other["dataset"] != auto["dataset"]:
-                continue
-            theirs = {rec["id"]: rec for rec in other.get("records", []) if "error" not in rec}
-            common = [i for i in mine if i in theirs]
-            if not common:
-                continue
-            difference, se = paired_difference(
-                [bool(mine[i].get("correct")) for i in common],
-                [bool(theirs[i].get("correct")) for i in common],
-            )
-            flops_auto = [mine[i].get("flops") for i in common]
-            flops_other = [theirs[i].get("flops") for i in common]
-            ratio = "n/a"
-            if None not in flops_auto and None not in flops_other and sum(flops_other):
-                ratio = f"{sum(flops_auto) / sum(flops_other):.2f}"
-            lines.append(
-                f"| {auto['dataset']} | {len(common)} | {_label(auto)} | {_label(other)} "
-                f"| {100 * difference:+.1f} ± {100 * se:.1f} points | {ratio} |"
-            )
-    if not autos:
-        return "no `auto` report among these reports"
-    return "\n".join(lines)
+    ordered = _in_order(reports)
+    if against is None:
+        pairs = [
+            (left, right)
+            for left in ordered
+            if left["strategy"] == "auto"
+            for right in ordered
+            if right["strategy"] != "auto"
+        ]
+        missing = "no `auto` report among these reports"
+    else:
+        pairs = [
+            (left, right)
+            for right in ordered
+            if _label(right) == against
+            for left in ordered
+            if _label(left) != against
+        ]
+        missing = f"no report labelled {against!r} among these reports"
+    for left, right in pairs:
+        if left["dataset"] != right["dataset"]:
+            continue
+        mine = {rec["id"]: rec for rec in left.get("records", []) if "error" not in rec}
+        theirs = {rec["id"]: rec for rec in right.get("records", []) if "error" not in rec}
+        common = [i for i in mine if i in theirs]
+        if not common:
+            continue
+        difference, se = paired_difference(
+            [bool(mine[i].get("correct")) for i in common],
+            [bool(theirs[i].get("correct")) for i in common],
+        )
+        flops_left = [mine[i].get("flops") for i in common]
+        flops_right = [theirs[i].get("flops") for i in common]
+        ratio = "n/a"
+        if None not in flops_left and None not in flops_right and sum(flops_right):
+            ratio = f"{sum(flops_left) / sum(flops_right):.2f}"
+        lines.append(
+            f"| {left['dataset']} | {len(common)} | {_label(left)} | {_label(right)} "
+            f"| {100 * difference:+.1f} ± {100 * se:.1f} points | {ratio} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else missing
 
 
 def bin_table(reports: list[dict[str, Any]]) -> str:
@@ -206,8 +232,8 @@ def main_plot(args: argparse.Namespace) -> int:
     everything = [json.loads(p.read_text()) for p in args.reports]
     if args.table:
         print(markdown_table(everything))
-    if args.versus:
-        print(versus_table(everything))
+    if args.versus or args.against:
+        print(versus_table(everything, args.against))
     if args.by_difficulty:
         print(bin_table(everything))
     reports = with_flops(args.reports, everything)
