@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from tts_server.api import metrics
 from tts_server.api.errors import install_error_handlers
 from tts_server.api.guard import Guard
+from tts_server.api.inspector import router as inspector_router
 from tts_server.api.keys_file import load_keys_file
 from tts_server.api.quota_store import QuotaStore, RedisStore
 from tts_server.api.quotas import Quotas
@@ -123,4 +124,6 @@ def create_app(
         quotas=quotas,
     )
     app.include_router(router)
+    if settings.inspector:
+        app.include_router(inspector_router)
     return app
