@@ -5,6 +5,7 @@ everyone sees all), count and age limits, OpenAI-style errors, and the page's fi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -157,3 +158,15 @@ def test_the_store_forgets_traces_past_their_age_and_its_count() -> None:
     assert len(store) == 3
     now[0] = 200.0
     assert len(store) == 0
+
+
+@pytest.mark.parametrize("name", ["index.html", "main.js", "tree.js", "api.js", "report.js"])
+async def test_the_pages_files_are_served_from_the_package(tmp_path: Path, name: str) -> None:
+    async with keyed(tmp_path) as gw:
+        path = "/inspector/" if name == "index.html" else f"/inspector/static/{name}"
+        response = await gw.get(path)
+    assert response.status_code == 200
+    assert response.text.strip()
+    # Offline: nothing is loaded from another host (no CDN), only from this server's paths.
+    external = re.compile(r"""(src=|href=|from |import\(|url\(|fetch\()\s*["']?(https?:)?//""")
+    assert not external.search(response.text)
