@@ -59,13 +59,14 @@ export function tables(box, trace) {
     "groups",
   ));
   const s = trace.stages;
+  // Tokens read (the policy's prompts, the PRM's inputs) and generated, and the FLOPs of each.
   const rows = [
     { cells: ["generation (policy)", num(s.generation.seconds), s.generation.calls, s.generation.prompt_tokens, s.generation.completion_tokens, s.generation.cached_tokens, big(s.generation.flops)] },
     { cells: ["prm_scoring (PRM)", num(s.prm_scoring.seconds), s.prm_scoring.calls, s.prm_scoring.tokens, null, null, big(s.prm_scoring.flops)] },
     { cells: ["selection", num(s.selection.seconds), null, null, null, null, null] },
   ];
   if (s.pilot) rows.unshift({ cells: ["pilot (auto)", num(s.pilot.seconds), null, null, null, null, null] });
-  box.appendChild(table("Cost per stage", ["stage", "seconds", "calls", "prompt tokens", "completion tokens", "cached tokens", "FLOPs"], rows, "stages"));
+  box.appendChild(table("Cost per stage", ["stage", "seconds", "calls", "tokens read", "tokens generated", "of them cached", "FLOPs"], rows, "stages"));
   if (trace.levels.length) {
     box.appendChild(table(
       "The tree per iteration",
