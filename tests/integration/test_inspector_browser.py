@@ -98,9 +98,11 @@ def _drawn(browser: WebDriver) -> tuple[list[str], str, str]:
     [chosen] = browser.find_elements(By.CSS_SELECTOR, "#tree .node.chosen")
     assert "candidate" in (chosen.get_attribute("class") or "")
     stated = browser.find_element(By.ID, "answer").text.removeprefix("answer: ")
-    return [leaf.get_attribute("data-answer") or "" for leaf in leaves], (
-        chosen.get_attribute("data-answer") or ""
-    ), stated
+    return (
+        [leaf.get_attribute("data-answer") or "" for leaf in leaves],
+        (chosen.get_attribute("data-answer") or ""),
+        stated,
+    )
 
 
 def test_a_beam_search_grows_live_and_ends_with_8_leaves_and_the_answer_highlighted(
