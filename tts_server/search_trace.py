@@ -73,6 +73,11 @@ def _candidate(index: int, c: Candidate, cut: _Cutter) -> dict[str, Any]:
 
 def _node(node: TreeNode, candidate_index: dict[int, int], cut: _Cutter) -> dict[str, Any]:
     c = node.candidate
+    status = node.status
+    if c is not None and c.finished and node.id in candidate_index:
+        # A deadline can cut the search between a step and its selection: a finished
+        # candidate is finished, whatever the search had marked by then.
+        status = "finished"
     return {
         "id": node.id,
         "parent": node.parent,
@@ -84,7 +89,7 @@ def _node(node: TreeNode, candidate_index: dict[int, int], cut: _Cutter) -> dict
         "score": node.score,
         "path_score": c.score if c is not None else None,
         "confidence": _confidence(c),
-        "status": node.status,
+        "status": status,
         "finish_reason": c.finish_reason if c is not None and c.finished else None,
         "answer": c.answer if c is not None and c.finished else None,
         "candidate": candidate_index.get(node.id),

@@ -18,10 +18,11 @@ import pytest
 from tests.strategies.test_strategies import PROBLEM, config, so_far, table_scores
 from tests.support.fakes import FakePolicy, FakePRM, per_step
 from tts_server.engine import Outcome
+from tts_server.router import default_table
 from tts_server.search_trace import TraceLimits, search_trace
 from tts_server.search_tree import SearchTree
 from tts_server.strategies import REGISTRY
-from tts_server.types import DeepConfConfig, Job, SearchConfig, TextPrompt
+from tts_server.types import DeepConfConfig, Job, Progress, SearchConfig, TextPrompt
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "trace.schema.json").read_text())
 WIDE = TraceLimits(max_nodes=10_000, max_text_chars=None)
@@ -274,3 +275,25 @@ async def test_without_a_tree_nothing_is_recorded() -> None:
     prm = FakePRM(per_step(lambda s: 0.5))
     result = await REGISTRY["beam_search"].run(PROBLEM, config(budget=4, beam_width=2), policy, prm)
     assert all(c.node is None for c in result.candidates)
+
+
+async def test_auto_routed_to_beam_search_traces_its_tree_beside_the_pilots_samples() -> None:
+    def disagreeing(prompt: list[int], sample: int) -> str:
+        if so_far(prompt):  # a continuation: finish the step the search started
+            return "The answer is 7."
+        return f"{sample} + 1 = {sample + 1}\n\nThe answer is {sample + 1}."
+
+    cfg = config(budget=8, beam_width=4, router=default_table(1000), progress=Progress())
+    prm = FakePRM(per_step(lambda s: 0.2))
+    trace, outcome = await run("auto", cfg, FakePolicy(disagreeing), prm)
+    assert trace["kind"] == "tree"
+    pilot = [c for c in trace["candidates"] if c["node"] is None]
+    searched = [c for c in trace["candidates"] if c["node"] is not None]
+    assert len(pilot) == 4 and searched  # the pilot's whole samples, then the search's leaves
+    leaves = {n["id"] for n in trace["nodes"] if n["candidate"] is not None}
+    assert leaves == {c["node"] for c in searched}
+    assert trace["levels"][0]["nodes"] == 4  # one beam of width 4 after the pilot
+    # The search's leaves agree on 7 and outweigh the pilot's four different answers.
+    assert trace["answer"] == outcome.result.answer == "7"
+    chosen = trace["candidates"][trace["selected"]]
+    assert chosen["node"] is not None and trace["selected_path"][-1] == chosen["node"]
