@@ -111,8 +111,10 @@ class Settings(BaseSettings):
     inspector: bool = False
     # The store keeps the traces of the last this many answered requests...
     inspector_max_traces: int = Field(default=100, ge=1)
-    # ...each for at most this long.
+    # ...each for at most this long...
     inspector_max_age_s: float = Field(default=3600.0, gt=0)
+    # ...and all of them at most this many bytes of JSON (the oldest go first).
+    inspector_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
     # --- upstreams ---
     policy_url: str = "http://127.0.0.1:8100"

@@ -142,7 +142,7 @@ async def test_the_store_keeps_the_last_n_traces(tmp_path: Path) -> None:
 
 def test_the_store_forgets_traces_past_their_age_and_its_count() -> None:
     now = [100.0]
-    store = TraceStore(max_traces=3, max_age_s=10.0, clock=lambda: now[0])
+    store = TraceStore(max_traces=3, max_age_s=10.0, max_bytes=1 << 20, clock=lambda: now[0])
     trace: dict[str, Any] = {"strategy": "greedy", "budget": 1, "kind": "samples", "answer": "8"}
     store.put("a", "k1", "/v1/completions", trace)
     now[0] = 105.0
@@ -158,6 +158,23 @@ def test_the_store_forgets_traces_past_their_age_and_its_count() -> None:
     assert len(store) == 3
     now[0] = 200.0
     assert len(store) == 0
+
+
+def test_the_store_holds_at_most_its_bytes() -> None:
+    store = TraceStore(max_traces=100, max_age_s=60.0, max_bytes=2000)
+    trace: dict[str, Any] = {"strategy": "greedy", "text": "x" * 500}
+    size = len(json.dumps(trace, separators=(",", ":")))
+    for i in range(10):
+        assert store.put(f"r{i}", "", "/v1/completions", trace)
+    kept = 2000 // size
+    assert [s.id for s in store.recent("")] == [f"r{i}" for i in range(9, 9 - kept, -1)]
+    assert store.bytes == kept * size <= 2000
+    # One larger than the whole store is not kept, and pushes nothing out.
+    assert not store.put("huge", "", "/v1/completions", {"text": "y" * 3000})
+    assert store.get("huge", "") is None and len(store) == kept
+    # Storing an id again replaces it (counted once).
+    assert store.put("r9", "", "/v1/completions", trace)
+    assert store.bytes == kept * size
 
 
 @pytest.mark.parametrize("name", ["index.html", "main.js", "tree.js", "api.js", "report.js"])

@@ -107,7 +107,11 @@ def create_app(
 
     app = FastAPI(title="tts-server", version="0.1.0", lifespan=lifespan)
     recent = (
-        TraceStore(settings.inspector_max_traces, settings.inspector_max_age_s)
+        TraceStore(
+            settings.inspector_max_traces,
+            settings.inspector_max_age_s,
+            settings.inspector_max_bytes,
+        )
         if settings.inspector
         else None
     )

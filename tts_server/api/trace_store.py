@@ -6,6 +6,7 @@ In process (per worker), never on disk: the trace export (TTS_TRACE_DIR) is what
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +22,7 @@ class Stored:
     at: float  # monotonic, for the age limit
     endpoint: str
     trace: dict[str, Any]
+    size: int  # bytes of its JSON: what the byte limit counts
 
     def summary(self) -> dict[str, Any]:
         trace = self.trace
@@ -45,32 +47,45 @@ class Stored:
 
 
 class TraceStore:
-    """At most `max_traces` traces, none older than `max_age_s`; the oldest go first. A key
+    """At most `max_traces` traces holding at most `max_bytes` of JSON in all, none older than
+    `max_age_s`; the oldest go first (a trace larger than `max_bytes` alone is not kept). A key
     sees the traces made with it; with no keys configured (owner "") everyone sees all."""
 
     def __init__(
         self,
         max_traces: int,
         max_age_s: float,
+        max_bytes: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_traces = max_traces
         self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
         self._clock = clock
         self._items: OrderedDict[str, Stored] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         self._expire()
         return len(self._items)
 
-    def put(self, request_id: str, owner: str, endpoint: str, trace: dict[str, Any]) -> None:
-        self._items[request_id] = Stored(
-            request_id, owner, time.time(), self._clock(), endpoint, trace
-        )
-        self._items.move_to_end(request_id)
-        while len(self._items) > self.max_traces:
-            self._items.popitem(last=False)
+    def put(self, request_id: str, owner: str, endpoint: str, trace: dict[str, Any]) -> bool:
+        """Keep a trace (False: larger than the whole store may hold, not kept)."""
+        size = len(json.dumps(trace, separators=(",", ":")).encode())
+        self._drop(request_id)
+        if size > self.max_bytes:
+            return False
+        item = Stored(request_id, owner, time.time(), self._clock(), endpoint, trace, size)
+        self._items[request_id] = item
+        self._bytes += size
+        while len(self._items) > self.max_traces or self._bytes > self.max_bytes:
+            self._drop(next(iter(self._items)))
         self._expire()
+        return True
 
     def get(self, request_id: str, owner: str) -> Stored | None:
         """The trace, or None when there is none (expired, never stored, or another key's:
@@ -86,10 +101,15 @@ class TraceStore:
         self._expire()
         return [item for item in reversed(self._items.values()) if item.owner == owner]
 
+    def _drop(self, request_id: str) -> None:
+        item = self._items.pop(request_id, None)
+        if item is not None:
+            self._bytes -= item.size
+
     def _expire(self) -> None:
         oldest = self._clock() - self.max_age_s
         while self._items:
             first = next(iter(self._items.values()))
             if first.at >= oldest:
                 break
-            self._items.popitem(last=False)
+            self._drop(first.id)
