@@ -19,7 +19,7 @@ export TTS_CACHE_DIR := $(CACHE)
 export TTS_VLLM_PYTHON := $(VLLM_VENV)/bin/python
 export TTS_ROUTER_BIN := $(ROUTER_VENV)/bin/vllm-router
 
-.PHONY: install install-gateway install-vllm install-router install-optillm build-vllm model prometheus redis run test test-heavy test-unit lint format k8s clean bench
+.PHONY: install install-gateway install-vllm install-router install-optillm build-vllm model prometheus redis chromium run test test-heavy test-unit lint format k8s clean bench
 
 install: install-gateway install-vllm install-router model
 
@@ -95,6 +95,15 @@ redis:
 			$(SUDO) apt-get install -y -qq --no-install-recommends redis-server >/dev/null; \
 	fi
 
+# The inspector page's browser test drives Debian's headless Chromium through chromium-driver
+# (selenium, the dev extra); no browser is downloaded from anywhere else.
+chromium:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
+		echo "==> Chromium and chromium-driver (Debian packages)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			$(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	fi
+
 run: install
 	$(BIN)/tts-server up
 
@@ -107,7 +116,7 @@ lint: install-gateway
 test-unit: install-gateway
 	$(BIN)/python -m pytest -m "not integration" -q
 
-test: install prometheus redis lint
+test: install prometheus redis chromium lint
 	$(BIN)/python -m pytest -q -rs -m "not heavy"
 
 # Multi-server runs (a whole `tts-server up` with a vLLM-served PRM): minutes each.

@@ -21,6 +21,7 @@ from tts_server.flops import Flops, FlopsCounter, find_policy_shape, find_prm_sh
 from tts_server.prefixes import PrefixScores
 from tts_server.prompting import PromptProfile, RenderedPrompt, render_chat
 from tts_server.router import RouterTable
+from tts_server.search_tree import SearchTree
 from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.strategies.common import finish
@@ -74,6 +75,8 @@ class Outcome:
     partial: bool = False
     # The candidates answered as choices, best first (`choices.rank`; empty: the chosen one).
     choices: list[int] = dataclasses.field(default_factory=list)
+    # The step search's tree, when the request's trace was wanted (`TTSEngine.wants_tree`).
+    tree: SearchTree | None = None
 
     @property
     def selected(self) -> list[Candidate]:
@@ -89,6 +92,12 @@ class Watch:
 
     progress: Progress | None = None
     account: Account | None = None
+    # The live tree, for a request that asked for its trace (its progress chunks carry nodes).
+    tree: SearchTree | None = None
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The tree's nodes added or changed since the last call (none without a tree)."""
+        return self.tree.drain() if self.tree is not None else []
 
     def snapshot(self) -> dict[str, Any]:
         """What the job has done so far: calls count once they return."""
@@ -204,6 +213,9 @@ class TTSEngine:
         strategy = REGISTRY[job.strategy]
         progress = Progress()
         config = self._search_config(job, rendered, progress)
+        tree = SearchTree() if self.wants_tree(job) else None
+        if tree is not None:
+            config = dataclasses.replace(config, tree=tree)
         if job.strategy == "auto":
             config = dataclasses.replace(config, router=await self.router_table())
         steps = PrefixScores() if self.settings.prm_step_cache else None
@@ -213,6 +225,7 @@ class TTSEngine:
         policy, prm = account.wrap(self.policy, self.prm)
         if watch is not None:
             watch.progress, watch.account = progress, account
+            watch.tree = tree if job.return_trace else None
         problem = Problem(question=rendered.question, prompt_ids=tuple(rendered.prompt_ids))
 
         started = time.perf_counter()
@@ -244,7 +257,13 @@ class TTSEngine:
             stages=stages,
             partial=partial,
             choices=choices,
+            tree=tree,
         )
+
+    def wants_tree(self, job: Job) -> bool:
+        """Whether the search records its tree: its trace goes in the response, to the trace
+        export or to the inspector's store."""
+        return job.return_trace or job.trace or self.settings.inspector
 
     def _search_config(
         self, job: Job, rendered: RenderedPrompt, progress: Progress

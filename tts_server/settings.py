@@ -99,6 +99,23 @@ class Settings(BaseSettings):
     # waited on.
     trace_queue_size: int = Field(default=1000, ge=1)
 
+    # --- the search trace in responses and the inspector (docs/trace.md) ---
+    # At most this many tree nodes in a trace (`tts.trace`, export records, the inspector);
+    # past it the selected path and the candidates' paths are kept first and `truncated` says
+    # how many nodes were left out.
+    trace_max_nodes: int = Field(default=1000, ge=1)
+    # Each text (a node's step, a candidate's text and steps) in a response's trace is cut to
+    # this many characters (`truncated.texts_cut` counts them); export records keep whole texts.
+    trace_max_text_chars: int = Field(default=2000, ge=16)
+    # The inspector page (/inspector/) and its store of recent traces; off by default.
+    inspector: bool = False
+    # The store keeps the traces of the last this many answered requests...
+    inspector_max_traces: int = Field(default=100, ge=1)
+    # ...each for at most this long...
+    inspector_max_age_s: float = Field(default=3600.0, gt=0)
+    # ...and all of them at most this many bytes of JSON (the oldest go first).
+    inspector_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
     # --- upstreams ---
     policy_url: str = "http://127.0.0.1:8100"
     # The model name served by vLLM; also what /v1/models lists and clients must name.

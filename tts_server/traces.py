@@ -23,37 +23,14 @@ from typing import IO, Any, Literal
 
 from tts_server.engine import Outcome
 from tts_server.prompting import RenderedPrompt
-from tts_server.types import Candidate, ChatPrompt
+from tts_server.search_trace import TraceLimits, search_trace
+from tts_server.types import ChatPrompt
 
 logger = logging.getLogger("tts_server.traces")
 
 VERSION = 1
 TraceOutcome = Literal["written", "dropped", "failed"]
 Opener = Callable[[Path], IO[bytes]]
-
-
-def agreement(votes: dict[str, float], answer: str | None) -> float | None:
-    """The selected answer's share of the vote (None: no answer or no votes)."""
-    total = sum(votes.values())
-    if answer is None or total <= 0:
-        return None
-    return votes.get(answer, 0.0) / total
-
-
-def _candidate(index: int, candidate: Candidate) -> dict[str, Any]:
-    return {
-        "index": index,
-        "text": candidate.text,
-        "steps": list(candidate.steps),
-        "step_scores": list(candidate.step_scores),
-        "answer": candidate.answer,
-        "score": candidate.score,
-        "finished": candidate.finished,
-        "finish_reason": candidate.finish_reason,
-        "completion_tokens": len(candidate.token_ids),
-        # DeepConf's measures where the candidate was sampled with logprobs; null otherwise.
-        "confidence": None if candidate.confidence is None else candidate.confidence.as_dict(),
-    }
 
 
 def trace_record(
@@ -64,11 +41,12 @@ def trace_record(
     endpoint: str,
     model: str,
     include_prompt: bool,
+    max_nodes: int,
 ) -> dict[str, Any]:
-    """The record of one answered request. Prompt text (the client's messages or prompt, the
-    question the PRM read, the rendered prompt's token ids) only with `include_prompt`."""
-    job, result, decision = outcome.job, outcome.result, outcome.decision
-    policy, prm = result.policy_usage, result.prm_usage
+    """The record of one answered request: who asked and, with `include_prompt`, the prompt
+    text (the client's messages or prompt, the question the PRM read, the rendered prompt's
+    token ids), then the search trace, the same builder and shape as a response's `tts.trace`
+    (tts_server/search_trace.py) with whole texts (an export trains on them)."""
     record: dict[str, Any] = {
         "version": VERSION,
         "id": request_id,
@@ -78,49 +56,14 @@ def trace_record(
         "prompt_included": include_prompt,
     }
     if include_prompt:
+        job = outcome.job
         if isinstance(job.prompt, ChatPrompt):
             record["messages"] = [dict(m) for m in job.prompt.messages]
         else:
             record["prompt"] = job.prompt.text
         record["question"] = rendered.question
         record["prompt_token_ids"] = list(rendered.prompt_ids)
-    record.update(
-        {
-            "strategy": job.strategy,
-            "requested_strategy": job.requested,
-            "route": decision.route() if decision else None,
-            "difficulty": decision.difficulty.as_dict()
-            if decision and decision.difficulty
-            else None,
-            "budget": job.budget,
-            "beam_width": job.beam_width,
-            "aggregation": job.aggregation,
-            "selection": job.selection,
-            "temperature": job.temperature,
-            "candidates": [_candidate(i, c) for i, c in enumerate(result.candidates)],
-            "selected": result.chosen,
-            "choices": list(outcome.choices or [result.chosen]),
-            "answer": result.answer,
-            "votes": dict(result.votes),
-            "agreement": agreement(result.votes, result.answer),
-            "iterations": result.iterations,
-            "partial": outcome.partial,
-            "degraded": job.degraded,
-            "flops": outcome.flops.as_dict() if outcome.flops else None,
-            "max_flops": job.max_flops,
-            "flops_limited": outcome.flops_limited,
-            "usage": {
-                "prompt_tokens": policy.prompt_tokens,
-                "completion_tokens": policy.completion_tokens,
-                "cached_tokens": policy.cached_tokens,
-                "policy_calls": policy.calls,
-                "prm_calls": prm.calls,
-                "prm_steps_scored": prm.steps_scored,
-                "prm_tokens": prm.tokens,
-            },
-            "wall_time_s": round(outcome.wall_time_s, 4),
-        }
-    )
+    record.update(search_trace(outcome, TraceLimits(max_nodes=max_nodes, max_text_chars=None)))
     return record
 
 

@@ -14,6 +14,7 @@ from tts_server.confidence import Confidence, ConfidenceMetric, TokenLogprob
 
 if TYPE_CHECKING:  # the router's table is a knob of `auto`; the router imports this module
     from tts_server.router import RouterTable
+    from tts_server.search_tree import SearchTree
 
 # "tool_calls": the answer is a function call (`Tools.call`), never a vLLM finish.
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -183,6 +184,8 @@ class Job:
     degraded: str | None = None
     # Write the search trace once answered (tts_server/traces.py).
     trace: bool = False
+    # Put the search trace in the response (`tts.trace`, tts_server/search_trace.py).
+    return_trace: bool = False
 
 
 @dataclass(frozen=True)
@@ -381,6 +384,8 @@ class SearchConfig:
     deepconf: DeepConfConfig = field(default_factory=lambda: DeepConfConfig())
     # Collects candidates as they finish, so a deadline can answer with the best so far.
     progress: Progress | None = field(default=None, compare=False, repr=False)
+    # Records a step search's tree when the request's trace is wanted (None: nothing recorded).
+    tree: SearchTree | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -438,6 +443,8 @@ class Candidate:
     # Every token's top logprobs, in order over all its steps (None: sampled without them).
     logprobs: list[TokenLogprob] | None = None
     confidence: Confidence | None = None
+    # Its node in the request's search tree (tts_server/search_tree.py); None: no tree.
+    node: int | None = None
 
     @property
     def text(self) -> str:

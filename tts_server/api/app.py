@@ -12,11 +12,13 @@ from fastapi import FastAPI
 from tts_server.api import metrics
 from tts_server.api.errors import install_error_handlers
 from tts_server.api.guard import Guard
+from tts_server.api.inspector import router as inspector_router
 from tts_server.api.keys_file import load_keys_file
 from tts_server.api.quota_store import QuotaStore, RedisStore
 from tts_server.api.quotas import Quotas
 from tts_server.api.reliability import Admission, KeyChecker, Readiness
 from tts_server.api.routes import Gateway, router
+from tts_server.api.trace_store import TraceStore
 from tts_server.clients import HTTPPRMClient, RetryPolicy, SessionRelease, VLLMPolicyClient
 from tts_server.engine import TTSEngine
 from tts_server.prompting import load_profile
@@ -104,7 +106,16 @@ def create_app(
                 await asyncio.to_thread(traces.close)
 
     app = FastAPI(title="tts-server", version="0.1.0", lifespan=lifespan)
-    app.state.gateway = Gateway(settings, engine, readiness, admission, sessions, traces)
+    recent = (
+        TraceStore(
+            settings.inspector_max_traces,
+            settings.inspector_max_age_s,
+            settings.inspector_max_bytes,
+        )
+        if settings.inspector
+        else None
+    )
+    app.state.gateway = Gateway(settings, engine, readiness, admission, sessions, traces, recent)
     app.state.quotas = quotas
     install_error_handlers(app)
     app.add_middleware(
@@ -117,4 +128,6 @@ def create_app(
         quotas=quotas,
     )
     app.include_router(router)
+    if settings.inspector:
+        app.include_router(inspector_router)
     return app

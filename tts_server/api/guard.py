@@ -28,6 +28,11 @@ STRATEGY_LABELS: frozenset[str] = frozenset(STRATEGY_NAMES)
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 # Where the guard leaves an admitted request's Spending for the routes (api/routes.py).
 SPENDING = "tts.spending"
+# Where it leaves the matched key's SHA-256 hex digest ("" with no keys): whose traces are whose.
+IDENTITY = "tts.identity"
+# The inspector's data (its page, plain files without data, is open: a browser cannot send a
+# bearer key to load a page; its scripts send the key on every data call).
+INSPECTOR_DATA = "/inspector/api/"
 
 
 async def send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
@@ -65,7 +70,9 @@ class Guard:
             return
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        protected = path.startswith("/v1/") or (path == "/metrics" and self.metrics_require_key)
+        protected = path.startswith(("/v1/", INSPECTOR_DATA)) or (
+            path == "/metrics" and self.metrics_require_key
+        )
         identity = self.keys.identify(headers.get("authorization")) if protected else ""
         if identity is None:
             await send_error(
@@ -79,6 +86,7 @@ class Guard:
             )
             self._count(path, headers, 401)
             return
+        scope[IDENTITY] = identity
         if path not in COUNTED:
             await self.app(scope, receive, send)
             return

@@ -22,7 +22,7 @@ from tts_server.api.protocol import (
     CompletionRequest,
     TTSOptions,
 )
-from tts_server.api.tracing import trace_wanted
+from tts_server.api.tracing import return_trace_wanted, trace_wanted
 from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.types import STRATEGY_NAMES, ChatPrompt, Job, StrategyName, TextPrompt
@@ -259,6 +259,7 @@ def resolve_job(
         max_flops=_max_flops(headers, opts),
         deadline_s=_deadline(headers, opts, settings.request_timeout_s),
         trace=trace_wanted(headers, opts, settings),
+        return_trace=return_trace_wanted(headers, opts),
         logprobs=_logprobs(body),
     )
 

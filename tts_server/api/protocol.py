@@ -20,6 +20,8 @@ HEADER_MAX_FLOPS = "X-TTS-Max-FLOPs"
 HEADER_DEADLINE = "X-TTS-Deadline-S"
 # "true": write this request's search trace (when the server allows it: TTS_TRACE_MODE).
 HEADER_TRACE = "X-TTS-Trace-Export"
+# "true": the search trace in the response's `tts.trace` (docs/trace.md).
+HEADER_RETURN_TRACE = "X-TTS-Return-Trace"
 # Response headers: what the router decided.
 HEADER_DIFFICULTY = "X-TTS-Difficulty"
 HEADER_ROUTED = "X-TTS-Routed-Strategy"
@@ -39,6 +41,8 @@ class TTSOptions(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0)
     # Write this request's search trace (tts_server/traces.py), where the server allows it.
     trace_export: bool | None = None
+    # The search trace in the response (`tts.trace`; a stream: its finishing chunk).
+    return_trace: bool | None = None
 
 
 class StreamOptions(BaseModel):

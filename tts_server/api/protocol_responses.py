@@ -108,8 +108,12 @@ class ConfidenceReport(_Wire):
     cancelled: bool
 
 
-class TTSReport(_Wire):
-    """The `tts` object of a whole response and of a stream's finishing chunk."""
+class TTSReport(_Sparse):
+    """The `tts` object of a whole response and of a stream's finishing chunk; `trace` only
+    when the request asked for it (docs/trace.schema.json: a plain dict here, the schema file
+    is its spec and the tests validate it)."""
+
+    sparse = frozenset({"trace"})
 
     strategy: StrategyName
     requested_strategy: str
@@ -137,13 +141,18 @@ class TTSReport(_Wire):
     degraded: str | None
     wall_time_s: float
     stage_seconds: dict[str, float]
+    trace: dict[str, Any] | None = None
 
 
-class TTSProgress(_Wire):
+class TTSProgress(_Sparse):
     """The `tts` object of a progress chunk: the running search's counters, as the engine's
-    `Watch.snapshot` reports them (a counter not known yet is left out)."""
+    `Watch.snapshot` reports them (a counter not known yet is left out), and for a request that
+    asked for its trace, the tree's nodes added or changed since the last chunk."""
+
+    sparse = frozenset({"nodes"})
 
     progress: dict[str, int | str | None]
+    nodes: list[dict[str, Any]] | None = None
 
 
 # --- logprobs: the selected candidate's tokens, as vLLM and OpenAI return them ---

@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -144,12 +144,15 @@ def confidences(candidates: list[Candidate]) -> list[ConfidenceReport | None] | 
     ]
 
 
-def tts_report(outcome: Outcome) -> TTSReport:
-    """What the search did and what it cost: the `tts` object of a response."""
+def tts_report(outcome: Outcome, trace: dict[str, Any] | None = None) -> TTSReport:
+    """What the search did and what it cost: the `tts` object of a response, with the search
+    trace when the request asked for it (`trace`, built once by the route)."""
     result, job, decision = outcome.result, outcome.job, outcome.decision
     usage, prm = result.policy_usage, result.prm_usage
     difficulty = decision.difficulty if decision else None
+    extra = {"trace": trace} if trace is not None else {}
     return TTSReport(
+        **extra,
         strategy=job.strategy,
         requested_strategy=job.requested,
         budget=job.budget,
@@ -190,7 +193,14 @@ def tts_report(outcome: Outcome) -> TTSReport:
     )
 
 
-def completion(outcome: Outcome, kind: Kind, model: str) -> Completion:
+def completion(
+    outcome: Outcome,
+    kind: Kind,
+    model: str,
+    trace: dict[str, Any] | None = None,
+    *,
+    request_id: str | None = None,
+) -> Completion:
     """A whole response: `chat.completion` or `text_completion`, the selected solution its
     first choice (and with `n`, the next best distinct ones the next)."""
     endpoint = ENDPOINTS[kind]
@@ -205,12 +215,12 @@ def completion(outcome: Outcome, kind: Kind, model: str) -> Completion:
         logprobs = answer_logprobs(outcome, candidate)
         choices.append(endpoint.whole.choice(text, reason, index, logprobs))
     return endpoint.whole(
-        id=endpoint.new_id(),
+        id=request_id or endpoint.new_id(),
         created=int(time.time()),
         model=model,
         choices=choices,
         usage=usage_of(outcome),
-        tts=tts_report(outcome),
+        tts=tts_report(outcome, trace),
     )
 
 

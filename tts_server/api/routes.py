@@ -9,6 +9,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 from tts_server.affinity import Affinity
 from tts_server.api import metrics
 from tts_server.api.errors import ENGINE_ERRORS, APIError, ClientGone, from_engine
-from tts_server.api.guard import SPENDING
+from tts_server.api.guard import IDENTITY, SPENDING
 from tts_server.api.options import resolve_job
 from tts_server.api.protocol import ChatCompletionRequest, CompletionRequest
 from tts_server.api.protocol_responses import ModelCard, ModelList
@@ -24,9 +25,11 @@ from tts_server.api.quotas import Spending
 from tts_server.api.reliability import Admission, Readiness
 from tts_server.api.responses import ENDPOINTS, Kind, completion, response_headers
 from tts_server.api.streaming import stream_response
+from tts_server.api.trace_store import TraceStore
 from tts_server.clients import SessionRelease
 from tts_server.engine import Outcome, TTSEngine
 from tts_server.prompting import RenderedPrompt
+from tts_server.search_trace import TraceLimits, search_trace
 from tts_server.settings import Settings
 from tts_server.traces import TraceSink, trace_record
 
@@ -50,6 +53,29 @@ class Gateway:
     sessions: SessionRelease | None = None
     # Writes search traces (None: TTS_TRACE_DIR unset).
     traces: TraceSink | None = None
+    # The inspector's recent traces (None: TTS_INSPECTOR off).
+    store: TraceStore | None = None
+
+    def answered(
+        self,
+        outcome: Outcome,
+        rendered: RenderedPrompt,
+        kind: Kind,
+        request_id: str,
+        owner: str,
+    ) -> dict[str, Any] | None:
+        """Once a request is answered: its trace exported (when asked) and kept for the
+        inspector (when on), each built once; returns the trace for the response when the
+        request asked for it (`tts.return_trace`)."""
+        self.trace(outcome, rendered, kind, request_id)
+        if not outcome.job.return_trace and self.store is None:
+            return None
+        settings = self.settings
+        limits = TraceLimits(settings.trace_max_nodes, settings.trace_max_text_chars)
+        trace = search_trace(outcome, limits)
+        if self.store is not None:
+            self.store.put(request_id, owner, ENDPOINTS[kind].path, trace)
+        return trace if outcome.job.return_trace else None
 
     def trace(
         self, outcome: Outcome, rendered: RenderedPrompt, kind: Kind, request_id: str
@@ -66,6 +92,7 @@ class Gateway:
                 endpoint=ENDPOINTS[kind].path,
                 model=self.settings.policy_model,
                 include_prompt=self.settings.trace_prompts,
+                max_nodes=self.settings.trace_max_nodes,
             )
         except Exception as exc:  # the type only: a message could hold prompt text
             logger.error("trace export: cannot build a record (%s)", type(exc).__name__)
@@ -140,6 +167,7 @@ async def _answer(
     job = resolve_job(
         body, request.headers, gateway.settings, profile_temperature=engine.profile.temperature
     )
+    owner: str = request.scope.get(IDENTITY, "")
     spending: Spending | None = request.scope.get(SPENDING)
     on_spend = spending.spend if spending is not None else None
     left = spending.flops_left if spending is not None else None
@@ -177,7 +205,9 @@ async def _answer(
                 interval_s=gateway.settings.stream_progress_interval_s,
                 poll_s=DISCONNECT_POLL_S,
                 on_end=lambda: gateway.release(affinity),
-                on_answer=lambda outcome, rid: gateway.trace(outcome, rendered, kind, rid),
+                on_answer=lambda outcome, rid: gateway.answered(
+                    outcome, rendered, kind, rid, owner
+                ),
             )
             streaming = True
             return response
@@ -188,8 +218,9 @@ async def _answer(
         if not streaming:
             gateway.release(affinity)
     metrics.observe_answer(outcome, ENDPOINTS[kind].path, model)
-    answer = completion(outcome, kind, model).model_dump()
-    gateway.trace(outcome, rendered, kind, answer["id"])
+    request_id = ENDPOINTS[kind].new_id()
+    trace = gateway.answered(outcome, rendered, kind, request_id, owner)
+    answer = completion(outcome, kind, model, trace, request_id=request_id).model_dump()
     return JSONResponse(answer, headers=response_headers(job, outcome))
 
 

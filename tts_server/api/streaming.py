@@ -82,8 +82,9 @@ class Chunks:
         choice = self.endpoint.chunk.opening()
         return None if choice is None else self._chunk([choice])
 
-    def progress(self, seen: dict[str, Any]) -> bytes:
-        return self._chunk([self.endpoint.chunk.choice(None)], tts=TTSProgress(progress=seen))
+    def progress(self, seen: dict[str, Any], nodes: list[dict[str, Any]]) -> bytes:
+        tts = TTSProgress(progress=seen, nodes=nodes) if nodes else TTSProgress(progress=seen)
+        return self._chunk([self.endpoint.chunk.choice(None)], tts=tts)
 
     def _calls(self, outcome: Outcome) -> list[ToolCall | None]:
         chat = self.endpoint.chunk is ChatCompletionChunk
@@ -105,15 +106,16 @@ class Chunks:
             choices.append(ChatChunkChoice(index=i, delta=delta, finish_reason=None))
         return self._chunk(choices)
 
-    def finish(self, outcome: Outcome) -> bytes:
-        """Every choice's finish reason, in one chunk with the `tts` report."""
+    def finish(self, outcome: Outcome, trace: dict[str, Any] | None = None) -> bytes:
+        """Every choice's finish reason, in one chunk with the `tts` report (and the search
+        trace, when asked)."""
         choices = [
             self.endpoint.chunk.choice(
                 None, "tool_calls" if call is not None else finish_reason(c.finish_reason), i
             )
             for i, (c, call) in enumerate(zip(outcome.selected, self._calls(outcome), strict=True))
         ]
-        return self._chunk(choices, tts=tts_report(outcome))
+        return self._chunk(choices, tts=tts_report(outcome, trace))
 
     def usage(self, outcome: Outcome) -> bytes:
         return self._chunk([], usage=usage_of(outcome))
@@ -126,7 +128,7 @@ async def _events(
     interval_s: float,
     poll_s: float,
     on_end: Callable[[], None] | None = None,
-    on_answer: Callable[[Outcome, str], None] | None = None,
+    on_answer: Callable[[Outcome, str], dict[str, Any] | None] | None = None,
 ) -> AsyncIterator[bytes]:
     watch = Watch()
     task = asyncio.ensure_future(run(watch))
@@ -142,9 +144,9 @@ async def _events(
             if await request.is_disconnected():
                 return  # the `finally` cancels the search and its upstream calls
             if time.monotonic() >= due:
-                seen = watch.snapshot()
+                seen, nodes = watch.snapshot(), watch.nodes()
                 moved = seen != last and any(seen.values())  # all zero: nothing to tell yet
-                yield chunks.progress(seen) if moved else KEEP_ALIVE
+                yield chunks.progress(seen, nodes) if moved or nodes else KEEP_ALIVE
                 due, last = time.monotonic() + interval_s, seen
         try:
             outcome = task.result()
@@ -158,10 +160,10 @@ async def _events(
             yield _event(error_body(APIError(500, "internal server error", type_="server_error")))
             yield DONE
             return
-        if on_answer is not None:  # answered: whatever happens to the stream from here
-            on_answer(outcome, chunks.id)
+        # Answered: whatever happens to the stream from here. The trace, when asked, comes back.
+        trace = on_answer(outcome, chunks.id) if on_answer is not None else None
         yield chunks.answer(outcome)
-        yield chunks.finish(outcome)
+        yield chunks.finish(outcome, trace)
         if chunks.include_usage:
             yield chunks.usage(outcome)
         yield DONE
@@ -185,11 +187,12 @@ def stream_response(
     interval_s: float,
     poll_s: float,
     on_end: Callable[[], None] | None = None,
-    on_answer: Callable[[Outcome, str], None] | None = None,
+    on_answer: Callable[[Outcome, str], dict[str, Any] | None] | None = None,
 ) -> StreamingResponse:
     """The response for a prepared `job`: its headers say what will run (known before it runs).
     `on_end` is called once the stream is over, however it ended; `on_answer` with the outcome
-    and the response id once the search has answered."""
+    and the response id once the search has answered (it returns the search trace for the
+    finishing chunk when the request asked for one)."""
     chunks = Chunks(kind, model, include_usage)
     headers = {**response_headers(job), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(

@@ -41,6 +41,7 @@ async def dvts(
     policy_usage, prm_usage = PolicyUsage(), PRMUsage()
 
     subtrees = [_Subtree(str(k)) for k in range(n // width)]
+    tree = config.tree
     iterations = 0
     for iteration in range(config.max_iterations):
         live = [t for t in subtrees if t.live]
@@ -53,15 +54,21 @@ async def dvts(
         expanded = await expand(
             problem, heads, config, policy, policy_usage, n=width, last=last, affinity=labels
         )
+        if tree is not None:
+            tree.grow(heads, expanded, iteration + 1, [int(label) for label in labels])
         await score(verifier, problem, [c for kids in expanded for c in kids], config, prm_usage)
-        for tree, children in zip(live, expanded, strict=True):
-            tree.finished.extend(c for c in children if c.finished)
+        for subtree, children in zip(live, expanded, strict=True):
+            subtree.finished.extend(c for c in children if c.finished)
             # The first of the best on ties; a subtree never looks at another's children.
-            tree.head = max(children, key=lambda c: c.score or 0.0)
+            subtree.head = max(children, key=lambda c: c.score or 0.0)
+            if tree is not None:
+                tree.settle(children, kept=[subtree.head])
 
     candidates = [c for t in subtrees for c in t.finished]
     if not candidates:
         candidates = [t.head for t in subtrees]  # nothing finished: best prefixes, unfinished
+    if tree is not None:  # heads still unfinished when the iterations ran out
+        tree.mark((t.head for t in subtrees if t.live), "open")
     return await finish(
         candidates,
         config.selection,
