@@ -4,6 +4,7 @@ deadline, a FLOPs ceiling and a watch."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -284,3 +285,20 @@ async def test_an_unknown_prm_model_is_not_cached_as_the_pair() -> None:
     assert (await e.router_table()).source == "generic: under 7B"
     prm.model = "arith-checker"
     assert (await e.router_table()).source.startswith("measured")
+
+
+async def test_adaptive_named_by_a_client_follows_the_settings_stop_rules() -> None:
+    """TTS_ADAPTIVE_GIVE_UP_AFTER: four samples with four answers end the draw at 4 of 8;
+    without it the Beta rule alone draws the whole budget on split answers."""
+    drawn = itertools.count()  # a new answer every sample (the fake numbers samples per call)
+    spread = Policy(lambda prompt, sample: f"The answer is {next(drawn)}.")
+    given_up = engine(spread, adaptive_give_up_after=4)
+    outcome = await given_up.run(*await given_up.prepare(job("adaptive", budget=8)))
+    assert len(outcome.result.candidates) == 4
+    beta_only = engine(Policy(lambda prompt, sample: f"The answer is {next(drawn)}."))
+    outcome = await beta_only.run(*await beta_only.prepare(job("adaptive", budget=8)))
+    assert len(outcome.result.candidates) == 8
+    # A margin of 2 stops at the first round whose leader is two ahead: 2-0 after one round.
+    agreeing = engine(Policy(lambda prompt, sample: "The answer is 5."), adaptive_stop_margin=2)
+    outcome = await agreeing.run(*await agreeing.prepare(job("adaptive", budget=8)))
+    assert len(outcome.result.candidates) == 2

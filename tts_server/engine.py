@@ -286,7 +286,10 @@ class TTSEngine:
             progress=progress,
             # `adaptive` named by a client (or a table's fixed adaptive); auto's routes set theirs.
             stopping=StopRule(
-                s.adaptive_round_size, None, None, beta_threshold=s.adaptive_threshold
+                s.adaptive_round_size,
+                s.adaptive_stop_margin,
+                s.adaptive_give_up_after,
+                beta_threshold=s.adaptive_threshold,
             ),
             confidence=ConfidenceConfig(
                 sample=self._logprobs_to_sample(job),

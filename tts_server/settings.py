@@ -254,6 +254,10 @@ class Settings(BaseSettings):
     # the leading answer beats the second reaches the threshold (Aggarwal et al.).
     adaptive_round_size: int = Field(default=2, ge=1)
     adaptive_threshold: float = Field(default=0.95, gt=0.5, lt=1.0)
+    # Also stop once the leader is this many samples ahead, or once this many samples hold no
+    # two equal answers (a question the policy cannot settle; None: off). Off by default.
+    adaptive_stop_margin: int | None = Field(default=None, ge=1)
+    adaptive_give_up_after: int | None = Field(default=None, ge=2)
     # `deepconf` (online): warm-up traces, the share kept (the threshold is the
     # 100 * (1 - keep)-th percentile of the warm-up's lowest-group confidences), traces streamed
     # per round, and the vote share that ends sampling.

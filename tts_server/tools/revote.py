@@ -28,7 +28,7 @@ from tts_server.types import Candidate, ConfidenceConfig, SelectionRule
 RULES: tuple[SelectionRule, ...] = ("naive", "weighted", "majority", "confidence", "filtered")
 
 
-def _candidates(record: dict[str, Any]) -> list[Candidate] | None:
+def recorded_candidates(record: dict[str, Any]) -> list[Candidate] | None:
     answers = record.get("candidates_answers")
     scores = record.get("candidate_scores")
     if not answers or scores is None or len(scores) != len(answers):
@@ -53,7 +53,7 @@ def revote(report: dict[str, Any], rule: SelectionRule, config: ConfidenceConfig
     """`report` as if its run had been served with `rule`: each record's answer re-chosen."""
     records = []
     for record in report["records"]:
-        candidates = _candidates(record) if "error" not in record else None
+        candidates = recorded_candidates(record) if "error" not in record else None
         if candidates is None:
             records.append(dict(record))
             continue
