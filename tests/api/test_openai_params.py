@@ -1,7 +1,7 @@
 """Every OpenAI parameter of both endpoints is honoured or refused with a 400 naming it, never
-silently dropped (`api.options.PARAMETERS`): refused values cost nothing upstream, default values
-and metadata are accepted and change nothing, unknown fields are refused, the honoured ones reach
-vLLM as the README says, and `seed` makes a request reproducible."""
+silently dropped (`api.parameters.PARAMETERS`): refused values cost nothing upstream, default
+values and metadata are accepted and change nothing, unknown fields are refused, the honoured ones
+reach vLLM as the README says, and `seed` makes a request reproducible."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tests.support.gateway import (
     normalise,
     script,
 )
-from tts_server.api.options import PARAMETERS
+from tts_server.api.parameters import PARAMETERS
 from tts_server.api.protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
 from tts_server.types import STRATEGY_NAMES
 
