@@ -1,6 +1,6 @@
 """The OpenAI wire format the gateway speaks: request bodies, the `tts` object that carries the
 search options in the body, and the one error shape of the gateway, its guard and the PRM worker.
-What the gateway answers is in `protocol_responses`.
+What the gateway answers is in `protocol_responses` (and `protocol_report`).
 
 Imports pydantic and `tts_server.types` only: the PRM worker uses the error shape too."""
 
