@@ -1,6 +1,7 @@
 """What the gateway's unit tests share: a scripted three-step solution for the fake vLLM, PRMs
 that score it (and one slow, one failing), a gateway over the real vLLM client talking to the fake
-vLLM in-process, request bodies, an SSE parser and the golden test's normalisation of bodies."""
+vLLM in-process, the endpoints' paths, request bodies, an SSE parser and the golden test's
+normalisation of bodies."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from tts_server.settings import Settings
 from tts_server.types import PRMUsage
 
 MODEL = "fake-model"
+
+# The two answering endpoints, by the names `api.responses.Kind` gives them.
+PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 
 
 def script(prompt: str, sample: int) -> str:
@@ -93,6 +97,17 @@ async def gateway_with(
         await upstream.aclose()
 
 
+@asynccontextmanager
+async def steady_gateway(
+    fake_vllm: FakeVLLM, tmp_path: Path, **settings: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """`gateway_with` the `EquationPRM` and no progress chunks: a stream's events are then the
+    same from run to run."""
+    settings.setdefault("stream_progress_interval_s", 3600)
+    async with gateway_with(fake_vllm, EquationPRM(), tmp_path, **settings) as client:
+        yield client
+
+
 def chat(strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
     return {
         "model": MODEL,
@@ -100,6 +115,16 @@ def chat(strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
         "tts": {"strategy": strategy, "budget": budget, "beam_width": 2},
         **extra,
     }
+
+
+def body(
+    endpoint: str, strategy: str = "best_of_n", budget: int = 4, **extra: object
+) -> dict[str, object]:
+    """A request for `endpoint` ("chat" or "text") with the same question either way."""
+    if endpoint == "chat":
+        return chat(strategy, budget, **extra)
+    tts = {"strategy": strategy, "budget": budget, "beam_width": 2}
+    return {"model": MODEL, "prompt": "<assistant>", "tts": tts, **extra}
 
 
 def normalise(body: Any) -> Any:
