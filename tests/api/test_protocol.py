@@ -21,8 +21,17 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from tests.support.fake_vllm import FakeVLLM
-from tests.support.gateway import MODEL, EquationPRM, FailingPRM, SlowPRM, chat, events, script
-from tts_server.api.app import create_app
+from tests.support.gateway import (
+    MODEL,
+    EquationPRM,
+    FailingPRM,
+    SlowPRM,
+    chat,
+    events,
+    plain_profiles,
+    script,
+    serve,
+)
 from tts_server.api.protocol import ErrorResponse
 from tts_server.api.protocol_report import TTSProgress, TTSReport
 from tts_server.api.protocol_responses import (
@@ -36,7 +45,6 @@ from tts_server.api.protocol_responses import (
     TextCompletionChunk,
 )
 from tts_server.api.reliability import hash_key
-from tts_server.clients import VLLMPolicyClient
 from tts_server.prm_worker import create_app as create_prm_app
 from tts_server.prm_worker.backends.arith import ArithBackend
 from tts_server.settings import Settings
@@ -50,21 +58,11 @@ CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 async def gateway(
     tmp_path: Path, prm: EquationPRM | None = None, **settings: Any
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    profile = tmp_path / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     settings.setdefault("stream_progress_interval_s", 3600)  # no progress chunks unless asked
-    config = Settings(policy_model=MODEL, prompt_profiles={MODEL: str(profile)}, **settings)
-    upstream = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=FakeVLLM(script=script, model=MODEL).app())
-    )
-    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
-    app = create_app(config, policy=policy, prm=prm or EquationPRM())
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield app, client
-    finally:
-        await upstream.aclose()
+    config = Settings(policy_model=MODEL, prompt_profiles=plain_profiles(tmp_path), **settings)
+    fake = FakeVLLM(script=script, model=MODEL)
+    async with serve(config, fake, prm or EquationPRM()) as (app, client):
+        yield app, client
 
 
 def body(path: str, strategy: str, budget: int = 4, **extra: Any) -> dict[str, Any]:
