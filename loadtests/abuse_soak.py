@@ -41,7 +41,14 @@ from typing import Any
 
 import httpx
 
-from loadtests.stack import QUESTION, chat_body, open_fds, percentile, print_summary, soak_stack
+from loadtests.stack import (
+    QUESTION,
+    chat_clients,
+    open_fds,
+    percentile,
+    print_summary,
+    soak_stack,
+)
 from tests.support.gateway import MODEL
 from tts_server.api.reliability import hash_key
 
@@ -67,24 +74,10 @@ class Block:
 
 
 async def good_clients(url: str, duration_s: float, concurrency: int, block: Block) -> None:
-    stop_at = time.monotonic() + duration_s
     headers = {"Authorization": f"Bearer {GOOD_KEY}"}
-
-    async def worker(k: int, client: httpx.AsyncClient) -> None:
-        i = k
-        while time.monotonic() < stop_at:
-            body = chat_body(STRATEGIES[i % len(STRATEGIES)])
-            started = time.perf_counter()
-            try:
-                status = (await client.post(url, json=body, headers=headers)).status_code
-            except httpx.HTTPError:
-                status = 0
-            block.latencies.append(time.perf_counter() - started)
-            block.statuses[status] = block.statuses.get(status, 0) + 1
-            i += concurrency
-
-    async with httpx.AsyncClient(timeout=60) as client:
-        await asyncio.gather(*(worker(k, client) for k in range(concurrency)))
+    await chat_clients(
+        url, duration_s, concurrency, STRATEGIES, block.latencies, block.statuses, headers
+    )
 
 
 def summarise(block: Block) -> dict[str, Any]:

@@ -20,9 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from loadtests.stack import chat_body, open_fds, percentile, print_summary, rss_bytes, soak_stack
+from loadtests.stack import (
+    chat_clients,
+    open_fds,
+    percentile,
+    print_summary,
+    rss_bytes,
+    soak_stack,
+)
 
 STRATEGIES = ["greedy", "majority", "best_of_n", "beam_search", "dvts", "auto"]
 
@@ -30,24 +35,8 @@ STRATEGIES = ["greedy", "majority", "best_of_n", "beam_search", "dvts", "auto"]
 async def load(url: str, duration_s: float, concurrency: int) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    stop_at = time.monotonic() + duration_s
-
-    async def worker(k: int, client: httpx.AsyncClient) -> None:
-        i = k
-        while time.monotonic() < stop_at:
-            body = chat_body(STRATEGIES[i % len(STRATEGIES)])
-            started = time.perf_counter()
-            try:
-                response = await client.post(url + "/v1/chat/completions", json=body)
-                status = response.status_code
-            except httpx.HTTPError:
-                status = 0
-            latencies.append(time.perf_counter() - started)
-            statuses[status] = statuses.get(status, 0) + 1
-            i += concurrency
-
-    async with httpx.AsyncClient(timeout=60) as client:
-        await asyncio.gather(*(worker(k, client) for k in range(concurrency)))
+    chat = url + "/v1/chat/completions"
+    await chat_clients(chat, duration_s, concurrency, STRATEGIES, latencies, statuses)
     return {
         "requests": len(latencies),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},

@@ -1,17 +1,21 @@
 """What the soak scripts share: the stack they load (a fake vLLM and the PRM worker app (arith)
-on 127.0.0.1 in the script's process, the gateway as its own process over them), the request
-the good clients send, what they read of the gateway process from /proc, and the JSON summary
-they end with."""
+on 127.0.0.1 in the script's process, the gateway as its own process over them), the clients
+that load it with good requests, what they read of the gateway process from /proc, and the
+JSON summary they end with."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.faults import ThreadServer
@@ -30,6 +34,37 @@ def chat_body(strategy: str, budget: int = 4) -> dict[str, Any]:
         "messages": [{"role": "user", "content": QUESTION}],
         "tts": {"strategy": strategy, "budget": budget, "beam_width": 2},
     }
+
+
+async def chat_clients(
+    url: str,
+    duration_s: float,
+    concurrency: int,
+    strategies: Sequence[str],
+    latencies: list[float],
+    statuses: dict[int, int],
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """`concurrency` clients asking `url` (a chat endpoint) one request after another for
+    `duration_s`, taking `strategies` in turn; each request's latency and status (0: no answer)
+    added to `latencies` and `statuses`."""
+    stop_at = time.monotonic() + duration_s
+
+    async def worker(k: int, client: httpx.AsyncClient) -> None:
+        i = k
+        while time.monotonic() < stop_at:
+            body = chat_body(strategies[i % len(strategies)])
+            started = time.perf_counter()
+            try:
+                status = (await client.post(url, json=body, headers=headers)).status_code
+            except httpx.HTTPError:
+                status = 0
+            latencies.append(time.perf_counter() - started)
+            statuses[status] = statuses.get(status, 0) + 1
+            i += concurrency
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        await asyncio.gather(*(worker(k, client) for k in range(concurrency)))
 
 
 @dataclass(frozen=True)
