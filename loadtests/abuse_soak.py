@@ -41,17 +41,18 @@ from typing import Any
 
 import httpx
 
-from loadtests.soak import open_fds
-from tests.support.fake_vllm import FakeVLLM
-from tests.support.faults import ThreadServer
-from tests.support.gateway import MODEL, script
-from tests.support.servers import ServerProcess, cli, free_port
+from loadtests.stack import (
+    QUESTION,
+    chat_clients,
+    open_fds,
+    percentile,
+    print_summary,
+    soak_stack,
+)
+from tests.support.gateway import MODEL
 from tts_server.api.reliability import hash_key
-from tts_server.prm_worker import create_app as create_prm_app
-from tts_server.prm_worker.backends.arith import ArithBackend
 
 STRATEGIES = ["greedy", "majority", "best_of_n", "beam_search", "dvts"]
-QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 GOOD_KEY, GREEDY_KEY = "sk-soak-good-0001", "sk-soak-greedy-0002"
 MAX_PHASE_S = 150.0  # two phases: at most 5 minutes of load
 # With a valid key (without one the gateway answers 401 at once, before the body).
@@ -60,11 +61,6 @@ STALLED_HEAD = (
     b"Authorization: Bearer " + GREEDY_KEY.encode() + b"\r\n"
     b"Content-Length: 100000\r\n\r\n" + b'{"model": "' + b"x" * 512
 )
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    return round(ordered[int(q * (len(ordered) - 1))], 4) if ordered else None
 
 
 @dataclass
@@ -78,29 +74,10 @@ class Block:
 
 
 async def good_clients(url: str, duration_s: float, concurrency: int, block: Block) -> None:
-    stop_at = time.monotonic() + duration_s
     headers = {"Authorization": f"Bearer {GOOD_KEY}"}
-
-    async def worker(k: int, client: httpx.AsyncClient) -> None:
-        i = k
-        while time.monotonic() < stop_at:
-            strategy = STRATEGIES[i % len(STRATEGIES)]
-            body = {
-                "model": MODEL,
-                "messages": [{"role": "user", "content": QUESTION}],
-                "tts": {"strategy": strategy, "budget": 4, "beam_width": 2},
-            }
-            started = time.perf_counter()
-            try:
-                status = (await client.post(url, json=body, headers=headers)).status_code
-            except httpx.HTTPError:
-                status = 0
-            block.latencies.append(time.perf_counter() - started)
-            block.statuses[status] = block.statuses.get(status, 0) + 1
-            i += concurrency
-
-    async with httpx.AsyncClient(timeout=60) as client:
-        await asyncio.gather(*(worker(k, client) for k in range(concurrency)))
+    await chat_clients(
+        url, duration_s, concurrency, STRATEGIES, block.latencies, block.statuses, headers
+    )
 
 
 def summarise(block: Block) -> dict[str, Any]:
@@ -235,35 +212,22 @@ def main() -> int:
         return 0
 
     folder = Path(tempfile.mkdtemp(prefix="tts-abuse-soak-"))
-    profile = folder / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     keys = folder / "keys.toml"
     keys.write_text(
         f'[[keys]]\nhash = "{hash_key(GOOD_KEY)}"\nrequests_per_minute = 100000\n\n'
         f'[[keys]]\nhash = "{hash_key(GREEDY_KEY)}"\nrequests_per_minute = 60\n'
         "flops_per_minute = 2e10\n"
     )
-    vllm = ThreadServer(FakeVLLM(script=script, model=MODEL, delay_s=args.vllm_delay).app()).start()
-    prm = ThreadServer(create_prm_app(ArithBackend())).start()
-    port = free_port()
     env = {
-        "TTS_POLICY_MODEL": MODEL,
-        "TTS_PROMPT_PROFILES": json.dumps({MODEL: str(profile)}),
-        "TTS_POLICY_PARAMS": "1000000",
-        "TTS_PRM_PARAMS": "0",
         "TTS_API_KEYS_FILE": str(keys),
         "TTS_HEAD_TIMEOUT_S": "2",
         "TTS_BODY_TIMEOUT_S": "5",
         "TTS_MAX_CONNECTIONS": "1024",
         "TTS_LOG_LEVEL": "warning",
     }
-    argv = cli("gateway", "--port", str(port), "--policy-url", vllm.url, "--prm-url", prm.url)
-    gateway = ServerProcess("gateway", argv, port, folder).start(env)
-    url = f"{gateway.url}/v1/chat/completions"
-    try:
-        gateway.wait_healthy(60, path="/health/ready")
-        assert gateway.process is not None
-        pid = gateway.process.pid
+    with soak_stack(folder, env, vllm_delay_s=args.vllm_delay) as stack:
+        url = f"{stack.gateway.url}/v1/chat/completions"
+        pid, port = stack.pid, stack.port
         blocks = max(1, math.ceil(phase / args.block))
         seconds = phase / blocks
         print(
@@ -300,20 +264,13 @@ def main() -> int:
             "p50_ratio": round(good_attacked["latency_p50_s"] / good_alone["latency_p50_s"], 3),
             "p95_ratio": round(good_attacked["latency_p95_s"] / good_alone["latency_p95_s"], 3),
             "abusers": _merge(abusers),
-            "gateway_rejections": rejections(gateway.url),
+            "gateway_rejections": rejections(stack.gateway.url),
             "gateway_fds_under_attack_max": max(f for f, _ in fds_seen),
             "gateway_sockets_under_attack_max": max(s for _, s in fds_seen),
         }
-        text = json.dumps(summary, indent=2)
-        print(text)
-        if args.out:
-            args.out.write_text(text + "\n")
+        print_summary(summary, args.out)
         good_ok = set(good_attacked["statuses"]) == {"200"}
         return 0 if good_ok else 1
-    finally:
-        gateway.stop()
-        prm.stop()
-        vllm.stop()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -23,69 +20,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from tests.support.fake_vllm import FakeVLLM
-from tests.support.faults import ThreadServer
-from tests.support.gateway import MODEL, script
-from tests.support.servers import ServerProcess, cli, free_port
-from tts_server.prm_worker import create_app as create_prm_app
-from tts_server.prm_worker.backends.arith import ArithBackend
+from loadtests.stack import (
+    chat_clients,
+    open_fds,
+    percentile,
+    print_summary,
+    rss_bytes,
+    soak_stack,
+)
 
 STRATEGIES = ["greedy", "majority", "best_of_n", "beam_search", "dvts", "auto"]
-QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def open_fds(pid: int) -> tuple[int, int]:
-    """(all descriptors, sockets) of the process."""
-    fds = list(Path(f"/proc/{pid}/fd").iterdir())
-    sockets = 0
-    for fd in fds:
-        with contextlib.suppress(OSError):  # closed while we looked
-            sockets += os.readlink(fd).startswith("socket:")
-    return len(fds), sockets
 
 
 async def load(url: str, duration_s: float, concurrency: int) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    stop_at = time.monotonic() + duration_s
-
-    async def worker(k: int, client: httpx.AsyncClient) -> None:
-        i = k
-        while time.monotonic() < stop_at:
-            body = {
-                "model": MODEL,
-                "messages": [{"role": "user", "content": QUESTION}],
-                "tts": {"strategy": STRATEGIES[i % len(STRATEGIES)], "budget": 4, "beam_width": 2},
-            }
-            started = time.perf_counter()
-            try:
-                response = await client.post(url + "/v1/chat/completions", json=body)
-                status = response.status_code
-            except httpx.HTTPError:
-                status = 0
-            latencies.append(time.perf_counter() - started)
-            statuses[status] = statuses.get(status, 0) + 1
-            i += concurrency
-
-    async with httpx.AsyncClient(timeout=60) as client:
-        await asyncio.gather(*(worker(k, client) for k in range(concurrency)))
-    ordered = sorted(latencies)
+    chat = url + "/v1/chat/completions"
+    await chat_clients(chat, duration_s, concurrency, STRATEGIES, latencies, statuses)
     return {
         "requests": len(latencies),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "errors": sum(v for k, v in statuses.items() if k != 200),
         "rps": round(len(latencies) / duration_s, 2),
-        "latency_p50_s": round(statistics.median(ordered), 4) if ordered else None,
-        "latency_p95_s": round(ordered[int(0.95 * (len(ordered) - 1))], 4) if ordered else None,
+        "latency_p50_s": round(statistics.median(latencies), 4) if latencies else None,
+        "latency_p95_s": percentile(latencies, 0.95),
     }
 
 
@@ -113,30 +71,15 @@ def main() -> int:
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="tts-soak-"))
-    profile = folder / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
-    vllm = ThreadServer(FakeVLLM(script=script, model=MODEL).app()).start()
-    prm = ThreadServer(create_prm_app(ArithBackend())).start()
-    port = free_port()
-    env = {
-        "TTS_POLICY_MODEL": MODEL,
-        "TTS_PROMPT_PROFILES": json.dumps({MODEL: str(profile)}),
-        "TTS_POLICY_PARAMS": "1000000",
-        "TTS_PRM_PARAMS": "0",
-        "TTS_MAX_IN_FLIGHT": str(max(16, args.concurrency)),
-    }
-    argv = cli("gateway", "--port", str(port), "--policy-url", vllm.url, "--prm-url", prm.url)
-    gateway = ServerProcess("gateway", argv, port, folder).start(env)
-    try:
-        gateway.wait_healthy(60, path="/health/ready")
-        assert gateway.process is not None
-        pid = gateway.process.pid
+    env = {"TTS_MAX_IN_FLIGHT": str(max(16, args.concurrency))}
+    with soak_stack(folder, env) as stack:
+        pid = stack.pid
         samples: list[dict[str, float]] = []
 
         async def run() -> dict[str, Any]:
             until = time.monotonic() + args.duration
             sampler = asyncio.ensure_future(sample(pid, 5.0, until, samples))
-            result = await load(gateway.url, args.duration, args.concurrency)
+            result = await load(stack.gateway.url, args.duration, args.concurrency)
             await sampler
             return result
 
@@ -158,16 +101,9 @@ def main() -> int:
                 "sockets_max": max(s["sockets"] for s in samples),
             }
         )
-        text = json.dumps(summary, indent=2)
-        print(text)
-        if args.out:
-            args.out.write_text(text + "\n")
+        print_summary(summary, args.out)
         ok = summary["errors"] == 0 and summary["rss_growth_pct"] < 10
         return 0 if ok else 1
-    finally:
-        gateway.stop()
-        prm.stop()
-        vllm.stop()
 
 
 if __name__ == "__main__":

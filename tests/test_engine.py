@@ -211,6 +211,9 @@ async def test_the_stages_add_up_to_the_wall_time_and_count_what_ran() -> None:
     calls = outcome.result.policy_usage.calls
     assert calls >= 2 and stages["generation"] >= 0.05 * calls  # every call slept 50 ms
     assert stages["selection"] < outcome.wall_time_s
+    # Selection is the rest of the wall time, never below 0: the stages add up to the wall time
+    # only if generation and PRM scoring were not counted twice (they run one after the other).
+    assert sum(stages.values()) == pytest.approx(outcome.wall_time_s, abs=1e-6)
     auto = await e.run(*await e.prepare(job("auto", budget=8)))
     assert "pilot" in auto.stages and auto.stages["pilot"] >= 0.05
 

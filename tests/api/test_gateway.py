@@ -63,7 +63,8 @@ async def test_every_strategy_answers_in_openai_shape(
     assert body["usage"]["completion_tokens"] == fake_vllm.counters["generation"]
     assert tts["policy_tokens"]["requests"] == len(fake_vllm.calls)
     if strategy != "majority":
-        # The PRM (or greedy at temperature 0 on sample 0) steers to the right sum.
+        # The PRM steers to the right sum; greedy's one sample is the script's sample 0, which
+        # writes it (the fake ignores temperature: test_strategies checks greedy's is 0).
         assert tts["answer"] == "8"
         assert "The answer is 8." in body["choices"][0]["message"]["content"]
 

@@ -21,9 +21,7 @@ import pytest
 
 from tests.support.fake_vllm import EOS, FakeVLLM
 from tests.support.fakes import tails
-from tests.support.gateway import normalise
-from tts_server.api.app import create_app
-from tts_server.clients import VLLMPolicyClient
+from tests.support.gateway import normalise, plain_profiles, serve
 from tts_server.settings import Settings
 from tts_server.types import PRMUsage
 
@@ -119,8 +117,6 @@ TABLES = {"adaptive": ADAPTIVE_TABLE, "fixed": FIXED_TABLE}
 async def gateway(
     tmp_path: Path, table: str | None, affinity: str = "request"
 ) -> AsyncIterator[httpx.AsyncClient]:
-    profile = tmp_path / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     extra: dict[str, Any] = {}
     if table is not None:
         path = tmp_path / f"{table}.json"
@@ -132,23 +128,15 @@ async def gateway(
         extra["affinity_scope"] = affinity
     settings = Settings(
         policy_model=MODEL,
-        prompt_profiles={MODEL: str(profile)},
+        prompt_profiles=plain_profiles(tmp_path, MODEL),
         policy_params=134_515_008,
         stream_progress_interval_s=3600,
         **extra,
     )
     fake = SeededVLLM(script=script, model=MODEL)
-    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake.app()))
-    policy = VLLMPolicyClient(
-        "http://fake-vllm", MODEL, client=upstream, affinity_header=settings.affinity_header
-    )
-    app = create_app(settings, policy=policy, prm=CheckingPRM())
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client
-    finally:
-        await upstream.aclose()
+    header = settings.affinity_header
+    async with serve(settings, fake, CheckingPRM(), affinity_header=header) as (_, client):
+        yield client
 
 
 # name -> (table, endpoint, body without model/prompt, headers)

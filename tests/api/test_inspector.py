@@ -16,11 +16,18 @@ import jsonschema
 import pytest
 
 from tests.support.fake_vllm import FakeVLLM
-from tests.support.gateway import MODEL, EquationPRM, chat, events, gateway_with, script
-from tts_server.api.app import create_app
+from tests.support.gateway import (
+    MODEL,
+    EquationPRM,
+    chat,
+    events,
+    gateway_with,
+    plain_profiles,
+    script,
+    serve,
+)
 from tts_server.api.reliability import hash_key
 from tts_server.api.trace_store import TraceStore
-from tts_server.clients import VLLMPolicyClient
 from tts_server.settings import Settings
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "trace.schema.json").read_text())
@@ -34,26 +41,16 @@ def auth(key: str) -> dict[str, str]:
 @asynccontextmanager
 async def keyed(tmp_path: Path, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway with the inspector on and two API keys."""
-    profile = tmp_path / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     config = Settings(
         policy_model=MODEL,
-        prompt_profiles={MODEL: str(profile)},
+        prompt_profiles=plain_profiles(tmp_path),
         api_key_hashes=f"{hash_key(ALICE)},{hash_key(BOB)}",
         inspector=True,
         **settings,
     )
-    upstream = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=FakeVLLM(script=script, model=MODEL).app())
-    )
-    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
-    app = create_app(config, policy=policy, prm=EquationPRM())
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            yield client
-    finally:
-        await upstream.aclose()
+    fake = FakeVLLM(script=script, model=MODEL)
+    async with serve(config, fake, EquationPRM(), base_url="http://gw") as (_, client):
+        yield client
 
 
 async def test_a_finished_request_is_opened_by_its_id_with_the_responses_trace(

@@ -13,9 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.fake_vllm import FakeVLLM
-from tests.support.gateway import MODEL, EquationPRM, script
-from tts_server.api.app import create_app
-from tts_server.clients import VLLMPolicyClient
+from tests.support.gateway import MODEL, EquationPRM, plain_profiles, script, serve
 from tts_server.settings import Settings
 from tts_server.types import PRMClient, PRMUsage
 
@@ -35,21 +33,14 @@ async def gateway(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
 async def open_gateway(
     tmp_path: Path, fake: FakeVLLM, prm: PRMClient
 ) -> AsyncIterator[httpx.AsyncClient]:
-    profile = tmp_path / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     settings = Settings(
         policy_model=MODEL,
-        prompt_profiles={MODEL: str(profile)},
+        prompt_profiles=plain_profiles(tmp_path),
         policy_params=1_000_000,
         prm_params=0,
     )
-    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake.app()))
-    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
-    app = create_app(settings, policy=policy, prm=prm)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+    async with serve(settings, fake, prm) as (_, client):
         yield client
-    await upstream.aclose()
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

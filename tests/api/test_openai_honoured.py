@@ -15,9 +15,18 @@ import httpx
 import pytest
 
 from tests.support.fake_vllm import EOS, FakeVLLM
-from tests.support.gateway import MODEL, EquationPRM, chat, events, gateway_with, script
+from tests.support.gateway import (
+    MODEL,
+    PATHS,
+    EquationPRM,
+    body,
+    chat,
+    events,
+    gateway_with,
+    script,
+    steady_gateway,
+)
 
-PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 SOLUTION = "We add the apples.\n\n3 + 5 = {0}\n\nThe answer is {0}."
 
 
@@ -29,17 +38,8 @@ def fake_vllm() -> FakeVLLM:
 
 @pytest.fixture
 async def gateway(fake_vllm: FakeVLLM, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with gateway_with(
-        fake_vllm, EquationPRM(), tmp_path, stream_progress_interval_s=3600
-    ) as client:
+    async with steady_gateway(fake_vllm, tmp_path) as client:
         yield client
-
-
-def body(endpoint: str, strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
-    if endpoint == "chat":
-        return chat(strategy, budget, **extra)
-    tts = {"strategy": strategy, "budget": budget, "beam_width": 2}
-    return {"model": MODEL, "prompt": "<assistant>", "tts": tts, **extra}
 
 
 def text_of(endpoint: str, choice: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """Every OpenAI parameter of both endpoints is honoured or refused with a 400 naming it, never
-silently dropped (`api.options.PARAMETERS`): refused values cost nothing upstream, default values
-and metadata are accepted and change nothing, unknown fields are refused, the honoured ones reach
-vLLM as the README says, and `seed` makes a request reproducible."""
+silently dropped (`api.parameters.PARAMETERS`): refused values cost nothing upstream, default
+values and metadata are accepted and change nothing, unknown fields are refused, the honoured ones
+reach vLLM as the README says, and `seed` makes a request reproducible."""
 
 from __future__ import annotations
 
@@ -18,18 +18,20 @@ import pytest
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.gateway import (
     MODEL,
+    PATHS,
     EquationPRM,
+    body,
     chat,
     events,
     gateway_with,
     normalise,
     script,
+    steady_gateway,
 )
-from tts_server.api.options import PARAMETERS
+from tts_server.api.parameters import PARAMETERS
 from tts_server.api.protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
 from tts_server.types import STRATEGY_NAMES
 
-PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 README = Path(__file__).parents[2] / "README.md"
 
 
@@ -40,18 +42,8 @@ def fake_vllm() -> FakeVLLM:
 
 @pytest.fixture
 async def gateway(fake_vllm: FakeVLLM, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    # No progress chunks: a stream's events are then the same from run to run.
-    async with gateway_with(
-        fake_vllm, EquationPRM(), tmp_path, stream_progress_interval_s=3600
-    ) as client:
+    async with steady_gateway(fake_vllm, tmp_path) as client:
         yield client
-
-
-def body(endpoint: str, strategy: str = "best_of_n", budget: int = 4) -> dict[str, object]:
-    if endpoint == "chat":
-        return chat(strategy, budget)
-    tts = {"strategy": strategy, "budget": budget, "beam_width": 2}
-    return {"model": MODEL, "prompt": "<assistant>", "tts": tts}
 
 
 async def answer(gateway: httpx.AsyncClient, endpoint: str, sent: dict[str, object]) -> Any:
@@ -165,15 +157,18 @@ def test_every_strategy_limit_has_a_case() -> None:
     assert cases == limits
 
 
-def test_every_refusal_rule_has_a_case() -> None:
-    cases = {(endpoint, name) for endpoint, name, _ in REFUSED}
-    rules = {
+def ruled(use: str) -> set[tuple[str, str]]:
+    """(endpoint, parameter) of every rule of the table with this `use`."""
+    return {
         (endpoint, name)
         for endpoint, table in PARAMETERS.items()
         for name, rule in table.items()
-        if rule.use == "refused"
+        if rule.use == use
     }
-    assert cases == rules
+
+
+def test_every_refusal_rule_has_a_case() -> None:
+    assert {(endpoint, name) for endpoint, name, _ in REFUSED} == ruled("refused")
 
 
 # (endpoint, parameter, OpenAI's default or a value that asks for nothing)
@@ -255,14 +250,7 @@ async def test_metadata_is_accepted_and_changes_nothing(
 
 
 def test_every_metadata_rule_has_a_case() -> None:
-    cases = {(endpoint, name) for endpoint, name, _ in METADATA}
-    rules = {
-        (endpoint, name)
-        for endpoint, table in PARAMETERS.items()
-        for name, rule in table.items()
-        if rule.use == "metadata"
-    }
-    assert cases == rules
+    assert {(endpoint, name) for endpoint, name, _ in METADATA} == ruled("metadata")
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,11 @@ import pytest
 
 from tests.support.fake_vllm import EOS, FakeVLLM
 from tests.support.fakes import decode
-from tests.support.gateway import MODEL, EquationPRM, chat, events, gateway_with, script
+from tests.support.gateway import MODEL, PATHS, chat, events, script, steady_gateway
 from tts_server.api.errors import from_engine
 from tts_server.prompting import PromptProfile, ToolsNotRendered, render_chat
 
-PATH = "/v1/chat/completions"
+PATH = PATHS["chat"]
 ADD = {
     "type": "function",
     "function": {
@@ -50,9 +50,7 @@ def fake_vllm() -> FakeVLLM:
 
 @pytest.fixture
 async def gateway(fake_vllm: FakeVLLM, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with gateway_with(
-        fake_vllm, EquationPRM(), tmp_path, stream_progress_interval_s=3600
-    ) as client:
+    async with steady_gateway(fake_vllm, tmp_path) as client:
         yield client
 
 

@@ -1,8 +1,8 @@
-"""The wire models (`api.protocol`, `api.protocol_responses`) against what actually goes out: every
-error of the gateway, its guard and the PRM worker is the one `ErrorResponse`; whole answers and
-stream chunks are exactly the bytes their models dump (keys, order, nulls, left-out keys); the
-key order clients see is pinned (the golden file compares sorted keys); the OpenAI client parses
-whole answers; and the protocol modules stay import-light."""
+"""The wire models (`api.protocol`, `api.protocol_report`, `api.protocol_responses`) against what
+actually goes out: every error of the gateway, its guard and the PRM worker is the one
+`ErrorResponse`; whole answers and stream chunks are exactly the bytes their models dump (keys,
+order, nulls, left-out keys); the key order clients see is pinned (the golden file compares sorted
+keys); the OpenAI client parses whole answers; and the protocol modules stay import-light."""
 
 from __future__ import annotations
 
@@ -21,9 +21,19 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from tests.support.fake_vllm import FakeVLLM
-from tests.support.gateway import MODEL, EquationPRM, FailingPRM, SlowPRM, chat, events, script
-from tts_server.api.app import create_app
+from tests.support.gateway import (
+    MODEL,
+    EquationPRM,
+    FailingPRM,
+    SlowPRM,
+    chat,
+    events,
+    plain_profiles,
+    script,
+    serve,
+)
 from tts_server.api.protocol import ErrorResponse
+from tts_server.api.protocol_report import TTSProgress, TTSReport
 from tts_server.api.protocol_responses import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -33,11 +43,8 @@ from tts_server.api.protocol_responses import (
     ModelList,
     TextCompletion,
     TextCompletionChunk,
-    TTSProgress,
-    TTSReport,
 )
 from tts_server.api.reliability import hash_key
-from tts_server.clients import VLLMPolicyClient
 from tts_server.prm_worker import create_app as create_prm_app
 from tts_server.prm_worker.backends.arith import ArithBackend
 from tts_server.settings import Settings
@@ -51,21 +58,11 @@ CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 async def gateway(
     tmp_path: Path, prm: EquationPRM | None = None, **settings: Any
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    profile = tmp_path / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     settings.setdefault("stream_progress_interval_s", 3600)  # no progress chunks unless asked
-    config = Settings(policy_model=MODEL, prompt_profiles={MODEL: str(profile)}, **settings)
-    upstream = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=FakeVLLM(script=script, model=MODEL).app())
-    )
-    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
-    app = create_app(config, policy=policy, prm=prm or EquationPRM())
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield app, client
-    finally:
-        await upstream.aclose()
+    config = Settings(policy_model=MODEL, prompt_profiles=plain_profiles(tmp_path), **settings)
+    fake = FakeVLLM(script=script, model=MODEL)
+    async with serve(config, fake, prm or EquationPRM()) as (app, client):
+        yield app, client
 
 
 def body(path: str, strategy: str, budget: int = 4, **extra: Any) -> dict[str, Any]:
@@ -311,13 +308,15 @@ def test_the_protocol_modules_import_pydantic_and_the_core_types_only() -> None:
         "ours = sorted(m for m in sys.modules if m.startswith('tts_server'))\n"
         # tts_server.confidence: the token logprob and confidence values (stdlib only).
         "assert ours == ['tts_server', 'tts_server.api', 'tts_server.api.protocol',"
-        " 'tts_server.api.protocol_responses', 'tts_server.confidence', 'tts_server.types'], ours\n"
+        " 'tts_server.api.protocol_report', 'tts_server.api.protocol_responses',"
+        " 'tts_server.confidence', 'tts_server.types'], ours\n"
         "heavy = [m for m in ('fastapi', 'starlette', 'httpx') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         # The PRM worker takes the error shape from the gateway's package, and nothing else.
         "import tts_server.prm_worker\n"
         "api = sorted(m for m in sys.modules if m.startswith('tts_server.api.'))\n"
-        "assert api == ['tts_server.api.protocol', 'tts_server.api.protocol_responses'], api\n"
+        "assert api == ['tts_server.api.protocol', 'tts_server.api.protocol_report',"
+        " 'tts_server.api.protocol_responses'], api\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120

@@ -16,12 +16,10 @@ import httpx
 import pytest
 
 from tests.support.fake_vllm import FakeVLLM
-from tests.support.gateway import MODEL, EquationPRM, chat, events, script
+from tests.support.gateway import MODEL, EquationPRM, chat, events, plain_profiles, script, serve
 from tests.support.trl_rows import check_preference, check_sft, check_stepwise
 from tts_server.api import metrics
-from tts_server.api.app import create_app
 from tts_server.api.reliability import hash_key
-from tts_server.clients import VLLMPolicyClient
 from tts_server.settings import Settings
 from tts_server.tools.export import run_export
 from tts_server.traces import read_traces
@@ -36,29 +34,22 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @asynccontextmanager
 async def traced(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     """The gateway over the fake vLLM with an API key, and its trace sink (None: no traces)."""
-    profile = tmp_path / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
     config = Settings(
         policy_model=MODEL,
-        prompt_profiles={MODEL: str(profile)},
+        prompt_profiles=plain_profiles(tmp_path),
         api_key_hashes=hash_key(KEY),
         **settings,
     )
     # Samples by seed: sample k of a request with `seed` draws seed + k (odd draws write 9).
     fake = FakeVLLM(script=script, model=MODEL, sample_by_seed=True)
-    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake.app()))
-    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream)
-    app = create_app(config, policy=policy, prm=EquationPRM())
-    sink = app.state.gateway.traces
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+    async with serve(config, fake, EquationPRM(), base_url="http://gw") as (app, client):
+        sink = app.state.gateway.traces
+        try:
             client.headers.update(AUTH)
             yield client, sink
-    finally:
-        if sink is not None:
-            sink.close()
-        await upstream.aclose()
+        finally:
+            if sink is not None:
+                sink.close()
 
 
 def _asking(body: dict[str, Any]) -> dict[str, Any]:

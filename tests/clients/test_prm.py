@@ -10,7 +10,6 @@ import pytest
 
 from tests.support.servers import free_port
 from tts_server.clients import HTTPPRMClient, PRMError, RetryPolicy
-from tts_server.prm_worker.backends.arith import ArithBackend
 from tts_server.types import PRMClient, PRMUsage
 
 QUESTION = "Tom has 3 apples and buys 4 more, then doubles them. How many?"
@@ -20,11 +19,11 @@ SOLUTIONS = [
     [],
     ["He doubles them.", "\\boxed{14}"],
 ]
-
-
-def local_scores(question: str, solutions: list[list[str]]) -> list[list[float]]:
-    backend = ArithBackend()
-    return [backend.score_batch([(question, s)])[0] if s else [] for s in solutions]
+# The arith worker's scores, worked out by hand from its rules (backends/arith.py): right and
+# grounded in the question's 3, 4 and "doubles" (0.9), an answer a right equation showed (0.95);
+# a wrong sum (0.05), then a right product of the wrong 8 (0.3, ungrounded), then an answer after
+# an error (0.1); no equation (0.5), then an answer nothing supports (0.6).
+SCORES = [[0.9, 0.9, 0.95], [0.05, 0.3, 0.1], [], [0.5, 0.6]]
 
 
 def mock_client(handler: httpx.MockTransport) -> HTTPPRMClient:
@@ -40,7 +39,7 @@ async def test_scores_a_batch_on_the_real_worker(prm_url: str) -> None:
         scores = await client.score(QUESTION, SOLUTIONS, usage)
     finally:
         await client.aclose()
-    assert scores == local_scores(QUESTION, SOLUTIONS)
+    assert scores == SCORES
     assert [len(s) for s in scores] == [3, 3, 0, 2]
     assert usage.calls == 1
     assert usage.steps_scored == 8
@@ -58,8 +57,10 @@ async def test_concurrent_calls_on_the_real_worker(prm_url: str) -> None:
         )
     finally:
         await client.aclose()
-    for i, (batch, scores) in enumerate(zip(batches, results, strict=True)):
-        assert scores == local_scores(f"q{i}", batch)
+    # Each answer its own request's: `i + 1` is right for even i (0.3: the question "q{i}" gives
+    # no i, so ungrounded) and wrong for odd i (0.05); no equation supports the boxed i (0.6).
+    for i, scores in enumerate(results):
+        assert scores == [[0.3 if i % 2 == 0 else 0.05], [0.6]], i
     assert usage.calls == 16 and usage.steps_scored == 32
 
 

@@ -1,4 +1,5 @@
-"""The `arith` step checker: equations found and judged, and the per-step scoring rules."""
+"""The `arith` step checker: equations found and judged (`backends.equations`), and the per-step
+scoring rules (`backends.arith`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from tts_server.prm_worker.backends import load_backend
 from tts_server.prm_worker.backends.arith import (
     ArithBackend,
     ArithScores,
-    check_step,
     find_final_answer,
     score_steps,
 )
+from tts_server.prm_worker.backends.equations import check_step
 
 S = ArithScores()
 

@@ -1,6 +1,7 @@
 """What the gateway's unit tests share: a scripted three-step solution for the fake vLLM, PRMs
 that score it (and one slow, one failing), a gateway over the real vLLM client talking to the fake
-vLLM in-process, request bodies, an SSE parser and the golden test's normalisation of bodies."""
+vLLM in-process, the endpoints' paths, request bodies, an SSE parser and the golden test's
+normalisation of bodies."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 
 from tests.support.fake_vllm import EOS, FakeVLLM
 from tests.support.fakes import tails
 from tts_server.api.app import create_app
 from tts_server.clients import PRMError, VLLMPolicyClient
+from tts_server.clients.policy import CallMode
 from tts_server.settings import Settings
-from tts_server.types import PRMUsage
+from tts_server.types import PRMService, PRMUsage
 
 MODEL = "fake-model"
+
+# The two answering endpoints, by the names `api.responses.Kind` gives them.
+PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 
 
 def script(prompt: str, sample: int) -> str:
@@ -70,27 +76,65 @@ class EquationPRM:
         pass
 
 
+def plain_profiles(tmp_path: Path, model: str = MODEL) -> dict[str, str]:
+    """`prompt_profiles` for `model`: a chat profile without examples, written in `tmp_path`."""
+    profile = tmp_path / "plain-chat.json"
+    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
+    return {model: str(profile)}
+
+
+@asynccontextmanager
+async def serve(
+    config: Settings,
+    fake_vllm: FakeVLLM,
+    prm: PRMService,
+    *,
+    call_mode: CallMode = "per_prompt",
+    affinity_header: str | None = None,
+    base_url: str = "http://gateway",
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The gateway app for `config` over the real vLLM client talking to `fake_vllm` (sending
+    `affinity_header` if given), served in-process; and a client of it."""
+    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake_vllm.app()))
+    policy = VLLMPolicyClient(
+        "http://fake-vllm",
+        config.policy_model,
+        client=upstream,
+        call_mode=call_mode,
+        affinity_header=affinity_header,
+    )
+    app = create_app(config, policy=policy, prm=prm)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
+            yield app, client
+    finally:
+        await upstream.aclose()
+
+
 @asynccontextmanager
 async def gateway_with(
     fake_vllm: FakeVLLM,
     prm: EquationPRM,
     tmp_path: Path,
-    call_mode: str = "per_prompt",
+    call_mode: CallMode = "per_prompt",
     **settings: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A gateway app over the real vLLM client talking to `fake_vllm`, served in-process."""
-    profile = tmp_path / "plain-chat.json"
-    profile.write_text(json.dumps({"name": "t", "style": "chat", "examples": []}))
-    config = Settings(policy_model=MODEL, prompt_profiles={MODEL: str(profile)}, **settings)
-    upstream = httpx.AsyncClient(transport=httpx.ASGITransport(app=fake_vllm.app()))
-    policy = VLLMPolicyClient("http://fake-vllm", MODEL, client=upstream, call_mode=call_mode)
-    app = create_app(config, policy=policy, prm=prm)
-    transport = httpx.ASGITransport(app=app)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client
-    finally:
-        await upstream.aclose()
+    config = Settings(policy_model=MODEL, prompt_profiles=plain_profiles(tmp_path), **settings)
+    async with serve(config, fake_vllm, prm, call_mode=call_mode) as (_, client):
+        yield client
+
+
+@asynccontextmanager
+async def steady_gateway(
+    fake_vllm: FakeVLLM, tmp_path: Path, **settings: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """`gateway_with` the `EquationPRM` and no progress chunks: a stream's events are then the
+    same from run to run."""
+    settings.setdefault("stream_progress_interval_s", 3600)
+    async with gateway_with(fake_vllm, EquationPRM(), tmp_path, **settings) as client:
+        yield client
 
 
 def chat(strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
@@ -100,6 +144,16 @@ def chat(strategy: str, budget: int = 4, **extra: object) -> dict[str, object]:
         "tts": {"strategy": strategy, "budget": budget, "beam_width": 2},
         **extra,
     }
+
+
+def body(
+    endpoint: str, strategy: str = "best_of_n", budget: int = 4, **extra: object
+) -> dict[str, object]:
+    """A request for `endpoint` ("chat" or "text") with the same question either way."""
+    if endpoint == "chat":
+        return chat(strategy, budget, **extra)
+    tts = {"strategy": strategy, "budget": budget, "beam_width": 2}
+    return {"model": MODEL, "prompt": "<assistant>", "tts": tts, **extra}
 
 
 def normalise(body: Any) -> Any:

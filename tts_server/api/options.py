@@ -1,16 +1,15 @@
 """A request's options, resolved once into a `Job`: the X-TTS-* headers first, then the body
 (its `tts` object and the OpenAI fields), then the prompt profile (temperature), then settings.
 Every invalid choice is a 400 naming the header or field, and so is every OpenAI parameter the
-server cannot honour (`PARAMETERS`): never silently dropped."""
+server cannot honour (`api.parameters.PARAMETERS`): never silently dropped."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 from tts_server.api.errors import APIError
+from tts_server.api.parameters import refuse_unsupported
 from tts_server.api.passthrough import call_format, choices, passthrough, tools
 from tts_server.api.protocol import (
     HEADER_BEAM_WIDTH,
@@ -27,164 +26,8 @@ from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
 from tts_server.types import STRATEGY_NAMES, ChatPrompt, Job, StrategyName, TextPrompt
 
-if TYPE_CHECKING:  # the endpoints' names only: options need nothing else of the responses
-    from tts_server.api.responses import Kind
-
-Use = Literal["honoured", "metadata", "refused"]
-
-# The strategies that sample whole solutions, one vLLM call per sample: a parameter that shapes
-# a whole generation means there what it means to OpenAI.
-WHOLE_SOLUTIONS: tuple[StrategyName, ...] = (
-    "greedy",
-    "majority",
-    "best_of_n",
-    "adaptive",
-    "deepconf",
-)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What the server does with one parameter. `honoured`: what OpenAI does with it (the README
-    says how each strategy uses it), by every strategy or only by `strategies` (for the others,
-    a 400 naming it with `message`); `metadata`: accepted and never used, because it changes
-    neither what is generated nor what is answered; `refused`: a 400 naming it. A refusal is
-    never made for null or one of `accepted`, the values that ask for nothing (OpenAI's
-    defaults)."""
-
-    use: Use
-    accepted: tuple[object, ...] = ()
-    message: str = ""
-    code: str | None = "unsupported_parameter"
-    strategies: tuple[StrategyName, ...] | None = None
-
-
-HONOURED = Rule("honoured")
-METADATA = Rule("metadata")
-
-
-def _refused(message: str, *accepted: object, code: str | None = "unsupported_parameter") -> Rule:
-    return Rule("refused", accepted, message, code)
-
-
-def _not_yet(name: str, *accepted: object) -> Rule:
-    return _refused(f"'{name}' is not supported yet", *accepted)
-
-
-def _whole_solutions_only(message: str, *accepted: object) -> Rule:
-    return Rule("honoured", accepted, message, strategies=WHOLE_SOLUTIONS)
-
-
-# vLLM's penalties count the tokens generated in one call: a step search makes one call per step.
-_PENALTY = (
-    "'{}' is honoured by greedy, majority, best_of_n, adaptive and deepconf only: the step "
-    "searches (and auto, which "
-    "may route to one) continue a solution over several vLLM calls, where vLLM's penalty would "
-    "see only the current step; ask for one of those strategies, or leave it out or set 0"
-)
-_TOOLS = "'{}' (deprecated by OpenAI) is not supported: use '{}'"
-_RESPONSE_FORMAT = (
-    "'response_format' is honoured by greedy, majority, best_of_n, adaptive and deepconf only: "
-    "a step search (and "
-    "auto, which may route to one) grows a solution a step at a time, and a format constrains "
-    "one whole generation; ask for one of those strategies, or leave it out or use "
-    '{"type": "text"}'
-)
-
-_BOTH: dict[str, Rule] = {
-    "model": HONOURED,
-    "max_tokens": HONOURED,
-    "temperature": HONOURED,
-    "top_p": HONOURED,
-    "stop": HONOURED,
-    "seed": HONOURED,
-    # The n best distinct candidates (`api.passthrough.choices` says when it cannot be).
-    "n": HONOURED,
-    "stream": HONOURED,
-    "stream_options": HONOURED,
-    "stream_options.include_usage": HONOURED,
-    "tts": HONOURED,  # this server's own: the search options
-    "stream_options.include_obfuscation": _refused(
-        "'stream_options.include_obfuscation' is not supported: chunks are never padded; "
-        "leave it out or set false",
-        False,
-    ),
-    # An end-user id for OpenAI's abuse monitoring; vLLM ignores it, so it is not sent on, and
-    # this server records no user (no metric label, no log line holds one).
-    "user": METADATA,
-    "frequency_penalty": _whole_solutions_only(_PENALTY.format("frequency_penalty"), 0),
-    "presence_penalty": _whole_solutions_only(_PENALTY.format("presence_penalty"), 0),
-    # A bias per token, the same at every position: every sample of every strategy.
-    "logit_bias": HONOURED,
-}
-
-CHAT: dict[str, Rule] = {
-    **_BOTH,
-    "messages": HONOURED,
-    "max_completion_tokens": HONOURED,
-    # Tags for OpenAI's stored completions, another id, and a routing hint for OpenAI's prompt
-    # cache: none changes the answer (vLLM's prefix cache serves every request by itself).
-    "metadata": METADATA,
-    "safety_identifier": METADATA,
-    "prompt_cache_key": METADATA,
-    # The chosen candidates' tokens with their logprobs (`_logprobs`).
-    "logprobs": HONOURED,
-    "top_logprobs": HONOURED,
-    # Rendered into the prompt by the chat template; a call answered by greedy only, and "auto"
-    # (a call or text, as the model likes) refused: `api.passthrough.tools` checks them.
-    "tools": HONOURED,
-    "tool_choice": HONOURED,
-    # An answer is at most one call, which both values allow.
-    "parallel_tool_calls": HONOURED,
-    "functions": _refused(_TOOLS.format("functions", "tools"), []),
-    "function_call": _refused(_TOOLS.format("function_call", "tool_choice"), "none", "auto"),
-    "response_format": _whole_solutions_only(_RESPONSE_FORMAT, {"type": "text"}),
-    "modalities": _refused("'modalities': only [\"text\"] is supported", ["text"]),
-    "audio": _refused("'audio' is not supported: the policy writes text"),
-    "prediction": _refused("'prediction' (predicted outputs) is not supported"),
-    "reasoning_effort": _refused(
-        "'reasoning_effort' is not supported: how much the server thinks is the tts strategy "
-        "and budget (X-TTS-Strategy, X-TTS-Budget)"
-    ),
-    "verbosity": _refused("'verbosity' is not supported: only 'medium'", "medium"),
-    "web_search_options": _refused("'web_search_options' is not supported: no web search"),
-    "moderation": _refused("'moderation' is not supported: this server runs no moderation model"),
-    "service_tier": _refused(
-        "'service_tier': this server has one tier, 'auto' or 'default'", "auto", "default"
-    ),
-    "store": _refused("'store' is not supported: this server keeps no completions", False),
-    "prompt_cache_retention": _refused(
-        "'prompt_cache_retention': only 'in_memory' (vLLM's prefix cache lives in memory and "
-        "evicts by its own rule)",
-        "in_memory",
-    ),
-    "prompt_cache_options": _refused(
-        "'prompt_cache_options' is not supported: vLLM's prefix cache is automatic, with no "
-        "breakpoints or lifetimes to choose",
-        {},
-        {"mode": "implicit"},
-    ),
-}
-
-TEXT: dict[str, Rule] = {
-    **_BOTH,
-    "prompt": HONOURED,
-    # In completions, logprobs: 0 asks for the chosen tokens' logprobs: only null asks for none.
-    "logprobs": HONOURED,
-    "echo": _not_yet("echo", False),
-    "suffix": _refused("'suffix' is not supported: the model only continues the prompt", ""),
-    "best_of": _refused(
-        "'best_of' is not supported: ask for the strategy best_of_n and a tts budget "
-        "(X-TTS-Strategy, X-TTS-Budget)",
-        1,
-    ),
-}
-
 # Top logprobs per token a client may ask for: vLLM's own limit (its --max-logprobs default).
 MAX_TOP_LOGPROBS = 20
-
-# One rule for every field of each endpoint's request model (and of `stream_options`).
-PARAMETERS: dict[Kind, dict[str, Rule]] = {"chat": CHAT, "text": TEXT}
 
 
 def resolve_job(
@@ -208,7 +51,7 @@ def resolve_job(
         raise APIError(
             400, "stream_options is only allowed when stream is true", param="stream_options"
         )
-    _refuse_unsupported(body)
+    refuse_unsupported(body)
     stops = body.stop_list()
     if len(stops) > settings.max_stop_strings:
         raise APIError(400, f"at most {settings.max_stop_strings} stop strings", param="stop")
@@ -221,7 +64,7 @@ def resolve_job(
 
     opts = body.tts or TTSOptions()
     requested, strategy = _strategy(headers, opts, settings)
-    _refuse_unsupported(body, strategy)
+    refuse_unsupported(body, strategy)
     budget = _budget(headers, opts, settings, strategy)
     beam_width = _beam_width(headers, opts, settings, strategy, budget)
     n = choices(body.n, strategy, budget)
@@ -279,33 +122,6 @@ def _logprobs(body: CompletionRequest | ChatCompletionRequest) -> int | None:
             400, f"{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {wanted}", param=param
         )
     return wanted
-
-
-def _refuse_unsupported(
-    body: CompletionRequest | ChatCompletionRequest, strategy: StrategyName | None = None
-) -> None:
-    """A 400 naming the first parameter (in the table's order) the server cannot honour: those
-    refused by every strategy, or with `strategy`, those that strategy cannot honour."""
-    table = PARAMETERS["chat" if isinstance(body, ChatCompletionRequest) else "text"]
-    for name, rule in table.items():
-        if strategy is None:
-            if rule.use != "refused":
-                continue
-        elif rule.strategies is None or strategy in rule.strategies:
-            continue
-        value = _field(body, name)
-        if value is not None and not any(value == ok for ok in rule.accepted):
-            raise APIError(400, rule.message, param=name, code=rule.code)
-
-
-def _field(body: object, dotted: str) -> object:
-    """The value at a dotted field path; None when a parent is absent."""
-    value: object = body
-    for part in dotted.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
-    return value
 
 
 def _strategy(

@@ -1,7 +1,7 @@
 """The OpenAI parameters a strategy hands on: how many choices (`n`), what vLLM applies to every
 sample (`logit_bias`, the penalties, `response_format`) and the tools (rendered into the prompt;
 a call constrains greedy's one generation to its JSON), checked once. Whether the chosen
-strategy can honour each is `api.options.PARAMETERS`."""
+strategy can honour each is `api.parameters.PARAMETERS`."""
 
 from __future__ import annotations
 

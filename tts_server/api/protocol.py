@@ -1,6 +1,6 @@
 """The OpenAI wire format the gateway speaks: request bodies, the `tts` object that carries the
 search options in the body, and the one error shape of the gateway, its guard and the PRM worker.
-What the gateway answers is in `protocol_responses`.
+What the gateway answers is in `protocol_responses` (and `protocol_report`).
 
 Imports pydantic and `tts_server.types` only: the PRM worker uses the error shape too."""
 
@@ -56,7 +56,7 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     """Every OpenAI parameter of the endpoint is a field, and nothing else is accepted (a typo or
     another server's extension is a 400 naming it, as OpenAI answers). What each one does, or
-    why it is refused, is `api.options.PARAMETERS`; the refused ones are typed loosely, by JSON
+    why it is refused, is `api.parameters.PARAMETERS`; the refused ones are typed loosely, by JSON
     kind only, so that any value but the default gets that table's message."""
 
     model_config = ConfigDict(extra="forbid")
@@ -137,7 +137,7 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    # Honoured by the whole-solution strategies (api.options).
+    # Honoured by the whole-solution strategies (api.parameters).
     response_format: dict[str, Any] | None = None
     # Refused unless they have OpenAI's default value.
     modalities: list[str] | None = None

@@ -1,6 +1,7 @@
-"""What the gateway answers, as OpenAI's wire format plus the `tts` report: whole responses,
-stream chunks, usage and the model list. Shapes only: `api.responses` fills them from an
-`Outcome`. Fields are declared in the order they go out on the wire.
+"""What the gateway answers, as OpenAI's wire format: whole responses, stream chunks and the
+model list; their `usage` and `tts` report are `api.protocol_report`'s. Shapes only:
+`api.responses` fills them from an `Outcome`. Fields are declared in the order they go out on
+the wire.
 
 Each endpoint has its own classes (`ChatCompletion` and `ChatCompletionChunk`, `TextCompletion`
 and `TextCompletionChunk`). They differ only in `object` and in what a choice carries, so the
@@ -12,148 +13,13 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel
 
+from tts_server.api.protocol_report import Sparse, TTSProgress, TTSReport, Usage, Wire
 from tts_server.confidence import TokenLogprob
-from tts_server.types import Aggregation, FinishReason, SelectionRule, StrategyName
-
-
-class _Wire(BaseModel):
-    # The shapes are the spec: a stray key is a bug on our side, not something to pass along.
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Sparse(_Wire):
-    """A model whose `sparse` keys are left out of the JSON until set (set to None: null), as
-    OpenAI leaves them out of a stream chunk rather than sending null."""
-
-    sparse: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _leave_out_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        for name in self.sparse - self.model_fields_set:
-            data.pop(name, None)
-        return data
-
-
-# --- usage ---
-
-
-class PromptTokensDetails(_Wire):
-    cached_tokens: int
-
-
-class Usage(_Wire):
-    """Every token the request cost the policy, all candidates included."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
-# --- the `tts` report: what the search did and what it cost ---
-
-
-class PolicyTokens(_Wire):
-    prompt: int
-    completion: int
-    cached: int
-    calls: int
-    requests: int
-
-
-class PRMReport(_Wire):
-    calls: int
-    steps_scored: int
-    steps_cached: int
-    tokens: int
-
-
-class FlopsReport(_Wire):
-    policy: int
-    prm: int
-    total: int
-    saved_by_prefix_cache: int
-    attention_included: bool
-
-
-class DifficultyReport(_Wire):
-    bin: str
-    confidence: float
-    mean_score: float
-    agreement: float
-    pilot_samples: int
-
-
-class RouteReport(_Wire):
-    strategy: str  # a strategy name, or "pilot": the pilot alone answered
-    budget: int
-    beam_width: int
-    early_exit: bool
-
-
-class ConfidenceReport(_Wire):
-    """A candidate's DeepConf confidences (tts_server/confidence.py); `cancelled`: closed while
-    it generated (deepconf), so it did not vote."""
-
-    mean: float
-    lowest_group: float
-    tail: float
-    bottom_10: float
-    tokens: int
-    cancelled: bool
-
-
-class TTSReport(_Sparse):
-    """The `tts` object of a whole response and of a stream's finishing chunk; `trace` only
-    when the request asked for it (docs/trace.schema.json: a plain dict here, the schema file
-    is its spec and the tests validate it)."""
-
-    sparse = frozenset({"trace"})
-
-    strategy: StrategyName
-    requested_strategy: str
-    budget: int
-    beam_width: int
-    aggregation: Aggregation
-    selection: SelectionRule
-    temperature: float
-    answer: str | None
-    votes: dict[str, float]
-    num_candidates: int
-    candidates_answers: list[str | None]
-    candidate_scores: list[float | None]
-    # Per candidate; None when the request sampled no logprobs (or for a candidate without).
-    candidate_confidences: list[ConfidenceReport | None] | None
-    iterations: int
-    policy_tokens: PolicyTokens
-    prm: PRMReport
-    flops: FlopsReport | None  # None: a model's parameter count is unknown
-    max_flops: int | None
-    flops_limited: bool
-    difficulty: DifficultyReport | None  # `auto` only
-    route: RouteReport | None  # `auto` only
-    partial: bool
-    degraded: str | None
-    wall_time_s: float
-    stage_seconds: dict[str, float]
-    trace: dict[str, Any] | None = None
-
-
-class TTSProgress(_Sparse):
-    """The `tts` object of a progress chunk: the running search's counters, as the engine's
-    `Watch.snapshot` reports them (a counter not known yet is left out), and for a request that
-    asked for its trace, the tree's nodes added or changed since the last chunk."""
-
-    sparse = frozenset({"nodes"})
-
-    progress: dict[str, int | str | None]
-    nodes: list[dict[str, Any]] | None = None
-
+from tts_server.types import FinishReason
 
 # --- logprobs: the selected candidate's tokens, as vLLM and OpenAI return them ---
 
@@ -162,20 +28,20 @@ def _utf8(token: str) -> list[int]:
     return list(token.encode("utf-8"))
 
 
-class TopLogprob(_Wire):
+class TopLogprob(Wire):
     token: str
     logprob: float
     bytes: list[int] | None
 
 
-class ChatTokenLogprob(_Wire):
+class ChatTokenLogprob(Wire):
     token: str
     logprob: float
     bytes: list[int] | None
     top_logprobs: list[TopLogprob]
 
 
-class ChatLogprobs(_Wire):
+class ChatLogprobs(Wire):
     content: list[ChatTokenLogprob]
 
     @classmethod
@@ -197,7 +63,7 @@ class ChatLogprobs(_Wire):
         )
 
 
-class TextLogprobs(_Wire):
+class TextLogprobs(Wire):
     """The legacy completions shape: parallel lists; `top_logprobs` maps each position's most
     likely tokens to their logprobs (the token itself included, as vLLM does)."""
 
@@ -224,18 +90,18 @@ class TextLogprobs(_Wire):
 # --- whole responses ---
 
 
-class FunctionCall(_Wire):
+class FunctionCall(Wire):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(_Wire):
+class ToolCall(Wire):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class AssistantMessage(_Sparse):
+class AssistantMessage(Sparse):
     """`tool_calls` is left out unless the answer is a call (then `content` is null)."""
 
     sparse = frozenset({"tool_calls"})
@@ -245,21 +111,21 @@ class AssistantMessage(_Sparse):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(_Wire):
+class ChatChoice(Wire):
     index: int = 0
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
-class TextChoice(_Wire):
+class TextChoice(Wire):
     index: int = 0
     text: str
     logprobs: TextLogprobs | None = None
     finish_reason: FinishReason
 
 
-class Completion(_Wire):
+class Completion(Wire):
     """The fields every whole response has; a subclass fixes `object` and the choice."""
 
     id: str
@@ -329,14 +195,14 @@ class TextCompletion(Completion):
 # --- stream chunks ---
 
 
-class ToolCallDelta(_Wire):
+class ToolCallDelta(Wire):
     index: int = 0
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Delta(_Sparse):
+class Delta(Sparse):
     sparse = frozenset({"role", "content", "tool_calls"})
 
     role: Literal["assistant"] | None = None
@@ -344,21 +210,21 @@ class Delta(_Sparse):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChatChunkChoice(_Wire):
+class ChatChunkChoice(Wire):
     index: int = 0
     delta: Delta
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
-class TextChunkChoice(_Wire):
+class TextChunkChoice(Wire):
     index: int = 0
     text: str
     logprobs: TextLogprobs | None = None
     finish_reason: FinishReason | None
 
 
-class CompletionChunk(_Sparse):
+class CompletionChunk(Sparse):
     """The fields every stream chunk has; a subclass fixes `object` and the choice. The
     usage-only chunk that ends a stream is one with empty `choices` and `usage` set.
 
@@ -459,13 +325,13 @@ class TextCompletionChunk(CompletionChunk):
 # --- /v1/models ---
 
 
-class ModelCard(_Wire):
+class ModelCard(Wire):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
 
 
-class ModelList(_Wire):
+class ModelList(Wire):
     object: Literal["list"] = "list"
     data: list[ModelCard]

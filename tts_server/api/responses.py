@@ -11,6 +11,17 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from tts_server.api.protocol import HEADER_BUDGET, HEADER_DIFFICULTY, HEADER_ROUTED, HEADER_STRATEGY
+from tts_server.api.protocol_report import (
+    ConfidenceReport,
+    DifficultyReport,
+    FlopsReport,
+    PolicyTokens,
+    PRMReport,
+    PromptTokensDetails,
+    RouteReport,
+    TTSReport,
+    Usage,
+)
 from tts_server.api.protocol_responses import (
     AssistantMessage,
     ChatChoice,
@@ -18,20 +29,11 @@ from tts_server.api.protocol_responses import (
     ChatCompletionChunk,
     Completion,
     CompletionChunk,
-    ConfidenceReport,
-    DifficultyReport,
-    FlopsReport,
     FunctionCall,
     Logprobs,
-    PolicyTokens,
-    PRMReport,
-    PromptTokensDetails,
-    RouteReport,
     TextCompletion,
     TextCompletionChunk,
     ToolCall,
-    TTSReport,
-    Usage,
 )
 from tts_server.engine import Outcome
 from tts_server.types import Candidate, FinishReason, Job

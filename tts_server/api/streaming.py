@@ -25,13 +25,13 @@ from pydantic import BaseModel
 
 from tts_server.api import metrics
 from tts_server.api.errors import ENGINE_ERRORS, APIError, error_body, from_engine
+from tts_server.api.protocol_report import TTSProgress
 from tts_server.api.protocol_responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
     Delta,
     ToolCall,
     ToolCallDelta,
-    TTSProgress,
 )
 from tts_server.api.responses import (
     ENDPOINTS,

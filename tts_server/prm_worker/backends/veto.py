@@ -3,7 +3,7 @@
 A learned PRM, small ones especially, can score a step with a wrong sum highly; the arith
 checker cannot be fooled about an equation it can read, and says nothing about the rest. So
 the veto keeps the PRM's score of every step except one holding an equation the checker finds
-wrong (`arith.check_step`: `3 + 4 = 8`), which scores 0. Steps without a checkable equation,
+wrong (`equations.check_step`: `3 + 4 = 8`), which scores 0. Steps without a checkable equation,
 right ones and final answers keep the PRM's score: the veto only ever lowers a score.
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tts_server.prm_worker.backends.arith import check_step
 from tts_server.prm_worker.backends.base import (
     BackendError,
     ItemsRejected,
     PRMBackend,
     ScoreItem,
 )
+from tts_server.prm_worker.backends.equations import check_step
 
 VETOES = ("arith",)
 
