@@ -305,3 +305,15 @@ async def test_adaptive_named_by_a_client_follows_the_settings_stop_rules() -> N
     agreeing = engine(Policy(lambda prompt, sample: "The answer is 5."), adaptive_stop_margin=2)
     outcome = await agreeing.run(*await agreeing.prepare(job("adaptive", budget=8)))
     assert len(outcome.result.candidates) == 2
+
+
+async def test_adaptive_asked_for_a_prm_rule_scores_its_samples() -> None:
+    """`adaptive` with selection weighted gets the PRM (every sample scored, the PRM-weighted
+    answer); with a vote it runs without one."""
+    scored = engine()
+    outcome = await scored.run(*await scored.prepare(job("adaptive", selection="weighted")))
+    assert outcome.result.prm_usage.steps_scored >= len(outcome.result.candidates) > 0
+    assert all(c.step_scores for c in outcome.result.candidates)
+    voted = engine()
+    outcome = await voted.run(*await voted.prepare(job("adaptive", selection="majority")))
+    assert outcome.result.prm_usage.calls == 0

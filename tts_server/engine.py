@@ -28,6 +28,7 @@ from tts_server.strategies.common import finish
 from tts_server.tables import choose_table
 from tts_server.types import (
     CONFIDENCE_RULES,
+    VOTES,
     Candidate,
     ChatPrompt,
     ConfidenceConfig,
@@ -169,7 +170,7 @@ class TTSEngine:
         a FLOPs ceiling that cannot be counted, the prompt rendered, and its length."""
         if not self.health.policy_ok:
             raise UpstreamDown("the policy server is unavailable; retry later")
-        if REGISTRY[job.strategy].needs_prm and not self.health.prm_ok:
+        if uses_prm(job) and not self.health.prm_ok:
             if not self.settings.degrade_to_majority:
                 raise UpstreamDown(
                     f"the PRM worker is unavailable, and strategy {job.strategy!r} needs it; "
@@ -230,7 +231,7 @@ class TTSEngine:
 
         started = time.perf_counter()
         partial = False
-        work = strategy.run(problem, config, policy, prm if strategy.needs_prm else None)
+        work = strategy.run(problem, config, policy, prm if uses_prm(job) else None)
         try:
             result = await asyncio.wait_for(work, job.deadline_s)
         except TimeoutError:
@@ -356,6 +357,14 @@ class TTSEngine:
                 chosen.table.summary(),
             )
         return self._table
+
+
+def uses_prm(job: Job) -> bool:
+    """Whether the job's strategy gets the PRM: the strategies that need one, and `adaptive`
+    asked for a rule that reads PRM scores (its samples are then scored as they are drawn)."""
+    return REGISTRY[job.strategy].needs_prm or (
+        job.strategy == "adaptive" and job.selection not in VOTES
+    )
 
 
 async def _best_so_far(

@@ -125,6 +125,9 @@ def test_sampling_fields_and_limits_travel_in_the_job() -> None:
         ({"X-TTS-Max-FLOPs": "1e999"}, {}, "X-TTS-Max-FLOPs"),  # int(float()) overflows
         ({"X-TTS-Deadline-S": "soon"}, {}, "X-TTS-Deadline-S"),
         ({}, {"n": 9}, "n"),  # over the default budget, 8
+        # The votes have no PRM scores to weigh or rank: asked for them, they refuse.
+        ({}, {"tts": {"strategy": "majority", "selection": "weighted"}}, "tts.selection"),
+        ({}, {"tts": {"strategy": "deepconf", "selection": "naive"}}, "tts.selection"),
         ({}, {"stop": ["x" * 129]}, "stop"),
         ({}, {"max_tokens": 4096}, "max_tokens"),
         ({}, {"max_completion_tokens": 4096}, "max_completion_tokens"),
@@ -138,3 +141,14 @@ def test_invalid_choices_name_the_field(
     found = error(headers, **body)
     assert found.status == (404 if param == "model" else 400)
     assert found.param == param
+
+
+def test_the_selection_is_the_rule_really_applied() -> None:
+    """A voting strategy reports the vote it runs (the server's default rule, weighted, reads PRM
+    scores it does not have); `adaptive` asked for a PRM rule keeps it (its samples are scored)."""
+    assert SETTINGS.default_selection == "weighted"
+    for strategy in ("majority", "adaptive", "deepconf"):
+        assert job(tts={"strategy": strategy}).selection == "majority"
+        assert job(tts={"strategy": strategy, "selection": "filtered"}).selection == "filtered"
+    assert job(tts={"strategy": "adaptive", "selection": "weighted"}).selection == "weighted"
+    assert job(tts={"strategy": "best_of_n"}).selection == "weighted"

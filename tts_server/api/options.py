@@ -24,7 +24,15 @@ from tts_server.api.protocol import (
 from tts_server.api.tracing import return_trace_wanted, trace_wanted
 from tts_server.settings import Settings
 from tts_server.strategies import REGISTRY
-from tts_server.types import STRATEGY_NAMES, ChatPrompt, Job, StrategyName, TextPrompt
+from tts_server.types import (
+    STRATEGY_NAMES,
+    VOTES,
+    ChatPrompt,
+    Job,
+    SelectionRule,
+    StrategyName,
+    TextPrompt,
+)
 
 # Top logprobs per token a client may ask for: vLLM's own limit (its --max-logprobs default).
 MAX_TOP_LOGPROBS = 20
@@ -90,7 +98,7 @@ def resolve_job(
         budget=budget,
         beam_width=beam_width,
         aggregation=opts.aggregation or settings.default_aggregation,
-        selection=opts.selection or settings.default_selection,
+        selection=_selection(opts, settings, strategy),
         temperature=temperature,
         top_p=body.top_p if body.top_p is not None else 1.0,
         max_tokens=max_tokens,
@@ -105,6 +113,25 @@ def resolve_job(
         return_trace=return_trace_wanted(headers, opts),
         logprobs=_logprobs(body),
     )
+
+
+def _selection(opts: TTSOptions, settings: Settings, strategy: StrategyName) -> SelectionRule:
+    """The rule the answer is chosen by, as it will really be applied. The voting strategies
+    have no PRM scores: asked for a rule that reads them, `majority` and `deepconf` refuse, and
+    `adaptive` scores its samples with the PRM; by default they vote (the server's default when
+    it is a vote, else `majority`)."""
+    if strategy in ("majority", "deepconf") and opts.selection not in (None, *VOTES):
+        raise APIError(
+            400,
+            f"{strategy} votes without a PRM: tts.selection must be one of {', '.join(VOTES)} "
+            f"({opts.selection} needs PRM scores: ask for best_of_n or adaptive)",
+            param="tts.selection",
+        )
+    if opts.selection is not None:
+        return opts.selection
+    if strategy in ("majority", "adaptive", "deepconf") and settings.default_selection not in VOTES:
+        return "majority"
+    return settings.default_selection
 
 
 def _logprobs(body: CompletionRequest | ChatCompletionRequest) -> int | None:
