@@ -151,9 +151,13 @@ async def test_with_the_prm_down_a_prm_strategy_fails_fast_or_degrades(strategy:
     prm = PRM()
     outcome = await engine(prm=prm, health=down, degrade_to_majority=True).run(prepared, rendered)
     assert outcome.job.degraded == DEGRADED and not prm.calls  # majority asks no PRM
+    assert outcome.job.selection == "majority"  # the vote it ran, not the PRM rule it was asked
     # A strategy without the PRM is not touched.
     kept, _ = await engine(health=down).prepare(job("majority"))
     assert kept.degraded is None
+    # adaptive asked for a PRM rule needs the PRM, and degrades like the others.
+    with pytest.raises(UpstreamDown, match="PRM"):
+        await engine(health=down).prepare(job("adaptive", selection="weighted"))
 
 
 async def test_a_prompt_over_the_limit_is_refused_before_any_generation() -> None:

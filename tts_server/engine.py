@@ -176,7 +176,10 @@ class TTSEngine:
                     f"the PRM worker is unavailable, and strategy {job.strategy!r} needs it; "
                     "retry later or ask for 'majority'"
                 )
-            job = dataclasses.replace(job, strategy="majority", degraded=DEGRADED)
+            selection = job.selection if job.selection in VOTES else "majority"
+            job = dataclasses.replace(
+                job, strategy="majority", selection=selection, degraded=DEGRADED
+            )
         if job.max_flops is not None:
             counter = await self.flops_counter()
             if counter.policy is None or counter.prm is None:
