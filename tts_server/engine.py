@@ -339,6 +339,11 @@ class TTSEngine:
             )
         return self._counter
 
+    @property
+    def table_chosen(self) -> bool:
+        """Whether `auto`'s table is known for good (named by settings, or chosen and logged)."""
+        return self._table is not None
+
     async def router_table(self) -> RouterTable:
         if self._table is None:
             shape = (await self.flops_counter()).policy

@@ -147,8 +147,10 @@ def test_the_selection_is_the_rule_really_applied() -> None:
     """A voting strategy reports the vote it runs (the server's default rule, weighted, reads PRM
     scores it does not have); `adaptive` asked for a PRM rule keeps it (its samples are scored)."""
     assert SETTINGS.default_selection == "weighted"
-    for strategy in ("majority", "adaptive", "deepconf"):
+    for strategy in ("majority", "adaptive"):
         assert job(tts={"strategy": strategy}).selection == "majority"
+    assert job(tts={"strategy": "deepconf"}).selection == "confidence"  # DeepConf's own vote
+    for strategy in ("majority", "adaptive", "deepconf"):
         assert job(tts={"strategy": strategy, "selection": "filtered"}).selection == "filtered"
     assert job(tts={"strategy": "adaptive", "selection": "weighted"}).selection == "weighted"
     assert job(tts={"strategy": "best_of_n"}).selection == "weighted"

@@ -4,6 +4,7 @@ the routes. No request logic here."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,8 @@ from tts_server.router import load_table
 from tts_server.settings import Settings
 from tts_server.traces import TraceSink
 from tts_server.types import PolicyService, PRMService
+
+logger = logging.getLogger("tts_server.gateway")
 
 
 def create_app(
@@ -89,13 +92,30 @@ def create_app(
             on_outcome=metrics.observe_trace,
         )
 
+    async def announce_table() -> None:
+        # Say at start which router table `auto` serves and why (engine.router_table logs it
+        # once it is chosen), as soon as the upstreams can tell the policy's size and the PRM.
+        while not engine.table_chosen:
+            if readiness.ready:
+                try:
+                    await engine.router_table()
+                except Exception as exc:  # the first `auto` request will try again
+                    logger.warning("router table not chosen yet: %s", type(exc).__name__)
+            if not engine.table_chosen:
+                await asyncio.sleep(settings.probe_interval_s)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        announcing: asyncio.Task[None] | None = None
         try:
             await readiness.probe_once()
             readiness.start()
+            announcing = asyncio.get_running_loop().create_task(announce_table())
             yield
         finally:
+            if announcing is not None:
+                announcing.cancel()
+                await asyncio.gather(announcing, return_exceptions=True)
             await readiness.stop()
             for client in owned:
                 await client.aclose()

@@ -119,7 +119,7 @@ def _selection(opts: TTSOptions, settings: Settings, strategy: StrategyName) -> 
     """The rule the answer is chosen by, as it will really be applied. The voting strategies
     have no PRM scores: asked for a rule that reads them, `majority` and `deepconf` refuse, and
     `adaptive` scores its samples with the PRM; by default they vote (the server's default when
-    it is a vote, else `majority`)."""
+    it is a vote, else `majority`, and `deepconf` by confidence)."""
     if strategy in ("majority", "deepconf") and opts.selection not in (None, *VOTES):
         raise APIError(
             400,
@@ -130,7 +130,7 @@ def _selection(opts: TTSOptions, settings: Settings, strategy: StrategyName) -> 
     if opts.selection is not None:
         return opts.selection
     if strategy in ("majority", "adaptive", "deepconf") and settings.default_selection not in VOTES:
-        return "majority"
+        return "confidence" if strategy == "deepconf" else "majority"  # DeepConf's own vote
     return settings.default_selection
 
 
