@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tts_server.bench.cells import CellStore
 from tts_server.bench.engine_metrics import delta, parse_counters
-from tts_server.bench.load import percentile, read_gateway, read_vote, summarize
+from tts_server.bench.load import (
+    Call,
+    closed_loop,
+    percentile,
+    read_gateway,
+    read_vote,
+    summarize,
+)
 from tts_server.bench.report import BEGIN, END, render, write_doc
 from tts_server.bench.summary import prefix_cache, summarize_run
 
@@ -181,3 +189,53 @@ def test_render_names_the_machine_the_command_and_every_target() -> None:
     text = render(summary, meta)
     assert "CPU X" in text and "tts-server bench --problems 2" in text and "0.32.0" in text
     assert "| gateway/vLLM p50 greedy c8 | ≤ 1.05 | 2.00 | **missed** |" in text
+
+
+async def test_a_closed_loop_checks_answers_unless_told_not_to() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"choices": [], "tts": {"answer": "8"}})
+
+    call = Call("p0", "8", "/v1/chat/completions", {})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        scored, _ = await closed_loop(
+            client, "http://gw", [call] * 3, read_gateway, concurrency=2, time_limit_s=10
+        )
+        unscored, _ = await closed_loop(
+            client,
+            "http://gw",
+            [call] * 3,
+            read_gateway,
+            concurrency=2,
+            time_limit_s=10,
+            score=False,
+        )
+    assert [(r["answer"], r["correct"]) for r in scored] == [("8", True)] * 3
+    assert [r["answer"] for r in unscored] == ["8"] * 3
+    assert all("correct" not in r for r in unscored)
+
+
+def test_free_ports_come_from_the_allowed_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from tts_server.bench.stack import StackError, free_port
+
+    monkeypatch.setenv("TTS_BENCH_PORTS", "9290-9293")
+    ports = {free_port() for _ in range(20)}
+    assert ports and ports <= {9290, 9291, 9292, 9293}
+    held = []
+    try:
+        for port in range(9290, 9294):
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+        with pytest.raises(StackError, match="no free port"):
+            free_port()
+    finally:
+        for sock in held:
+            sock.close()
+    monkeypatch.delenv("TTS_BENCH_PORTS")
+    assert free_port() > 0
