@@ -127,18 +127,27 @@ def _direct(plan: Plan, cell: str, n: int, c: int, *, greedy: bool = False) -> C
     return CellSpec(cell, "direct", c, calls, read_vote, f"vLLM n={n}")
 
 
-def overhead_cells(plan: Plan) -> list[CellSpec]:
+def overhead_groups(plan: Plan) -> list[list[CellSpec]]:
+    """Per concurrency, the cells measured in turns (`Runner.run_interleaved`): the gateway's
+    and direct vLLM's latencies then see the same load, and their ratios mean something on a
+    shared machine."""
     n = plan.budget
-    cells = []
+    groups = []
     for c in plan.concurrencies:
-        cells += [
-            _direct(plan, f"overhead/c{c}/direct-greedy", 1, c, greedy=True),
-            _gateway(plan, f"overhead/c{c}/gateway-greedy", "greedy", None, c),
-            _direct(plan, f"overhead/c{c}/direct-n{n}", n, c),
-            _gateway(plan, f"overhead/c{c}/gateway-majority{n}", "majority", n, c),
-            _gateway(plan, f"overhead/c{c}/gateway-best_of_n{n}", "best_of_n", n, c),
-        ]
-    return cells
+        groups.append(
+            [
+                _direct(plan, f"overhead/c{c}/direct-greedy", 1, c, greedy=True),
+                _gateway(plan, f"overhead/c{c}/gateway-greedy", "greedy", None, c),
+                _direct(plan, f"overhead/c{c}/direct-n{n}", n, c),
+                _gateway(plan, f"overhead/c{c}/gateway-majority{n}", "majority", n, c),
+                _gateway(plan, f"overhead/c{c}/gateway-best_of_n{n}", "best_of_n", n, c),
+            ]
+        )
+    return groups
+
+
+def overhead_cells(plan: Plan) -> list[CellSpec]:
+    return [spec for group in overhead_groups(plan) for spec in group]
 
 
 def saturation_cells(plan: Plan) -> list[CellSpec]:
@@ -193,31 +202,102 @@ class Runner:
         if saved is not None:
             self.advance(len(spec.calls), spec.id)
             return saved
-        base = self.urls[spec.target]
+        records, wall, engine = await self._batch(spec, spec.calls, self.time_limit_s)
+        # Calls not started within the time limit still count as done for the progress bar.
+        self.advance(len(spec.calls) - len(records), spec.id)
+        result = _result(spec, records, wall, engine)
+        self.store.put(spec.id, result)
+        return result
+
+    async def run_interleaved(self, specs: list[CellSpec]) -> list[dict[str, Any]]:
+        """Cells measured in turns, so that drift in the machine's load (other work starting or
+        ending) weighs on all of them alike: each turn sends each cell's next `concurrency`
+        calls (one closed-loop round), and the cells' order reverses every turn (A B C, C B A,
+        ...). A cell's latencies, wall time and engine counters are those of its own rounds;
+        its time limit counts its own rounds' wall time. Cells already saved are read back."""
+        results: dict[str, dict[str, Any]] = {}
+        todo = []
+        for spec in specs:
+            saved = self.store.get(spec.id)
+            if saved is not None:
+                self.advance(len(spec.calls), spec.id)
+                results[spec.id] = saved
+            else:
+                todo.append(spec)
+        state = {s.id: _Turns() for s in todo}
+        turn = 0
+        while True:
+            ran = False
+            for spec in todo if turn % 2 == 0 else list(reversed(todo)):
+                done = state[spec.id]
+                if done.next >= len(spec.calls) or done.wall >= self.time_limit_s:
+                    continue
+                calls = spec.calls[done.next : done.next + max(1, spec.concurrency)]
+                records, wall, engine = await self._batch(
+                    spec, calls, self.time_limit_s - done.wall
+                )
+                done.add(records, wall, engine, len(calls))
+                self.advance(len(calls) - len(records), spec.id)
+                ran = True
+            if not ran:
+                break
+            turn += 1
+        for spec in todo:
+            done = state[spec.id]
+            self.advance(len(spec.calls) - done.next, spec.id)  # never started: time limit
+            result = _result(spec, done.records, done.wall, done.engine)
+            result["interleaved_with"] = [s.id for s in todo if s is not spec]
+            self.store.put(spec.id, result)
+            results[spec.id] = result
+        return [results[s.id] for s in specs]
+
+    async def _batch(
+        self, spec: CellSpec, calls: tuple[Call, ...], time_limit_s: float
+    ) -> tuple[list[dict[str, Any]], float, dict[str, float]]:
         before = await scrape(self.client, self.policy_url)
         records, wall = await closed_loop(
             self.client,
-            base,
-            spec.calls,
+            self.urls[spec.target],
+            calls,
             spec.reader,
             concurrency=spec.concurrency,
-            time_limit_s=self.time_limit_s,
+            time_limit_s=time_limit_s,
             on_done=lambda record: self.advance(1, spec.id),
         )
         after = await scrape(self.client, self.policy_url)
-        # Calls not started within the time limit still count as done for the progress bar.
-        self.advance(len(spec.calls) - len(records), spec.id)
-        engine = delta(before, after)
-        result = {
-            "label": spec.label,
-            "target": spec.target,
-            "concurrency": spec.concurrency,
-            **summarize(records, wall),
-            "engine": engine,
-            "engine_generation_tokens_per_s": engine.get("generation_tokens", 0.0) / wall
-            if wall > 0
-            else None,
-            "records": records,
-        }
-        self.store.put(spec.id, result)
-        return result
+        return records, wall, delta(before, after)
+
+
+@dataclass
+class _Turns:
+    """What one interleaved cell's rounds gave so far, and its next call."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    wall: float = 0.0
+    engine: dict[str, float] = field(default_factory=dict)
+    next: int = 0
+
+    def add(
+        self, records: list[dict[str, Any]], wall: float, engine: dict[str, float], sent: int
+    ) -> None:
+        self.records += records
+        self.wall += wall
+        for key, value in engine.items():
+            self.engine[key] = self.engine.get(key, 0.0) + value
+        self.next += sent
+
+
+def _result(
+    spec: CellSpec, records: list[dict[str, Any]], wall: float, engine: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "label": spec.label,
+        "target": spec.target,
+        "concurrency": spec.concurrency,
+        **summarize(records, wall),
+        "engine": engine,
+        "engine_generation_tokens_per_s": engine.get("generation_tokens", 0.0) / wall
+        if wall > 0
+        else None,
+        "records": records,
+    }
