@@ -3,6 +3,7 @@ the engine's counters read around it, saved, and read back instead of run again.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -152,3 +153,33 @@ async def test_an_interleaved_cell_stops_at_its_time_limit(tmp_path: Path) -> No
         [result] = await runner.run_interleaved([cell])
     assert result["requests"] == 0
     assert sum(progress) == 6  # the bar still reaches the end
+
+
+async def test_a_steady_cell_reads_the_engine_while_it_runs(tmp_path: Path) -> None:
+    posts: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=f"vllm:generation_tokens_total {10 * len(posts)}\n")
+        await asyncio.sleep(0.02)
+        posts.append(request.url.host)
+        return httpx.Response(200, json={"choices": [], "tts": {"answer": "8"}})
+
+    calls = tuple(Call(f"p{i}", "8", "/v1/chat/completions", {}) for i in range(12))
+    cell = CellSpec("saturation/gw", "gateway", 2, calls, read_gateway, "gw", steady=True)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        runner = Runner(
+            CellStore(tmp_path, {}),
+            client,
+            "http://vllm",
+            {"gateway": "http://gw"},
+            time_limit_s=60,
+            sample_s=0.01,
+        )
+        result = await runner.run(cell)
+    steady = result["steady"]
+    assert steady is not None and steady["samples"] >= 5
+    # From the first start to the last: every call but the last loop's final one had ended.
+    assert 0 < steady["window_s"] < result["wall_s"]
+    assert 0 < steady["generation_tokens"] <= 10 * 12
+    assert all("started_at" in r for r in result["records"])

@@ -66,6 +66,7 @@ def _plan(args: argparse.Namespace, settings: Settings, model: str) -> Plan:
         beam_width=args.beam_width,
         concurrencies=tuple(int(c) for c in args.concurrencies.split(",") if c.strip()),
         saturation_concurrency=args.saturation_concurrency,
+        saturation_rounds=args.saturation_rounds,
         peer_concurrency=args.peer_concurrency,
         cell_time_limit_s=args.cell_time_limit,
     )

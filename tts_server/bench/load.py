@@ -74,8 +74,8 @@ def is_right(answer: str | None, expected: str) -> bool:
 async def _one(
     client: httpx.AsyncClient, base_url: str, call: Call, reader: Reader, score: bool = True
 ) -> dict[str, Any]:
-    record: dict[str, Any] = {"id": call.id}
     started = time.perf_counter()
+    record: dict[str, Any] = {"id": call.id, "started_at": started}
     try:
         response = await client.post(base_url + call.path, json=call.body, headers=call.headers)
     except httpx.HTTPError as exc:

@@ -4,8 +4,12 @@ concurrency, with vLLM's own counters read before and after it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import httpx
@@ -40,6 +44,9 @@ class Plan:
     beam_width: int = 4
     concurrencies: tuple[int, ...] = (1, 8, 32)
     saturation_concurrency: int = 16
+    # Each problem sent this many times in a saturation cell: the closed loop then has a steady
+    # part (every loop busy) before its tail (the last, slowest answers with few beside them).
+    saturation_rounds: int = 3
     peer_concurrency: int = 4
     # optillm's self-consistency draws a fixed number of samples (5 in 0.4.0, no flag).
     peer_self_consistency_n: int = 5
@@ -57,6 +64,7 @@ class Plan:
             "beam_width": self.beam_width,
             "concurrencies": list(self.concurrencies),
             "saturation_concurrency": self.saturation_concurrency,
+            "saturation_rounds": self.saturation_rounds,
             "peer_concurrency": self.peer_concurrency,
             "cell_time_limit_s": self.cell_time_limit_s,
         }
@@ -70,6 +78,8 @@ class CellSpec:
     calls: tuple[Call, ...]
     reader: Reader = field(compare=False)
     label: str = ""
+    # Sample vLLM's counters during the cell and report its steady rate (`steady_rate`).
+    steady: bool = False
 
 
 def gateway_call(plan: Plan, problem: Example, strategy: str, budget: int | None) -> Call:
@@ -151,13 +161,14 @@ def overhead_cells(plan: Plan) -> list[CellSpec]:
 
 
 def saturation_cells(plan: Plan) -> list[CellSpec]:
-    n, c = plan.budget, plan.saturation_concurrency
-    return [
+    n, c, rounds = plan.budget, plan.saturation_concurrency, max(1, plan.saturation_rounds)
+    cells = [
         _direct(plan, f"saturation/direct-n{n}", n, c),
         _gateway(plan, f"saturation/gateway-best_of_n{n}", "best_of_n", n, c),
         _gateway(plan, f"saturation/gateway-beam_search{n}", "beam_search", n, c),
         _gateway(plan, f"saturation/gateway-dvts{n}", "dvts", n, c),
     ]
+    return [replace(cell, calls=cell.calls * rounds, steady=True) for cell in cells]
 
 
 def peer_cells(plan: Plan) -> list[CellSpec]:
@@ -189,7 +200,9 @@ class Runner:
         *,
         time_limit_s: float,
         advance: Callable[[int, str], None] = lambda done, label: None,
+        sample_s: float = 1.0,
     ) -> None:
+        self.sample_s = sample_s
         self.store = store
         self.client = client
         self.policy_url = policy_url
@@ -202,12 +215,34 @@ class Runner:
         if saved is not None:
             self.advance(len(spec.calls), spec.id)
             return saved
-        records, wall, engine = await self._batch(spec, spec.calls, self.time_limit_s)
+        samples: list[tuple[float, dict[str, float]]] = []
+        sampler = None
+        if spec.steady:  # read before the first call and after the last, and every second
+            samples.append((time.perf_counter(), await scrape(self.client, self.policy_url)))
+            sampler = asyncio.create_task(self._sample(samples))
+        try:
+            records, wall, engine = await self._batch(spec, spec.calls, self.time_limit_s)
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+        if sampler is not None:
+            samples.append((time.perf_counter(), await scrape(self.client, self.policy_url)))
         # Calls not started within the time limit still count as done for the progress bar.
         self.advance(len(spec.calls) - len(records), spec.id)
         result = _result(spec, records, wall, engine)
+        if spec.steady:
+            result["steady"] = steady_rate(samples, records, spec.concurrency)
         self.store.put(spec.id, result)
         return result
+
+    async def _sample(self, into: list[tuple[float, dict[str, float]]]) -> None:
+        """vLLM's counters every `sample_s`, with the time they were read, until cancelled."""
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                counters = await scrape(self.client, self.policy_url)
+                into.append((time.perf_counter(), counters))
+            await asyncio.sleep(self.sample_s)
 
     async def run_interleaved(self, specs: list[CellSpec]) -> list[dict[str, Any]]:
         """Cells measured in turns, so that drift in the machine's load (other work starting or
@@ -266,6 +301,38 @@ class Runner:
         )
         after = await scrape(self.client, self.policy_url)
         return records, wall, delta(before, after)
+
+
+def steady_rate(
+    samples: list[tuple[float, dict[str, float]]],
+    records: list[dict[str, Any]],
+    concurrency: int,
+) -> dict[str, Any] | None:
+    """vLLM's generation tokens/s while every loop of the closed loop was busy: from the first
+    call's start to the last call's (when the queue ran dry; after it, the loops end one by one
+    and the engine serves the tail's few slow answers). Counters are read every second or so
+    and interpolated to both ends. None without such a window (no more calls than loops)."""
+    starts = sorted(r["started_at"] for r in records if "started_at" in r)
+    if len(starts) <= concurrency or len(samples) < 2:
+        return None
+    begin, end = starts[0], starts[-1]
+
+    def generated(at: float) -> float | None:
+        points = [(t, c["generation_tokens"]) for t, c in samples if "generation_tokens" in c]
+        for (t0, g0), (t1, g1) in itertools.pairwise(points):
+            if t0 <= at <= t1:
+                return g0 + (g1 - g0) * ((at - t0) / (t1 - t0) if t1 > t0 else 0.0)
+        return None
+
+    first, last = generated(begin), generated(end)
+    if first is None or last is None or end <= begin:
+        return None
+    return {
+        "window_s": end - begin,
+        "generation_tokens": last - first,
+        "generation_tokens_per_s": (last - first) / (end - begin),
+        "samples": len(samples),
+    }
 
 
 @dataclass
