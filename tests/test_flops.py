@@ -183,3 +183,52 @@ def test_a_binding_ceiling_shrinks_the_request() -> None:
     spent = counter.count(capped.policy_usage, capped.prm_usage)
     assert spent is not None and spent.total <= unlimited.total // 2
     assert account.limited
+
+
+class Yielding:
+    """A FakePolicy whose calls take a little time, so DVTS's subtrees overlap for real."""
+
+    def __init__(self, inner: FakePolicy, delay_s: float = 0.002) -> None:
+        self.inner, self.delay_s = inner, delay_s
+
+    async def generate(self, prompts, sampling, usage, *, n=1, affinity=None):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(self.delay_s)
+        return await self.inner.generate(prompts, sampling, usage, n=n, affinity=affinity)
+
+
+@pytest.mark.parametrize("ceiling", [60_000, 150_000, 400_000, 900_000, 2_000_000])
+def test_concurrent_subtrees_stay_under_the_ceiling_together(ceiling: int) -> None:
+    """DVTS's subtrees call at the same time: each call reserves its worst case, so what they
+    spend together never passes the ceiling (checking `remaining` alone, two calls could each
+    see the same room)."""
+    counter = FlopsCounter(ModelShape(1000), ModelShape(10))
+    account = Account(counter, ceiling)
+    prm = FakePRM(per_step(lambda step: 0.9 if "= 5" in step else 0.4))
+    policy, metered_prm = account.wrap(Yielding(FakePolicy(rambling)), prm)  # type: ignore[arg-type]
+    config = SearchConfig(
+        budget=8, beam_width=2, max_tokens=120, max_step_tokens=40, max_iterations=10
+    )
+    result = asyncio.run(REGISTRY["dvts"].run(PROBLEM, config, policy, metered_prm))
+    spent = counter.count(result.policy_usage, result.prm_usage)
+    assert spent is not None
+    assert spent.total <= ceiling
+    assert spent.total == account.spent
+    assert account.reserved == 0
+
+
+def test_a_stage_counts_the_wall_time_its_calls_overlap_once() -> None:
+    account = Account(FlopsCounter(ModelShape(1000), ModelShape(0)))
+    policy, _ = account.wrap(Yielding(FakePolicy(rambling), delay_s=0.2), FakePRM(per_step(float)))
+
+    async def two_at_once() -> None:
+        sampling_config = SearchConfig(budget=1, max_tokens=20)
+        from tts_server.strategies.common import full_sampling
+
+        sampling = full_sampling(sampling_config)
+        await asyncio.gather(
+            policy.generate([PROBLEM.prompt_ids], sampling, PolicyUsage()),
+            policy.generate([PROBLEM.prompt_ids], sampling, PolicyUsage()),
+        )
+
+    asyncio.run(two_at_once())
+    assert 0.19 < account.generation_s < 0.35  # one 0.2 s stretch, not 0.4

@@ -46,6 +46,13 @@ class Account:
     generation_s: float = 0.0
     prm_scoring_s: float = 0.0
     spent: int = 0  # FLOPs, counted only under a ceiling
+    # FLOPs the calls in flight may still spend at most (a search whose subtrees advance on
+    # their own has several at once): what is left for a new call is net of them.
+    reserved: int = 0
+    # Calls of each kind in flight, and since when one was: a stage's seconds are the wall
+    # time during which at least one of its calls ran (concurrent calls are not added up).
+    _running: dict[str, int] = field(default_factory=dict, repr=False)
+    _since: dict[str, float] = field(default_factory=dict, repr=False)
     limited: bool = False  # a call was shrunk or skipped to stay under the ceiling
     samples: int = 0  # drawn so far: a seeded request's next call starts its seeds past them
     # Step scores by prefix for this request's search (None: every call scores every step).
@@ -58,7 +65,21 @@ class Account:
 
     @property
     def remaining(self) -> int | None:
-        return None if self.ceiling is None else self.ceiling - self.spent
+        return None if self.ceiling is None else self.ceiling - self.spent - self.reserved
+
+    def started(self, stage: str) -> None:
+        if self._running.get(stage, 0) == 0:
+            self._since[stage] = time.perf_counter()
+        self._running[stage] = self._running.get(stage, 0) + 1
+
+    def ended(self, stage: str) -> None:
+        self._running[stage] -= 1
+        if self._running[stage] == 0:
+            elapsed = time.perf_counter() - self._since.pop(stage)
+            if stage == "generation":
+                self.generation_s += elapsed
+            else:
+                self.prm_scoring_s += elapsed
 
     def wrap(self, policy: PolicyClient, prm: PRMClient) -> tuple[AccountedPolicy, AccountedPRM]:
         return AccountedPolicy(policy, self), AccountedPRM(prm, self)
@@ -84,6 +105,7 @@ class AccountedPolicy:
         pin = account.affinity
         keys = pin.keys(affinity, len(prompts)) if pin is not None else None
         remaining = account.remaining
+        reserve = 0
         if remaining is not None:
             lengths = [len(p) for p in prompts]
             max_tokens = self._fitting_max_tokens(lengths, sampling.max_tokens, n, remaining)
@@ -93,20 +115,23 @@ class AccountedPolicy:
             if max_tokens < sampling.max_tokens:
                 account.limited = True
                 sampling = replace(sampling, max_tokens=max_tokens)
+            reserve = account.counter.worst_case_generate(lengths, max_tokens, samples=n)
         if sampling.seed is not None:
             # The client seeds sample i of a call with seed + i; without an offset every call of
             # a request would start again at the seed and redraw its earlier samples (auto's
             # route the pilot's, adaptive's rounds the first), which then vote as agreement.
             sampling = replace(sampling, seed=sampling.seed + account.samples)
         account.samples += len(prompts) * n
-        started = time.perf_counter()
+        account.reserved += reserve
+        account.started("generation")
         call = PolicyUsage()
         try:
             return await self.inner.generate(prompts, sampling, call, n=n, affinity=keys)
         finally:
             usage.add(call)
             account.policy_usage.add(call)
-            account.generation_s += time.perf_counter() - started
+            account.ended("generation")
+            account.reserved -= reserve
             counted = account.ceiling is not None or account.on_spend is not None
             flops = (
                 account.counter.policy_flops(call)[0] if counted and account.counter.policy else 0
@@ -134,6 +159,7 @@ class AccountedPolicy:
         account = self.account
         key = account.affinity.key() if account.affinity is not None else None
         remaining = account.remaining
+        reserve = 0
         if remaining is not None:
             max_tokens = self._fitting_max_tokens([len(prompt)], sampling.max_tokens, 1, remaining)
             if max_tokens < 1:
@@ -142,10 +168,12 @@ class AccountedPolicy:
             if max_tokens < sampling.max_tokens:
                 account.limited = True
                 sampling = replace(sampling, max_tokens=max_tokens)
+            reserve = account.counter.worst_case_generate([len(prompt)], max_tokens, samples=1)
         if sampling.seed is not None:
             sampling = replace(sampling, seed=sampling.seed + account.samples)
         account.samples += 1
-        started = time.perf_counter()
+        account.reserved += reserve
+        account.started("generation")
         call = PolicyUsage()
         try:
             streaming: StreamingPolicy = inner  # type: ignore[assignment]  # checked above
@@ -153,7 +181,8 @@ class AccountedPolicy:
         finally:
             usage.add(call)
             account.policy_usage.add(call)
-            account.generation_s += time.perf_counter() - started
+            account.ended("generation")
+            account.reserved -= reserve
             if account.ceiling is not None:
                 account.spent += account.counter.policy_flops(call)[0]
 
@@ -244,6 +273,7 @@ class AccountedPRM:
         """The tails' scores, or None when the call does not fit under the ceiling."""
         account = self.account
         remaining = account.remaining
+        reserve = 0
         if remaining is not None:
             assert account.counter.prm is not None, "a ceiling needs the PRM's size"
             params = account.counter.prm.parameters
@@ -252,16 +282,19 @@ class AccountedPRM:
                 per_question + PRM_TOKEN_OVERHEAD + sum(len(s.encode()) for s in steps)
                 for steps in solutions
             )
-            if params > 0 and 2 * params * tokens > remaining:
+            reserve = 2 * params * tokens if params > 0 else 0
+            if params > 0 and reserve > remaining:
                 account.limited = True  # no room to score, and the account says so
                 return None
-        started = time.perf_counter()
         context = first if any(first) else None
         key = account.affinity.key() if account.affinity is not None else None
+        account.reserved += reserve
+        account.started("prm_scoring")
         try:
             return await self.inner.score(question, solutions, call, context=context, affinity=key)
         finally:
-            account.prm_scoring_s += time.perf_counter() - started
+            account.ended("prm_scoring")
+            account.reserved -= reserve
             counted = account.ceiling is not None or account.on_spend is not None
             flops = account.counter.prm_flops(call) if counted and account.counter.prm else 0
             if account.ceiling is not None:

@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tts_server.bench.cells import CellStore
 from tts_server.bench.engine_metrics import delta, parse_counters
-from tts_server.bench.load import percentile, read_gateway, read_vote, summarize
+from tts_server.bench.load import (
+    Call,
+    closed_loop,
+    percentile,
+    read_gateway,
+    read_vote,
+    summarize,
+)
 from tts_server.bench.report import BEGIN, END, render, write_doc
 from tts_server.bench.summary import prefix_cache, summarize_run
 
@@ -149,12 +157,8 @@ def test_the_doc_keeps_what_was_written_around_the_generated_part(tmp_path: Path
     assert "second" in text and "first" not in text and "beam search: 0.67 -> 0.9" in text
 
 
-def test_render_names_the_machine_the_command_and_every_target() -> None:
-    summary = summarize_run(
-        {"overhead/c8/direct-greedy": _cell(1, 1), "overhead/c8/gateway-greedy": _cell(2, 2)},
-        {"budget": 8, "concurrencies": [8]},
-    )
-    meta = {
+def _meta() -> dict[str, object]:
+    return {
         "finished": "now",
         "profile": "short",
         "command": "tts-server bench --problems 2",
@@ -178,6 +182,116 @@ def test_render_names_the_machine_the_command_and_every_target() -> None:
         "max_tokens": 64,
         "out": "reports/bench",
     }
-    text = render(summary, meta)
+
+
+def test_render_names_the_machine_the_command_and_every_target() -> None:
+    summary = summarize_run(
+        {"overhead/c8/direct-greedy": _cell(1, 1), "overhead/c8/gateway-greedy": _cell(2, 2)},
+        {"budget": 8, "concurrencies": [8]},
+    )
+    text = render(summary, _meta())
     assert "CPU X" in text and "tts-server bench --problems 2" in text and "0.32.0" in text
     assert "| gateway/vLLM p50 greedy c8 | ≤ 1.05 | 2.00 | **missed** |" in text
+
+
+async def test_a_closed_loop_checks_answers_unless_told_not_to() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"choices": [], "tts": {"answer": "8"}})
+
+    call = Call("p0", "8", "/v1/chat/completions", {})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        scored, _ = await closed_loop(
+            client, "http://gw", [call] * 3, read_gateway, concurrency=2, time_limit_s=10
+        )
+        unscored, _ = await closed_loop(
+            client,
+            "http://gw",
+            [call] * 3,
+            read_gateway,
+            concurrency=2,
+            time_limit_s=10,
+            score=False,
+        )
+    assert [(r["answer"], r["correct"]) for r in scored] == [("8", True)] * 3
+    assert [r["answer"] for r in unscored] == ["8"] * 3
+    assert all("correct" not in r for r in unscored)
+
+
+def test_free_ports_come_from_the_allowed_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from tts_server.bench.stack import StackError, free_port
+
+    monkeypatch.setenv("TTS_BENCH_PORTS", "9290-9293")
+    ports = {free_port() for _ in range(20)}
+    assert ports and ports <= {9290, 9291, 9292, 9293}
+    held = []
+    try:
+        for port in range(9290, 9294):
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+        with pytest.raises(StackError, match="no free port"):
+            free_port()
+    finally:
+        for sock in held:
+            sock.close()
+    monkeypatch.delenv("TTS_BENCH_PORTS")
+    assert free_port() > 0
+
+
+def test_the_steady_rate_runs_from_the_first_start_to_the_last() -> None:
+    from tts_server.bench.scenarios import steady_rate
+
+    samples = [
+        (0.0, {"generation_tokens": 0.0}),
+        (10.0, {"generation_tokens": 100.0}),
+        (20.0, {"generation_tokens": 300.0}),
+    ]
+    records = [{"started_at": t} for t in (2.0, 2.0, 7.0, 12.0)]
+    rate = steady_rate(samples, records, concurrency=2)
+    assert rate is not None
+    # 20 tokens at t=2 (interpolated), 140 at t=12: 120 tokens in 10 s.
+    assert rate["window_s"] == pytest.approx(10.0)
+    assert rate["generation_tokens"] == pytest.approx(120.0)
+    assert rate["generation_tokens_per_s"] == pytest.approx(12.0)
+    assert steady_rate(samples, records[:2], concurrency=2) is None  # no more calls than loops
+    assert steady_rate(samples[:1], records, concurrency=2) is None
+
+
+def test_saturation_ratios_are_the_steady_ones_where_both_cells_have_them() -> None:
+    def cell(whole: float, steady: float | None) -> dict[str, object]:
+        extra = {} if steady is None else {"steady": {"generation_tokens_per_s": steady}}
+        return _cell(1, 1, engine_generation_tokens_per_s=whole, **extra)
+
+    settings = {"budget": 8, "concurrencies": []}
+    cells = {
+        "saturation/direct-n8": cell(100.0, 200.0),
+        "saturation/gateway-beam_search8": cell(50.0, 180.0),
+        "saturation/gateway-dvts8": cell(80.0, None),
+    }
+    rows = {r["cell"]: r for r in summarize_run(cells, settings)["saturation"]}
+    beam, dvts = rows["gateway-beam_search8"], rows["gateway-dvts8"]
+    assert beam["steady"] is True and beam["ratio_to_direct"] == pytest.approx(0.9)
+    assert beam["whole_cell_ratio"] == pytest.approx(0.5)
+    assert dvts["steady"] is False and dvts["ratio_to_direct"] == pytest.approx(0.8)
+    text = render(summarize_run(cells, settings), _meta())
+    assert "every client loop was busy" in text and "50.0, 0.50" in text
+
+
+def test_saturation_cells_send_every_problem_once_per_round_and_read_the_steady_rate() -> None:
+    from tts_server.bench.scenarios import Plan, overhead_cells, saturation_cells
+    from tts_server.prompting import load_profile
+    from tts_server.tools.datasets import load_dataset
+
+    problems = tuple(load_dataset("mawps_singleop")[:3])
+    plan = Plan(problems, "m", load_profile("chat-default"), 0.4, 64, saturation_rounds=2)
+    for cell in saturation_cells(plan):
+        assert cell.steady
+        assert [c.id for c in cell.calls] == [p.id for p in problems] * 2
+    assert not any(cell.steady for cell in overhead_cells(plan))
+    assert plan.settings()["saturation_rounds"] == 2

@@ -87,9 +87,15 @@ async def test_a_table_with_a_fixed_strategy_runs_it_without_a_pilot(
     _, decision = await run_auto(policy, prm, table=fixed)
     assert decision.difficulty is None
     assert (decision.strategy, decision.budget, decision.beam_width) == ("dvts", *served)
-    # No pilot: the first call starts the search's beams, not 4 whole samples.
-    first = policy.calls[0]
-    assert len(first.prompts) * first.n == served[0]
+    # No pilot: the first calls start the search's subtrees (one each, M samples of the bare
+    # prompt), not 4 whole samples.
+    budget, width_served = served
+    bare = min(len(c.prompts[0]) for c in policy.calls)
+    first = [c for c in policy.calls if len(c.prompts[0]) == bare]
+    assert [(len(c.prompts), c.n) for c in first] == [(1, width_served)] * (budget // width_served)
+    assert sorted(c.affinity[0] for c in first if c.affinity) == [
+        str(k) for k in range(budget // width_served)
+    ]
     # A budget too small for the share still runs one sample.
     _, decision = await run_auto(policy, prm, budget=1, table=fixed)
     assert decision.budget == 1

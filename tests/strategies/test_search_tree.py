@@ -164,7 +164,9 @@ async def test_dvts_tree_keeps_one_head_per_subtree_and_its_leaves_are_the_finis
         final = {"The answer is 5.": 0.95, "The answer is 6.": 0.5 if len(steps) == 2 else 0.9}
         return [*(scores[s.strip()] for s in steps[:-1]), final.get(last, scores.get(last, 0))]
 
-    cfg = config(budget=4, beam_width=2, selection="weighted")
+    # Seeded: the subtrees step in lockstep, one call for both, so the fake numbers the first
+    # step's samples 0-3 across them (unseeded, each subtree calls on its own).
+    cfg = config(budget=4, beam_width=2, selection="weighted", seed=7)
     trace, outcome = await run("dvts", cfg, FakePolicy(script), FakePRM(scorer))
 
     nodes = trace["nodes"]
@@ -297,3 +299,26 @@ async def test_auto_routed_to_beam_search_traces_its_tree_beside_the_pilots_samp
     assert trace["answer"] == outcome.result.answer == "7"
     chosen = trace["candidates"][trace["selected"]]
     assert chosen["node"] is not None and trace["selected_path"][-1] == chosen["node"]
+
+
+async def test_dvts_subtrees_stepping_apart_keep_one_head_each_per_step() -> None:
+    """Unseeded, each subtree steps on its own (their calls interleave): the tree still keeps
+    exactly one child per subtree and step, and its finished leaves are the candidates."""
+    drawn = itertools.count()
+
+    def script(prompt: list[int], k: int) -> str:
+        i = next(drawn)  # every sample its own text, whichever subtree asks
+        return "The answer is 5." if len(so_far(prompt)) > 12 else f"s{i}\n\n"
+
+    cfg = config(budget=8, beam_width=2, selection="weighted")
+    trace, outcome = await run("dvts", cfg, FakePolicy(script), FakePRM(per_step(lambda s: 0.5)))
+    nodes = [n for n in trace["nodes"] if n["id"] != 0]
+    assert {n["subtree"] for n in nodes} == {0, 1, 2, 3}
+    steps = Counter((n["subtree"], n["iteration"]) for n in nodes)
+    kept = Counter((n["subtree"], n["iteration"]) for n in nodes if n["status"] == "kept")
+    assert set(steps.values()) == {2}  # M = 2 children per subtree and step
+    last = {t: max(i for s, i in steps if s == t) for t in range(4)}  # depths differ here
+    assert sorted(last.values()) == [4, 4, 4, 5]
+    assert all(kept[(t, i)] == (1 if i < last[t] else 0) for t, i in steps)
+    finished = [n for n in nodes if n["status"] == "finished"]
+    assert len(finished) == len(outcome.result.candidates)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -278,7 +279,7 @@ async def test_beam_search_solution_stop_ends_and_is_stripped() -> None:
 # --- DVTS -------------------------------------------------------------------------------
 
 
-async def test_dvts_subtrees_never_exchange_beams_and_return_only_finished() -> None:
+async def test_a_seeded_dvts_steps_in_lockstep_and_never_exchanges_beams() -> None:
     # 2 subtrees of width 2. Globally a0 and a1 are best; subtree 1 must keep its own a3.
     plan = {
         "": ["a0\n\n", "a1\n\n", "a2\n\n", "a3\n\n"],
@@ -300,9 +301,10 @@ async def test_dvts_subtrees_never_exchange_beams_and_return_only_finished() -> 
 
     policy, prm = FakePolicy(script), FakePRM(scorer)
     result = await REGISTRY["dvts"].run(
-        PROBLEM, config(budget=4, beam_width=2, selection="weighted"), policy, prm
+        PROBLEM, config(budget=4, beam_width=2, selection="weighted", seed=7), policy, prm
     )
 
+    # Seeded: every live subtree's step in one call (a reproducible order of the samples).
     assert [(len(c.prompts), c.n) for c in policy.calls] == [(2, 2), (2, 2), (1, 2)]
     assert len(prm.calls) == result.iterations == 3
     assert [len(c.solutions) for c in prm.calls] == [4, 4, 2]
@@ -333,15 +335,73 @@ async def test_dvts_without_any_finished_returns_each_subtrees_best_unfinished()
     assert not any(c.finished for c in result.candidates)
 
 
-async def test_dvts_last_iteration_finishes_every_subtree() -> None:
+@pytest.mark.parametrize("seed", [None, 7])
+async def test_dvts_last_iteration_finishes_every_subtree(seed: int | None) -> None:
     policy = FakePolicy(lambda p, k: f"s{k}\n\nmore {k}")
     prm = FakePRM(per_step(lambda s: 0.5))
     result = await REGISTRY["dvts"].run(
-        PROBLEM, config(budget=4, beam_width=2, max_iterations=2), policy, prm
+        PROBLEM, config(budget=4, beam_width=2, max_iterations=2, seed=seed), policy, prm
     )
-    assert [c.sampling.stop for c in policy.calls] == [("\n\n", STOP), (STOP,)]
+    stops = [c.sampling.stop for c in policy.calls]
+    if seed is None:  # each subtree on its own: its two steps, the last without the delimiter
+        assert sorted(stops) == sorted([("\n\n", STOP), (STOP,)] * 2)
+    else:
+        assert stops == [("\n\n", STOP), (STOP,)]
     assert len(result.candidates) == 4
     assert all(c.finished and c.finish_reason == "stop" for c in result.candidates)
+
+
+class SlowSubtree:
+    """A FakePolicy whose calls for subtree `slow` take `delay_s`; `fail` raises for another."""
+
+    def __init__(self, inner: FakePolicy, slow: str, delay_s: float, fail: str | None = None):
+        self.inner, self.slow, self.delay_s, self.fail = inner, slow, delay_s, fail
+        self.events: list[tuple[str, str]] = []
+
+    async def generate(self, prompts, sampling, usage, *, n=1, affinity=None):  # type: ignore[no-untyped-def]
+        label = (affinity or ["?"])[0]
+        self.events.append((label, "start"))
+        try:
+            if label == self.fail:
+                raise RuntimeError(f"subtree {label} failed")
+            if label == self.slow:
+                await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.events.append((label, "cancelled"))
+            raise
+        result = await self.inner.generate(prompts, sampling, usage, n=n, affinity=affinity)
+        self.events.append((label, "end"))
+        return result
+
+
+async def test_unseeded_dvts_subtrees_advance_without_waiting_for_each_other() -> None:
+    def script(prompt: list[int], k: int) -> str:
+        return "The answer is 4." if so_far(prompt).count("\n\n") >= 2 else f"step {k}\n\n"
+
+    policy = SlowSubtree(FakePolicy(script), slow="0", delay_s=0.2)
+    prm = FakePRM(per_step(lambda s: 0.5))
+    result = await REGISTRY["dvts"].run(
+        PROBLEM,
+        config(budget=4, beam_width=2),
+        policy,
+        prm,  # type: ignore[arg-type]
+    )
+    # Subtree 1 took all 3 of its steps while subtree 0's first was still running.
+    first_end_of_0 = policy.events.index(("0", "end"))
+    assert policy.events[1:first_end_of_0] == [("1", "start"), ("1", "end")] * 3
+    # One call per subtree and step: its own head, M samples; the PRM scores its M children.
+    assert [(len(c.prompts), c.n) for c in policy.inner.calls] == [(1, 2)] * 6
+    assert [len(c.solutions) for c in prm.calls] == [2] * 6
+    assert result.iterations == 3
+    assert len(result.candidates) == 4 and all(c.finished for c in result.candidates)
+
+
+async def test_a_failing_subtree_ends_the_others_and_raises_as_itself() -> None:
+    policy = SlowSubtree(FakePolicy(lambda p, k: "s\n\n"), slow="0", delay_s=5, fail="1")
+    prm = FakePRM(per_step(lambda s: 0.5))
+    with pytest.raises(RuntimeError, match="subtree 1 failed"):
+        await REGISTRY["dvts"].run(PROBLEM, config(budget=4, beam_width=2), policy, prm)  # type: ignore[arg-type]
+    assert ("0", "cancelled") in policy.events
 
 
 # --- continuing candidates ---------------------------------------------------------------

@@ -58,6 +58,8 @@ class FakeVLLM:
     cached_tokens: int = 0
     # Seconds each /v1/completions request takes (a slow model), 0: none.
     delay_s: float = 0.0
+    # Plus up to this many seconds more, drawn uniformly per request (calls that end apart).
+    delay_jitter_s: float = 0.0
     # Sample as a sampling model would: the script's sample number is the request's seed (plus
     # the copy), a random one without a seed. False: the copy's index, whatever the seed.
     sample_by_seed: bool = False
@@ -198,8 +200,8 @@ class FakeVLLM:
         async def completions(request: Request) -> JSONResponse:
             body = await request.json()
             self.calls.append(body)
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
+            if self.delay_s or self.delay_jitter_s:
+                await asyncio.sleep(self.delay_s + random.uniform(0, self.delay_jitter_s))
             unknown = [t for t in body.get("logit_bias") or {} if int(t) >= self.vocab_size]
             if unknown:
                 message = f"token_id(s) {unknown} in logit_bias contain out-of-vocab token ids."

@@ -22,6 +22,7 @@ from tts_server.bench.scenarios import (
     Plan,
     Runner,
     overhead_cells,
+    overhead_groups,
     peer_cells,
     saturation_cells,
 )
@@ -65,6 +66,7 @@ def _plan(args: argparse.Namespace, settings: Settings, model: str) -> Plan:
         beam_width=args.beam_width,
         concurrencies=tuple(int(c) for c in args.concurrencies.split(",") if c.strip()),
         saturation_concurrency=args.saturation_concurrency,
+        saturation_rounds=args.saturation_rounds,
         peer_concurrency=args.peer_concurrency,
         cell_time_limit_s=args.cell_time_limit,
     )
@@ -151,7 +153,11 @@ async def _real(
         if "prm" in scenarios:
             await _prm(store, bar, ends, PROFILES[args.profile]["prm_requests"], skipped)
         for spec in specs:
-            await runner.run(spec)
+            if spec.id.split("/")[0] != "overhead":
+                await runner.run(spec)
+        if "overhead" in scenarios:
+            for group in overhead_groups(plan):  # direct and gateway in turns
+                await runner.run_interleaved(group)
         if "peer" in scenarios:
             await _peer(args, plan, runner, bar, ends, skipped)
 

@@ -107,56 +107,96 @@ def _stop(proc: _Proc) -> None:
             proc.process.wait()
 
 
+def _cpus() -> tuple[int, int | None]:
+    """(the gateway's CPU, the fakes' CPU): the last CPU we may use for the gateway, the first
+    for the fakes (on one CPU: all on it)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[-1], (cpus[0] if len(cpus) > 1 else None)
+
+
+@dataclass(frozen=True)
+class Fakes:
+    policy_url: str
+    prm_url: str
+    pids: tuple[int, ...]
+
+
+@contextlib.contextmanager
+def fake_upstreams(
+    logs: Path, *, vllm_delay_s: float = 0.0, vllm_jitter_s: float = 0.0
+) -> Iterator[Fakes]:
+    """The fake vLLM and the arith PRM worker, each its own process on the fakes' CPU.
+    A completion takes `vllm_delay_s` plus up to `vllm_jitter_s` (uniform) seconds."""
+    procs: list[_Proc] = []
+    # The fakes import tests.support from the checkout.
+    path = {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(source_root()), os.environ.get("PYTHONPATH")])
+        )
+    }
+    try:
+        for kind in ("vllm", "prm"):
+            argv = [sys.executable, "-m", "tests.support.upstreams", "--kind", kind]
+            argv += ["--port", str(free_port())]
+            if kind == "vllm":
+                argv += ["--delay", str(vllm_delay_s), "--jitter", str(vllm_jitter_s)]
+            procs.append(_start(f"fake-{kind}", argv, logs, path, _cpus()[1]))
+        for proc in procs:
+            _wait(proc, "/health")
+        yield Fakes(procs[0].url, procs[1].url, tuple(p.process.pid for p in procs))
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+@contextlib.contextmanager
+def cost_gateway(
+    logs: Path,
+    policy_url: str,
+    prm_url: str,
+    *,
+    name: str = "cost-gateway",
+    source: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[str, int]]:
+    """(URL, PID) of a gateway process on the gateway's CPU in front of the fakes. `source`: a
+    source tree to import tts_server from instead of this one (to compare two commits side by
+    side in one run); `env`: settings over the scenario's."""
+    profile = logs / "plain-chat-profile.json"
+    profile.write_text(json.dumps({"name": "plain", "style": "chat", "examples": []}))
+    settings = {
+        "TTS_POLICY_MODEL": MODEL,
+        "TTS_PROMPT_PROFILES": json.dumps({MODEL: str(profile)}),
+        "TTS_POLICY_PARAMS": "1000000",
+        "TTS_PRM_PARAMS": "0",
+        "TTS_MAX_IN_FLIGHT": "256",
+        "TTS_MAX_QUEUE": "256",
+        "TTS_LOG_LEVEL": "warning",
+        **(env or {}),
+    }
+    if source is not None:  # ahead of the installed package on sys.path
+        settings["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(source), os.environ.get("PYTHONPATH")])
+        )
+    argv = [sys.executable, "-m", "tts_server.cli", "gateway", "--port", str(free_port())]
+    argv += ["--policy-url", policy_url, "--prm-url", prm_url]
+    gateway = _start(name, argv, logs, settings, _cpus()[0])
+    try:
+        _wait(gateway, "/health/ready")
+        yield gateway.url, gateway.process.pid
+    finally:
+        _stop(gateway)
+
+
 @contextlib.contextmanager
 def fake_stack(logs: Path) -> Iterator[tuple[str, int]]:
     """(gateway URL, gateway PID): the gateway on the last CPU we may use, the fakes on the
     others (on one CPU: all on it)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    gateway_cpu, other = cpus[-1], (cpus[0] if len(cpus) > 1 else None)
-    profile = logs / "plain-chat-profile.json"
-    profile.write_text(json.dumps({"name": "plain", "style": "chat", "examples": []}))
-    py = [sys.executable, "-m"]
-    procs: list[_Proc] = []
-    try:
-        vllm_port, prm_port, gw_port = free_port(), free_port(), free_port()
-        # The fakes import tests.support from the checkout.
-        path = {
-            "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(source_root()), os.environ.get("PYTHONPATH")])
-            )
-        }
-        for kind, port in (("vllm", vllm_port), ("prm", prm_port)):
-            argv = [*py, "tests.support.upstreams", "--kind", kind, "--port", str(port)]
-            procs.append(_start(f"fake-{kind}", argv, logs, path, other))
-        _wait(procs[0], "/health")
-        _wait(procs[1], "/health")
-        env = {
-            "TTS_POLICY_MODEL": MODEL,
-            "TTS_PROMPT_PROFILES": json.dumps({MODEL: str(profile)}),
-            "TTS_POLICY_PARAMS": "1000000",
-            "TTS_PRM_PARAMS": "0",
-            "TTS_MAX_IN_FLIGHT": "256",
-            "TTS_MAX_QUEUE": "256",
-            "TTS_LOG_LEVEL": "warning",
-        }
-        argv = [
-            *py,
-            "tts_server.cli",
-            "gateway",
-            "--port",
-            str(gw_port),
-            "--policy-url",
-            procs[0].url,
-            "--prm-url",
-            procs[1].url,
-        ]
-        gateway = _start("cost-gateway", argv, logs, env, gateway_cpu)
-        procs.append(gateway)
-        _wait(gateway, "/health/ready")
-        yield gateway.url, gateway.process.pid
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
+    with (
+        fake_upstreams(logs) as fakes,
+        cost_gateway(logs, fakes.policy_url, fakes.prm_url) as gateway,
+    ):
+        yield gateway
 
 
 def cost_call(strategy: str, budget: int, beam_width: int) -> Call:

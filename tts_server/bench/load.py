@@ -72,10 +72,10 @@ def is_right(answer: str | None, expected: str) -> bool:
 
 
 async def _one(
-    client: httpx.AsyncClient, base_url: str, call: Call, reader: Reader
+    client: httpx.AsyncClient, base_url: str, call: Call, reader: Reader, score: bool = True
 ) -> dict[str, Any]:
-    record: dict[str, Any] = {"id": call.id}
     started = time.perf_counter()
+    record: dict[str, Any] = {"id": call.id, "started_at": started}
     try:
         response = await client.post(base_url + call.path, json=call.body, headers=call.headers)
     except httpx.HTTPError as exc:
@@ -84,6 +84,8 @@ async def _one(
     if response.status_code != 200:
         return {**record, "error": f"HTTP {response.status_code}: {response.text[:300]}"}
     answer, extra = reader(response.json())
+    if not score:
+        return {**record, "answer": answer, **extra}
     # math-verify is CPU work: off the loop, or it delays the next request's timing.
     right = await asyncio.to_thread(is_right, answer, call.expected)
     return {**record, "answer": answer, "correct": right, **extra}
@@ -98,9 +100,12 @@ async def closed_loop(
     concurrency: int,
     time_limit_s: float,
     on_done: Callable[[dict[str, Any]], None] | None = None,
+    score: bool = True,
 ) -> tuple[list[dict[str, Any]], float]:
     """Send `calls` from `concurrency` loops, each starting its next call when its last one
-    ends; none starts after `time_limit_s`. Returns the records in call order and the wall time."""
+    ends; none starts after `time_limit_s`. Returns the records in call order and the wall time.
+    `score=False`: answers are not checked (math-verify costs the client CPU a cost
+    measurement would rather leave to the gateway)."""
     queue = iter(enumerate(calls))
     records: dict[int, dict[str, Any]] = {}
     stop_at = time.monotonic() + time_limit_s
@@ -110,7 +115,7 @@ async def closed_loop(
         for index, call in queue:
             if time.monotonic() >= stop_at:
                 return
-            records[index] = await _one(client, base_url, call, reader)
+            records[index] = await _one(client, base_url, call, reader, score)
             if on_done is not None:
                 on_done(records[index])
 

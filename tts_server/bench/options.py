@@ -41,6 +41,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--saturation-concurrency", type=int, default=16, help="the saturation scenario's"
     )
+    parser.add_argument(
+        "--saturation-rounds",
+        type=int,
+        default=3,
+        help="each problem sent this many times in a saturation cell (a steady part before the "
+        "tail)",
+    )
     parser.add_argument("--peer-concurrency", type=int, default=4, help="the optillm cells'")
     parser.add_argument("--budget", type=int, default=8)
     parser.add_argument("--beam-width", type=int, default=4)

@@ -93,13 +93,28 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "### Engine saturation (concurrency 16): vLLM's generation tokens/s over direct n=N",
         "",
     ]
+    if any(r.get("steady") for r in s["saturation"]):
+        out += [
+            "Rates while every client loop was busy (from the first request's start to the "
+            "last one's); the whole cell's, tail included, beside them.",
+            "",
+        ]
     out += _table(
-        ["cell", "gen tokens/s", "ratio", "answers/s", "accuracy", "engine tokens/answer"],
+        [
+            "cell",
+            "gen tokens/s",
+            "ratio",
+            "whole cell: tokens/s, ratio",
+            "answers/s",
+            "accuracy",
+            "engine tokens/answer",
+        ],
         [
             [
                 r["cell"],
                 _f(r["engine_generation_tokens_per_s"], 1),
                 _f(r["ratio_to_direct"]),
+                f"{_f(r.get('whole_cell_tokens_per_s'), 1)}, {_f(r.get('whole_cell_ratio'))}",
                 _f(r["answers_per_s"]),
                 _pct(r["accuracy"]),
                 _f(r["engine_tokens_per_answer"], 0),

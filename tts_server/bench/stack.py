@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import sys
 from collections.abc import Iterator
@@ -30,10 +31,25 @@ class Endpoints:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free loopback port: any, or one of `TTS_BENCH_PORTS` ("9200-9299": on a shared machine,
+    the ones this run may use), tried from a random start."""
+    spec = os.environ.get("TTS_BENCH_PORTS", "").strip()
+    if not spec:
+        candidates = [0]
+    else:
+        low, _, high = spec.partition("-")
+        ports = list(range(int(low), int(high or low) + 1))
+        start = random.randrange(len(ports))
+        candidates = ports[start:] + ports[:start]
+    for candidate in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            port: int = sock.getsockname()[1]
+            return port
+    raise StackError(f"no free port in TTS_BENCH_PORTS={spec}")
 
 
 def _cli(*args: str) -> list[str]:

@@ -49,7 +49,15 @@ def overhead(cells: Cells, n: int, concurrencies: list[int]) -> list[dict[str, A
     return rows
 
 
+def _steady(cell: dict[str, Any] | None) -> float | None:
+    steady = (cell or {}).get("steady") or {}
+    rate = steady.get("generation_tokens_per_s")
+    return float(rate) if rate is not None else None
+
+
 def saturation(cells: Cells, n: int) -> list[dict[str, Any]]:
+    """Each cell's engine rate over direct n=N's: the steady rates (every loop busy) where
+    both cells have one, else the whole cells' (tail included)."""
     ceiling = cells.get(f"saturation/direct-n{n}")
     rows = []
     for strategy in (
@@ -61,14 +69,18 @@ def saturation(cells: Cells, n: int) -> list[dict[str, Any]]:
         cell = cells.get(f"saturation/{strategy}")
         if cell is None:
             continue
-        rate = cell.get("engine_generation_tokens_per_s")
+        whole = cell.get("engine_generation_tokens_per_s")
+        whole_ratio = ratio(whole, (ceiling or {}).get("engine_generation_tokens_per_s"))
+        steady, steady_ceiling = _steady(cell), _steady(ceiling)
+        both = steady is not None and steady_ceiling is not None
         rows.append(
             {
                 "cell": strategy,
-                "engine_generation_tokens_per_s": rate,
-                "ratio_to_direct": ratio(
-                    rate, (ceiling or {}).get("engine_generation_tokens_per_s")
-                ),
+                "engine_generation_tokens_per_s": steady if both else whole,
+                "steady": both,
+                "ratio_to_direct": ratio(steady, steady_ceiling) if both else whole_ratio,
+                "whole_cell_tokens_per_s": whole,
+                "whole_cell_ratio": whole_ratio,
                 "answers_per_s": cell.get("answers_per_s"),
                 "accuracy": cell.get("accuracy"),
                 "engine_prompt_tokens": (cell.get("engine") or {}).get("prompt_tokens"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -15,6 +16,73 @@ import httpx
 # Health probes and metadata lookups: short, so a stuck upstream cannot stall readiness.
 PROBE_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
+# Connections per pool of a `ShardedTransport`.
+SHARD_SIZE = 16
+
+
+class _Release(httpx.AsyncByteStream):
+    """A response body that calls `release` once when it is closed (read to the end or not)."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._release is not None:
+                self._release()
+                self._release = None
+
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """Several small connection pools, each request on the one with the fewest responses open.
+
+    httpcore's pool walks all its connections when a request starts and when a response closes
+    (and for each idle one, all of them again), so its cost per request grows with the square of
+    the pool: at 256 connections that was most of the gateway's CPU against a fast upstream
+    (docs/performance.md). Pools of `SHARD_SIZE` keep each walk short; every connection is kept
+    alive (a closed one is a new TCP connection on the next call)."""
+
+    def __init__(self, connections: int, *, shard_size: int = SHARD_SIZE) -> None:
+        shards = max(1, math.ceil(connections / shard_size))
+        size = math.ceil(connections / shards)
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        # One TLS context for all pools: each builds its own otherwise (reading the CA bundle,
+        # about 40 ms and 1 MB apiece).
+        tls = httpx.create_ssl_context()
+        self._shards = [httpx.AsyncHTTPTransport(verify=tls, limits=limits) for _ in range(shards)]
+        self._open = [0] * shards
+
+    @property
+    def open_responses(self) -> list[int]:
+        """Responses not yet closed, per pool."""
+        return list(self._open)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        shard = min(range(len(self._open)), key=self._open.__getitem__)
+        self._open[shard] += 1
+        try:
+            response = await self._shards[shard].handle_async_request(request)
+        except BaseException:
+            self._open[shard] -= 1
+            raise
+
+        def release() -> None:
+            self._open[shard] -= 1
+
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _Release(response.stream, release)
+        return response
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.aclose()
 
 
 class UpstreamError(Exception):
@@ -153,13 +221,20 @@ class Upstream:
         self.retry = retry or RetryPolicy()
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(
-                max_connections=connections, max_keepalive_connections=connections // 4
-            ),
+            transport=ShardedTransport(connections),
+        )
+        # Probes and lookups on a connection of their own: queued behind a full pool of
+        # generations they would time out and call a busy but healthy upstream down.
+        self._probes = (
+            httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, limits=httpx.Limits(max_connections=2))
+            if client is None
+            else client
         )
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._probes is not self._client:
+            await self._probes.aclose()
 
     async def post_json(
         self, path: str, body: dict[str, Any], *, affinity: str | None = None
@@ -185,12 +260,12 @@ class Upstream:
         back when they fail, and a retry would only delay the fallback."""
         url = self.base_url + path
         return await self._json(
-            lambda: self._client.get(url, timeout=PROBE_TIMEOUT_S), PROBE_TIMEOUT_S
+            lambda: self._probes.get(url, timeout=PROBE_TIMEOUT_S), PROBE_TIMEOUT_S
         )
 
     async def health(self, path: str = "/health") -> bool:
         try:
-            response = await self._client.get(self.base_url + path, timeout=PROBE_TIMEOUT_S)
+            response = await self._probes.get(self.base_url + path, timeout=PROBE_TIMEOUT_S)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
