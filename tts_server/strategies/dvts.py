@@ -114,26 +114,12 @@ async def _apart(
     prm_usage: PRMUsage,
 ) -> int:
     """Every subtree on its own; the iterations are the deepest subtree's."""
-
-    async def grow(tree: _Subtree) -> int:
-        steps = 0
-        for iteration in range(config.max_iterations):
-            if not tree.live:
-                break
-            steps += 1
-            await _step(
-                problem,
-                config,
-                policy,
-                verifier,
-                [tree],
-                policy_usage,
-                prm_usage,
-                iteration=iteration,
-            )
-        return steps
-
-    tasks = [asyncio.ensure_future(grow(tree)) for tree in subtrees]
+    tasks = [
+        asyncio.ensure_future(
+            _lockstep(problem, config, policy, verifier, [t], policy_usage, prm_usage)
+        )
+        for t in subtrees
+    ]
     try:
         steps = await asyncio.gather(*tasks)
     except BaseException:  # the first failure (as itself, not a group) ends the other subtrees
@@ -153,7 +139,7 @@ async def _lockstep(
     policy_usage: PolicyUsage,
     prm_usage: PRMUsage,
 ) -> int:
-    """Every live subtree's step in one policy call and one PRM call."""
+    """Every live subtree's step in one policy call and one PRM call, until none is live."""
     iterations = 0
     for iteration in range(config.max_iterations):
         live = [t for t in subtrees if t.live]
