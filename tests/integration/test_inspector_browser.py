@@ -34,7 +34,13 @@ SEARCH_S = 300  # a beam search at budget 8 on the 2-core CPU: seconds, not minu
 def inspector_url(policy_url: str, prm_url: str, log_dir: Path) -> Iterator[str]:
     port = free_port()
     argv = cli("gateway", "--port", str(port), "--policy-url", policy_url, "--prm-url", prm_url)
-    env = {"TTS_INSPECTOR": "true", "TTS_API_KEY_HASHES": hash_key(KEY)}
+    # Progress every 0.1 s: at the default 1 s a beam search on an idle machine (about 2 s) can
+    # end before a progress chunk carries its first step's nodes, and the live view stays empty.
+    env = {
+        "TTS_INSPECTOR": "true",
+        "TTS_API_KEY_HASHES": hash_key(KEY),
+        "TTS_STREAM_PROGRESS_INTERVAL_S": "0.1",
+    }
     server = ServerProcess("gateway-inspector", argv, port, log_dir).start(env)
     try:
         server.wait_healthy(60)
