@@ -31,7 +31,6 @@ from tts_server.types import (
     VOTES,
     Candidate,
     ChatPrompt,
-    ConfidenceConfig,
     Decision,
     DeepConfConfig,
     Job,
@@ -295,14 +294,7 @@ class TTSEngine:
                 s.adaptive_give_up_after,
                 beta_threshold=s.adaptive_threshold,
             ),
-            confidence=ConfidenceConfig(
-                sample=self._logprobs_to_sample(job),
-                k=s.confidence_top_k,
-                window=s.confidence_window,
-                tail=s.confidence_tail,
-                metric=s.confidence_metric,
-                keep=s.confidence_keep,
-            ),
+            confidence=s.confidence(self._logprobs_to_sample(job)),
             deepconf=DeepConfConfig(
                 warmup=s.deepconf_warmup,
                 keep=s.deepconf_keep,

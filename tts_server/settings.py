@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tts_server.affinity import AffinityKey, AffinityScope
 from tts_server.confidence import ConfidenceMetric
-from tts_server.types import Aggregation, SelectionRule, StrategyName
+from tts_server.types import Aggregation, ConfidenceConfig, SelectionRule, StrategyName
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The PRM worker's backends (prm_worker/backends registers one of each).
@@ -293,3 +293,15 @@ class Settings(BaseSettings):
 
     def profile_for(self, model: str) -> str:
         return self.prompt_profiles.get(model, self.default_prompt_profile)
+
+    def confidence(self, sample: int | None = None) -> ConfidenceConfig:
+        """DeepConf's measures and the confidence votes as these settings set them; `sample`:
+        top logprobs to sample with (None: none)."""
+        return ConfidenceConfig(
+            sample=sample,
+            k=self.confidence_top_k,
+            window=self.confidence_window,
+            tail=self.confidence_tail,
+            metric=self.confidence_metric,
+            keep=self.confidence_keep,
+        )

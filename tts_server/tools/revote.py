@@ -14,6 +14,7 @@ Needs a run whose candidates carry confidences for `confidence` and `filtered`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -92,10 +93,8 @@ def agreement(report: dict[str, Any], replayed: dict[str, Any]) -> tuple[int, in
 def main_revote(args: argparse.Namespace) -> int:
     report = json.loads(args.report.read_text())
     settings = Settings()
-    config = ConfidenceConfig(
-        k=settings.confidence_top_k,
-        window=settings.confidence_window,
-        tail=settings.confidence_tail,
+    config = dataclasses.replace(
+        settings.confidence(),
         metric=args.metric or settings.confidence_metric,
         keep=args.keep if args.keep is not None else settings.confidence_keep,
     )
